@@ -1,0 +1,42 @@
+# rotalibi front door. `make train` and `make test` work on a fresh machine: every target
+# depends on `setup`, which builds .venv once (a stamp file makes later runs instant).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/tiny.yaml
+ARGS ?=
+
+.PHONY: setup test train lint format clean-venv
+
+setup: $(STAMP)
+
+# torch first (deepspeed's setup.py imports it), then deepspeed without its C++ ops (they
+# JIT-compile on first use), then the project itself in editable mode with the dev tools.
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "rotalibi needs Python >= 3.11; set PYTHON=/path/to/python3.11")'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet "torch>=2.6"
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation "deepspeed>=0.16"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest
+
+train: setup
+	@echo "make train: the training loop (DeepSpeed ZeRO-3) is not built yet; see README 'Status'." >&2
+	@exit 2
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean-venv:
+	rm -rf $(VENV)

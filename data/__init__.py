@@ -1,0 +1,1 @@
+"""Tokenizer, MDS shards and the packing loader."""

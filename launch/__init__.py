@@ -1,0 +1,1 @@
+"""Entry points: training, evaluation, export and SLURM launches."""

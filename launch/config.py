@@ -1,0 +1,226 @@
+"""The run configuration: OmegaConf structured configs with dataclasses as the schema.
+
+A config is the schema's defaults, then a YAML file from configs/, then `key=value` overrides.
+Every wrong key, type or value stops with a `ConfigError` that names the key, the bad value and
+what would be valid, before anything runs. `python -m launch.config CONFIG [key=value ...]`
+prints the resolved config.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from model.config import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A config problem, stated with the key, the value and the fix."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    dir: str = "runs"  # the run directory is <dir>/<name>
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/default"  # a dataset from `python -m data.prepare`
+    seq_len: int = field(default=128, metadata={"min": 2})  # the trained length L_train
+    batch_size: int = field(default=16, metadata={"min": 1})  # sequences per rank per micro-step
+    # "boundaries": packed documents, no attention across them; "concat": one plain stream.
+    packing: str = field(default="boundaries", metadata={"choices": ["boundaries", "concat"]})
+    num_workers: int = field(default=0, metadata={"min": 0})
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = field(default=300, metadata={"min": 1})
+    lr: float = field(default=3e-3, metadata={"min": 0.0})
+    min_lr_ratio: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})
+    warmup_steps: int = field(default=30, metadata={"min": 0})
+    weight_decay: float = field(default=0.1, metadata={"min": 0.0})
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = field(default=1.0, metadata={"min": 0.0})
+    grad_accum: int = field(default=1, metadata={"min": 1})
+    checkpoint_every: int = field(default=100, metadata={"min": 1})
+    keep_checkpoints: int = field(default=3, metadata={"min": 1})
+    log_every: int = field(default=10, metadata={"min": 1})
+    activation_checkpointing: bool = False
+    max_bad_steps: int = field(default=5, metadata={"min": 1})  # non-finite steps in a row
+
+
+@dataclass
+class EvalConfig:
+    # Evaluation lengths in tokens; None means data.seq_len x (1, 2, 4, 8, 16, 32, 64).
+    lengths: list[int] | None = None
+    windows: int = field(default=8, metadata={"min": 1})  # held-out windows per length
+    every_checkpoint: bool = True
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = field(default=3, metadata={"choices": [0, 1, 2, 3]})
+    # "auto": bf16 on GPU, fp32 on CPU.
+    precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16", "fp16"]})
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    reduce_bucket_size: int = field(default=500_000_000, metadata={"min": 1})
+    prefetch_bucket_size: int = field(default=50_000_000, metadata={"min": 1})
+
+
+@dataclass
+class SlurmConfig:
+    nodes: int = field(default=1, metadata={"min": 1})
+    gpus_per_node: int = field(default=8, metadata={"min": 0})
+    cpus_per_task: int = field(default=8, metadata={"min": 1})
+    mem: str | None = None
+    time: str = "24:00:00"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    job_name: str | None = None  # default: run.name
+    extra_sbatch: list[str] = field(default_factory=list)  # raw "#SBATCH ..." options
+    setup: list[str] = field(default_factory=list)  # shell lines before srun (modules, venv)
+    env: dict[str, str] = field(default_factory=dict)  # NCCL and network knobs
+    signal_lead_s: int = field(default=300, metadata={"min": 1})  # USR1 this long before the end
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    @property
+    def eval_lengths(self) -> list[int]:
+        if self.eval.lengths is not None:
+            return list(self.eval.lengths)
+        return [self.data.seq_len * m for m in (1, 2, 4, 8, 16, 32, 64)]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) / self.run.name
+
+
+def _schema_keys(schema: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(schema):
+        key = prefix + f.name
+        keys.append(key)
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if is_dataclass(default):
+            keys += _schema_keys(type(default), key + ".")
+    return keys
+
+
+def _unknown_key(key: str) -> ConfigError:
+    parent = key.rpartition(".")[0]
+    siblings = [k for k in _schema_keys(Config) if k.rpartition(".")[0] == parent]
+    close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    scope = f" of '{parent}'" if parent else ""
+    return ConfigError(
+        f"unknown config key '{key}'; {hint}valid keys{scope}: {', '.join(siblings)}"
+    )
+
+
+def _merge(base: DictConfig, layer: DictConfig, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)
+    except ConfigKeyError as e:
+        raise _unknown_key(e.full_key) from None
+    except ValidationError as e:
+        value = OmegaConf.select(layer, e.full_key.split("[")[0], default="?")
+        raise ConfigError(
+            f"{origin}: bad value for '{e.full_key}': {str(e.msg).splitlines()[0]} (got {value!r})"
+        ) from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{origin}: {str(e).splitlines()[0]}") from None
+
+
+def _check_values(obj: Any, prefix: str = "") -> list[str]:
+    """Problems with `choices`, `min` and `max` metadata of the schema's fields."""
+    problems = []
+    for f in fields(obj):
+        value, key, meta = getattr(obj, f.name), prefix + f.name, f.metadata
+        if is_dataclass(value):
+            problems += _check_values(value, key + ".")
+        elif value is None:
+            continue
+        elif "choices" in meta and value not in meta["choices"]:
+            choices = ", ".join(map(str, meta["choices"]))
+            problems.append(f"'{key}' is {value!r}; valid choices: {choices}")
+        elif "min" in meta and value < meta["min"]:
+            problems.append(f"'{key}' is {value!r}; it must be >= {meta['min']}")
+        elif "max" in meta and value > meta["max"]:
+            problems.append(f"'{key}' is {value!r}; it must be <= {meta['max']}")
+    return problems
+
+
+def validate(cfg: Config) -> Config:
+    """Raise ConfigError listing every problem of a merged config."""
+    problems = _check_values(cfg) + cfg.model.check()
+    if cfg.eval.lengths is not None and any(n < 2 for n in cfg.eval.lengths):
+        problems.append(f"'eval.lengths' is {cfg.eval.lengths}; every length must be >= 2")
+    if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
+        problems.append(f"'train.betas' is {cfg.train.betas}; give two numbers in [0, 1)")
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Schema defaults <- YAML file <- `key=value` overrides, validated."""
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            available = ", ".join(sorted(str(p) for p in Path("configs").glob("**/*.yaml")))
+            raise ConfigError(f"config file {path} not found; available: {available or 'none'}")
+        try:
+            layer = OmegaConf.create(yaml.safe_load(path.read_text()) or {})
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        merged = _merge(merged, layer, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                f"override {item!r} is not of the form key=value (e.g. model.scheme=rope)"
+            )
+        merged = _merge(merged, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    return validate(OmegaConf.to_object(merged))
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    try:
+        print(to_yaml(load_config(argv[0], argv[1:])), end="")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,77 @@
+"""The model's configuration: a plain dataclass that doubles as the OmegaConf schema."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from model.schemes import SCHEMES
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder and its position scheme (see DESIGN.md for the schemes)."""
+
+    scheme: str = field(default="hybrid", metadata={"choices": sorted(SCHEMES)})
+    vocab_size: int = field(default=2048, metadata={"min": 2})
+    d_model: int = field(default=128, metadata={"min": 2})
+    n_layers: int = field(default=2, metadata={"min": 1})
+    n_heads: int = field(default=4, metadata={"min": 1})
+    # Grouped-query attention: key/value heads; None means n_heads (plain multi-head).
+    n_kv_heads: int | None = field(default=None, metadata={"min": 1})
+    # SwiGLU hidden width; None means 8/3 d_model rounded up to a multiple of 64.
+    mlp_hidden: int | None = field(default=None, metadata={"min": 1})
+    tie_embeddings: bool = True
+    norm_eps: float = field(default=1e-5, metadata={"min": 0.0})
+    init_std: float = field(default=0.02, metadata={"min": 0.0})
+
+    # Position-scheme knobs (each used only by the schemes that name it).
+    rope_base: float = field(default=10000.0, metadata={"min": 1.0})
+    # Sliding window of `local`; None means the trained length (data.seq_len).
+    window: int | None = field(default=None, metadata={"min": 1})
+    xpos_scale_base: float = field(default=512.0, metadata={"min": 1.0})
+    xpos_gamma: float = field(default=0.4, metadata={"min": 0.0})
+    sandwich_dim: int = field(default=128, metadata={"min": 2})
+    # Relative spread of random_accrot's frozen increments around the RoPE frequencies.
+    random_accrot_spread: float = field(default=0.5, metadata={"min": 0.0})
+    random_accrot_seed: int = 0
+    path_rank: int = field(default=16, metadata={"min": 1})
+    path_conv: int = field(default=3, metadata={"min": 1})
+
+    # Attention tiles for the blockwise CPU path (memory is O(T x block), never O(T^2)).
+    attn_block: int = field(default=64, metadata={"min": 1})
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        return -(-(8 * self.d_model // 3) // 64) * 64
+
+    def check(self) -> list[str]:
+        """Cross-field problems, each a sentence naming the keys and the fix."""
+        problems = []
+        if self.d_model % self.n_heads:
+            problems.append(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                "pick n_heads dividing d_model"
+            )
+        elif self.head_dim % 2:
+            problems.append(
+                f"head dim d_model/n_heads={self.head_dim} is odd; rotations need an even "
+                "head dim: change model.d_model or model.n_heads"
+            )
+        if self.n_heads % self.kv_heads:
+            problems.append(
+                f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads="
+                f"{self.kv_heads}; grouped-query attention needs n_heads = k * n_kv_heads"
+            )
+        if self.sandwich_dim % 2:
+            problems.append(f"model.sandwich_dim={self.sandwich_dim} must be even")
+        return problems

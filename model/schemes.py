@@ -1,0 +1,220 @@
+"""Position schemes: what each one does to attention, as data, and the module that does it.
+
+A scheme is a combination of a few mechanisms (DESIGN.md's table):
+rotate q/k (and v) by angles, add a distance bias, mask a window, decay the logit per pair
+(xPos), transport keys by Householder products (PaTH), or add absolute embeddings at the input.
+`PositionScheme` turns a layer input into the keyword arguments of `kernels.attention`, so the
+attention core, and the fused kernel, serve the whole family without a branch per scheme.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kernels import accumulate_angles
+
+if TYPE_CHECKING:
+    from model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class SchemeSpec:
+    """The mechanisms one scheme combines."""
+
+    rotation: str | None = None  # "rope" | "learned" | "random": source of the angles
+    rotate_values: bool = False
+    bias: str | None = None  # a key of BIASES
+    window: bool = False
+    decay: bool = False  # xPos
+    transport: bool = False  # PaTH
+    absolute: bool = False  # sinusoidal embeddings added to the token embeddings
+
+
+SCHEMES: dict[str, SchemeSpec] = {
+    "nope": SchemeSpec(),
+    "sinusoidal": SchemeSpec(absolute=True),
+    "rope": SchemeSpec(rotation="rope"),
+    "alibi": SchemeSpec(bias="alibi"),
+    "kerple_log": SchemeSpec(bias="kerple_log"),
+    "kerple_power": SchemeSpec(bias="kerple_power"),
+    "sandwich": SchemeSpec(bias="sandwich"),
+    "xpos": SchemeSpec(rotation="rope", decay=True),
+    "type1": SchemeSpec(bias="type1"),
+    "type2": SchemeSpec(bias="type2"),
+    "local": SchemeSpec(rotation="rope", window=True),
+    "accrot": SchemeSpec(rotation="learned"),
+    "accrot_v": SchemeSpec(rotation="learned", rotate_values=True),
+    "random_accrot": SchemeSpec(rotation="random"),
+    "path": SchemeSpec(transport=True),
+    "hybrid": SchemeSpec(rotation="learned", rotate_values=True, bias="alibi"),
+    "path_alibi": SchemeSpec(transport=True, bias="alibi"),
+}
+
+
+def rope_frequencies(head_dim: int, base: float) -> Tensor:
+    """theta_p = base^(-2p/d), p = 0..d/2-1 (float64)."""
+    return base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+
+
+def alibi_slopes(n_heads: int) -> Tensor:
+    """ALiBi's head slopes: 2^(-8h/H) for H a power of two, else the paper's interleaving."""
+    if math.log2(n_heads).is_integer():
+        return torch.tensor([2 ** (-8 * h / n_heads) for h in range(1, n_heads + 1)])
+    closest = 2 ** math.floor(math.log2(n_heads))
+    extra = alibi_slopes(2 * closest)[0::2][: n_heads - closest]
+    return torch.cat((alibi_slopes(closest), extra))
+
+
+def _inverse_softplus(x: Tensor) -> Tensor:
+    return x + torch.log(-torch.expm1(-x))
+
+
+class DistanceBias(nn.Module):
+    """b(n) for distances n = i - j >= 0, per query head: the bias-only schemes of DESIGN.md."""
+
+    def __init__(self, kind: str, n_heads: int, sandwich_dim: int):
+        super().__init__()
+        self.kind = kind
+        self.register_buffer("slopes", alibi_slopes(n_heads), persistent=False)
+        if kind in ("kerple_log", "kerple_power"):
+            # Learned r1, r2 > 0 through softplus (power: 0 < r2 <= 2 through 2 sigmoid).
+            self.r1 = nn.Parameter(torch.empty(n_heads))
+            self.r2 = nn.Parameter(torch.empty(n_heads))
+        if kind == "sandwich":
+            k = torch.arange(sandwich_dim // 2, dtype=torch.float64)
+            self.register_buffer("omega", 10000 ** (-2 * k / sandwich_dim), persistent=False)
+            heads = torch.arange(1, n_heads + 1, dtype=torch.float64)
+            self.register_buffer("lam", n_heads / (8 * heads), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """kerple_power starts as ALiBi (r1 = slope, r2 = 1); kerple_log as -log(1 + slope n)."""
+        if self.kind == "kerple_log":
+            self.r1.data.copy_(_inverse_softplus(torch.ones_like(self.slopes)))
+            self.r2.data.copy_(_inverse_softplus(self.slopes.clone()))
+        elif self.kind == "kerple_power":
+            self.r1.data.copy_(_inverse_softplus(self.slopes.clone()))
+            self.r2.data.zero_()  # 2 sigmoid(0) = 1
+
+    def forward(self, n: Tensor) -> Tensor:
+        """n [...] float distances -> bias [H, ...]."""
+        n = n[None]
+        m = self.slopes.to(n.dtype).view(-1, *([1] * (n.dim() - 1)))
+        if self.kind == "alibi":
+            return -m * n
+        if self.kind == "type1":
+            return -torch.log1p(m * n)
+        if self.kind == "type2":
+            z = torch.log(3 + m * n)
+            return -(z + torch.log(z))
+        if self.kind == "sandwich":
+            cos_sum = torch.cos(n[..., None] * self.omega.to(n.dtype)).sum(-1)
+            lam = self.lam.to(n.dtype).view_as(m)
+            return lam * (cos_sum - self.omega.numel())
+        r1 = F.softplus(self.r1).to(n.dtype).view_as(m)
+        if self.kind == "kerple_log":
+            return -r1 * torch.log1p(F.softplus(self.r2).to(n.dtype).view_as(m) * n)
+        r2 = (2 * torch.sigmoid(self.r2)).to(n.dtype).view_as(m)
+        # n^r2 with a finite gradient at n = 0.
+        return -r1 * torch.where(n > 0, n.clamp(min=1) ** r2, torch.zeros_like(n))
+
+
+BIASES = ("alibi", "kerple_log", "kerple_power", "sandwich", "type1", "type2")
+
+
+class PositionScheme(nn.Module):
+    """One layer's position scheme: layer input -> keyword arguments of `kernels.attention`."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, window: int | None):
+        super().__init__()
+        self.spec = spec = SCHEMES[cfg.scheme]
+        self.cfg, self.window = cfg, window if spec.window else None
+        H, P = cfg.kv_heads, cfg.head_dim // 2
+        theta = rope_frequencies(cfg.head_dim, cfg.rope_base)
+        if spec.rotation is not None:
+            self.register_buffer("theta", theta, persistent=False)
+        if spec.rotation == "learned":
+            # delta_t = b + W x_t: b = theta and W = 0 at init, so the layer starts as RoPE.
+            self.delta = nn.Linear(cfg.d_model, H * P)
+        if spec.rotation == "random":
+            # Frozen random increments theta (1 + spread * N(0, 1) of a random projection of
+            # x_t): seeded per layer, saved with the model, identical in train and eval.
+            gen = torch.Generator().manual_seed(cfg.random_accrot_seed * 1000 + layer)
+            w = torch.randn(H * P, cfg.d_model, generator=gen, dtype=torch.float64)
+            w *= cfg.random_accrot_spread * theta.repeat(H)[:, None] / math.sqrt(cfg.d_model)
+            self.register_buffer("random_weight", w.float())
+            self.register_buffer("random_bias", theta.repeat(H).float())
+        if spec.bias is not None:
+            self.bias = DistanceBias(spec.bias, cfg.n_heads, cfg.sandwich_dim)
+        if spec.decay:
+            zeta = (torch.arange(0, cfg.head_dim, 2) + cfg.xpos_gamma * cfg.head_dim) / (
+                (1 + cfg.xpos_gamma) * cfg.head_dim
+            )
+            self.register_buffer("decay", zeta.log() / cfg.xpos_scale_base, persistent=False)
+        if spec.transport:
+            self.w_down = nn.Linear(cfg.d_model, cfg.path_rank, bias=False)
+            self.w_up = nn.Linear(cfg.path_rank, H * cfg.head_dim, bias=False)
+            self.w_conv = nn.Parameter(torch.empty(H * cfg.head_dim, cfg.path_conv))
+            self.beta = nn.Linear(cfg.d_model, H)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        if self.spec.rotation == "learned":
+            nn.init.zeros_(self.delta.weight)
+            self.delta.bias.data.copy_(self.theta.repeat(self.cfg.kv_heads))
+        if self.spec.bias is not None:
+            self.bias.reset_parameters()
+        if self.spec.transport:
+            nn.init.normal_(self.w_down.weight, std=std)
+            nn.init.normal_(self.w_up.weight, std=std)
+            # The short convolution starts as the identity (all weight on the current token).
+            nn.init.zeros_(self.w_conv)
+            self.w_conv.data[:, -1] = 1.0
+            nn.init.normal_(self.beta.weight, std=std)
+            nn.init.zeros_(self.beta.bias)
+
+    def forward(self, x: Tensor, positions: Tensor, doc_ids: Tensor | None) -> dict:
+        """x [B, T, d_model]; positions [B, T] (within document). Returns attention kwargs."""
+        B, T, _ = x.shape
+        H, spec = self.cfg.kv_heads, self.spec
+        plan: dict = {"window": self.window}
+        if spec.rotation == "rope":
+            # t * theta in float64, reduced mod 2 pi: exact at any length.
+            phi = (positions[..., None].double() * self.theta).remainder(2 * math.pi)
+            plan["angles"] = phi[:, :, None, :].expand(B, T, H, -1).to(x.dtype)
+        elif spec.rotation in ("learned", "random"):
+            if spec.rotation == "learned":
+                delta = self.delta(x)
+            else:
+                delta = F.linear(x, self.random_weight.to(x.dtype), self.random_bias.to(x.dtype))
+            plan["angles"] = accumulate_angles(delta.view(B, T, H, -1), doc_ids)
+        plan["rotate_values"] = spec.rotate_values
+        if spec.bias is not None:
+            plan["bias"] = self.bias(torch.arange(T, device=x.device, dtype=x.dtype))
+        if spec.decay:
+            plan["decay"] = self.decay.to(x.dtype)
+        if spec.transport:
+            plan["transport"] = self._householders(x, positions)
+        return plan
+
+    def _householders(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """PaTH's w_t (low-rank projection, short causal conv within the document, L2-normed)
+        and beta_t = 2 sigmoid(.) in (0, 2)."""
+        B, T, _ = x.shape
+        H = self.cfg.kv_heads
+        u = self.w_up(self.w_down(x))
+        width = self.w_conv.shape[1]
+        w = torch.zeros_like(u)
+        for lag in range(width):
+            shifted = F.pad(u, (0, 0, lag, 0))[:, :T]
+            same_doc = (positions >= lag)[..., None]
+            w = w + self.w_conv[:, width - 1 - lag] * torch.where(same_doc, shifted, 0.0)
+        w = F.normalize(w.view(B, T, H, -1), dim=-1)
+        return w, 2 * torch.sigmoid(self.beta(x))

@@ -1,0 +1,127 @@
+"""A Llama-style decoder: pre-norm RMSNorm, SwiGLU MLP, no biases, grouped-query attention,
+optional tied embeddings, and a pluggable position scheme (model/schemes.py)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import kernels
+from model.config import ModelConfig
+from model.schemes import SCHEMES, PositionScheme
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, window: int | None):
+        super().__init__()
+        self.cfg = cfg
+        D, HQ, H = cfg.head_dim, cfg.n_heads, cfg.kv_heads
+        self.wq = nn.Linear(cfg.d_model, HQ * D, bias=False)
+        self.wk = nn.Linear(cfg.d_model, H * D, bias=False)
+        self.wv = nn.Linear(cfg.d_model, H * D, bias=False)
+        self.wo = nn.Linear(HQ * D, cfg.d_model, bias=False)
+        self.position = PositionScheme(cfg, layer, window)
+
+    def prepare(
+        self, x: Tensor, positions: Tensor, doc_ids: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, dict]:
+        """q [B, T, HQ, D], k and v [B, T, H, D], and the scheme's kwargs for the attention."""
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.cfg.n_heads, -1)
+        k = self.wk(x).view(B, T, self.cfg.kv_heads, -1)
+        v = self.wv(x).view(B, T, self.cfg.kv_heads, -1)
+        return q, k, v, self.position(x, positions, doc_ids)
+
+    def forward(self, x: Tensor, positions: Tensor, doc_ids: Tensor | None) -> Tensor:
+        q, k, v, plan = self.prepare(x, positions, doc_ids)
+        o = kernels.attention(q, k, v, doc_ids=doc_ids, block=self.cfg.attn_block, **plan)
+        return self.wo(o.flatten(2))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=False)
+        self.up = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=False)
+        self.down = nn.Linear(cfg.hidden_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, window: int | None):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg, layer, window)
+        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x: Tensor, positions: Tensor, doc_ids: Tensor | None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), positions, doc_ids)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def sinusoidal_embedding(positions: Tensor, dim: int) -> Tensor:
+    """Absolute sinusoidal embeddings [B, T, dim] (sin half, cos half), computed in float64."""
+    freq = 10000 ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim)
+    angle = positions[..., None].double() * freq
+    return torch.cat((angle.sin(), angle.cos()), dim=-1)
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. `window` is the sliding window of the `local` scheme (the trained
+    length unless the config names one)."""
+
+    def __init__(self, cfg: ModelConfig, train_length: int):
+        super().__init__()
+        problems = cfg.check()
+        if problems:
+            raise ValueError("invalid model config: " + "; ".join(problems))
+        self.cfg = cfg
+        window = cfg.window or train_length
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, layer, window) for layer in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; residual outputs scaled by 1/sqrt(2 n_layers)."""
+        std = self.cfg.init_std
+        nn.init.normal_(self.embed.weight, std=std)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        for block in self.blocks:
+            for linear in (
+                block.attn.wq,
+                block.attn.wk,
+                block.attn.wv,
+                block.mlp.gate,
+                block.mlp.up,
+            ):
+                nn.init.normal_(linear.weight, std=std)
+            for linear in (block.attn.wo, block.mlp.down):
+                nn.init.normal_(linear.weight, std=std / math.sqrt(2 * self.cfg.n_layers))
+            block.attn.position.reset_parameters()
+
+    def forward(self, tokens: Tensor, doc_ids: Tensor | None = None) -> Tensor:
+        """tokens [B, T] -> logits [B, T, vocab]. doc_ids [B, T] marks packed documents."""
+        B, T = tokens.shape
+        positions = kernels.document_positions(doc_ids, B, T, tokens.device)
+        x = self.embed(tokens)
+        if SCHEMES[self.cfg.scheme].absolute:
+            x = x + sinusoidal_embedding(positions, self.cfg.d_model).to(x.dtype)
+        for block in self.blocks:
+            x = block(x, positions, doc_ids)
+        return self.lm_head(self.norm(x))
+
+    def loss(self, tokens: Tensor, targets: Tensor, doc_ids: Tensor | None = None) -> Tensor:
+        """Mean next-token cross entropy; targets equal to -100 are ignored."""
+        logits = self.forward(tokens, doc_ids)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)

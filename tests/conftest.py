@@ -1,0 +1,44 @@
+"""Shared helpers: small float64 models of every scheme with non-trivial parameters."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from model import ModelConfig, Transformer
+
+SMALL = dict(vocab_size=61, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, sandwich_dim=8)
+
+
+@contextmanager
+def float64_default():
+    """Build modules directly in float64 (no float32 rounding of their initial values)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def float64_model(scheme: str, **overrides) -> Transformer:
+    """A freshly initialised float64 model."""
+    with float64_default():
+        return Transformer(ModelConfig(scheme=scheme, **overrides), train_length=16)
+
+
+def small_model(scheme: str, *, perturb: float = 0.3, seed: int = 0, **overrides) -> Transformer:
+    """A float64 model whose parameters are moved off their initial values, so learned parts
+    of the schemes (accumulated-angle projections, KERPLE, PaTH) take effect."""
+    torch.manual_seed(seed)
+    model = float64_model(scheme, **{**SMALL, "attn_block": 8, "window": 11, **overrides})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(perturb * torch.randn_like(p))
+    return model
+
+
+def packed_doc_ids() -> torch.Tensor:
+    """Two rows of odd length 37 holding 2 and 3 documents."""
+    return torch.tensor([[0] * 20 + [1] * 17, [0] * 5 + [1] * 30 + [2] * 2])

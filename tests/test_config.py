@@ -1,0 +1,83 @@
+"""Configs: every shipped YAML loads; wrong keys, types and values fail clearly, up front."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from launch.config import ConfigError, load_config, main
+from model import Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.model.scheme == "hybrid"
+    assert cfg.model.d_model % cfg.model.n_heads == 0
+
+
+def test_tiny_is_the_cpu_default_and_builds():
+    cfg = load_config(TINY)
+    assert (cfg.model.n_layers, cfg.model.d_model, cfg.model.n_heads, cfg.data.seq_len) == (
+        2,
+        128,
+        4,
+        128,
+    )
+    assert cfg.eval_lengths == [128 * m for m in (1, 2, 4, 8, 16, 32, 64)]
+    model = Transformer(cfg.model, train_length=cfg.data.seq_len)
+    assert sum(p.numel() for p in model.parameters()) > 100_000
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config(TINY, ["model.scheme=rope", "train.lr=1e-4", "eval.lengths=[128,256]"])
+    assert (cfg.model.scheme, cfg.train.lr, cfg.eval_lengths) == ("rope", 1e-4, [128, 256])
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model.schem=rope", ["model.schem", "did you mean 'model.scheme'"]),
+        ("modle.scheme=rope", ["'modle'", "did you mean 'model'"]),
+        ("model.scheme=ropee", ["model.scheme", "'ropee'", "hybrid", "path_alibi"]),
+        ("model.n_layers=two", ["model.n_layers", "'two'", "Integer"]),
+        ("train.lr=-1", ["train.lr", "-1.0", ">= 0.0"]),
+        ("data.seq_len=1", ["data.seq_len", ">= 2"]),
+        ("data.packing=tight", ["data.packing", "'tight'", "boundaries, concat"]),
+        ("model.n_heads=3", ["model.d_model=128", "model.n_heads=3"]),
+        ("model.n_kv_heads=3", ["model.n_kv_heads=3", "multiple"]),
+        ("eval.lengths=[128,x]", ["eval.lengths[1]", "'x'"]),
+        ("deepspeed.zero_stage=4", ["deepspeed.zero_stage", "0, 1, 2, 3"]),
+        ("run.seed", ["key=value"]),
+    ],
+)
+def test_bad_key_or_value_names_key_value_and_choices(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [override])
+    for fragment in expected:
+        assert fragment in str(err.value)
+
+
+def test_missing_or_broken_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("model:\n  heads: 4\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.heads'.*model\.n_heads"):
+        load_config(unknown)
+
+
+def test_cli_prints_resolved_config_or_error(capsys):
+    assert main([str(TINY), "model.scheme=alibi"]) == 0
+    assert "scheme: alibi" in capsys.readouterr().out
+    assert main([str(TINY), "model.scheme=nonsense"]) == 2
+    assert "valid choices" in capsys.readouterr().err
