@@ -4,6 +4,9 @@ Queries and keys are cut into blocks of `block` tokens. A diagonal sweep visits,
 every (query block c, key block c - s) pair at once, folding the scores into an online softmax.
 The largest tensor is [B, HQ, T, block]: memory is O(T x block), never O(T^2), so evaluation at
 64x the trained length fits. Masks: causal, optional sliding window, and document boundaries.
+
+The backward pass is flash-attention's: it saves the output and the log-sum-exp, and sweeps
+again, recomputing each step's probabilities, so training memory is O(T x block) as well.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from torch import Tensor
 
 
 class DiagonalSweep:
-    """Block geometry, masking and the online-softmax state shared by the blockwise paths.
+    """Block geometry, bias and masks, and the online-softmax state of one attention call.
 
     Heads are laid out [B, H, G, ...]: H key/value heads, G query heads per key head.
     """
@@ -51,10 +54,16 @@ class DiagonalSweep:
         x = torch.nn.functional.pad(x.to(self.dtype), (0, 0, 0, 0, 0, self.n * self.block - T))
         return x.view(B, self.n, self.block, Hx, D).permute(0, 3, 1, 2, 4)
 
-    def query_blocks(self, q: Tensor, scale: float) -> Tensor:
-        """Scaled queries as [B, H, G, nblocks, block, D]."""
+    def query_blocks(self, q: Tensor, scale: float = 1.0) -> Tensor:
+        """Scaled queries (or anything shaped like them) as [B, H, G, nblocks, block, D]."""
         qb = self.blocks(q * scale)
         return qb.view(qb.shape[0], -1, self.groups, *qb.shape[2:])
+
+    def unblock(self, x: Tensor) -> Tensor:
+        """[B, Hx(, G), nblocks, block, D] -> [B, T, Hx(*G), D], padding dropped."""
+        *lead, n, blk, D = x.shape
+        x = x.reshape(lead[0], -1, n * blk, D).transpose(1, 2)
+        return x[:, : self.length]
 
     def steps(self) -> range:
         """Offsets s = c_query - c_key worth visiting (all, or those the window reaches)."""
@@ -63,12 +72,13 @@ class DiagonalSweep:
         # The closest pair of blocks s apart is (s - 1) * block + 1 tokens apart.
         return range(min(self.n, (self.window - 2) // self.block + 2))
 
-    def fold(self, s: int, scores: Tensor, values: Tensor) -> None:
-        """Fold scores [B, H, G, n - s, bq, bk] of query blocks s.. vs key blocks ..n-s-1 in.
+    def distances(self, s: int) -> Tensor:
+        """i - j for query blocks s.. against key blocks ..n-s-1: [n - s, block, block]."""
+        return self.pos[s:, :, None] - self.pos[: self.n - s, None, :]
 
-        values: [B, H, n - s, bk, D], the key blocks' values.
-        """
-        dist = self.pos[s:, :, None] - self.pos[: self.n - s, None, :]  # [n - s, bq, bk]
+    def logits(self, s: int, scores: Tensor) -> Tensor:
+        """Add the distance bias to step s's scores [B, H, G, n - s, bq, bk] and mask them."""
+        dist = self.distances(s)
         if self.bias is not None:
             scores = scores + self.bias[:, :, dist.clamp(0, self.bias.shape[-1] - 1)]
         keep = dist >= 0
@@ -76,8 +86,11 @@ class DiagonalSweep:
             keep = keep & (dist < self.window)
         if self.doc is not None:
             keep = keep & (self.doc[..., s:, :, None] == self.doc[..., : self.n - s, None, :])
-        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+        return scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
 
+    def fold(self, s: int, scores: Tensor, values: Tensor) -> None:
+        """Fold step s's raw scores in; values [B, H, n - s, bk, D] are the key blocks'."""
+        scores = self.logits(s, scores)
         old_max = self.max[..., s:, :]
         new_max = torch.maximum(old_max, scores.amax(dim=-1))
         rescale = torch.exp(old_max - new_max)
@@ -86,16 +99,89 @@ class DiagonalSweep:
         new_acc = self.acc[..., s:, :, :] * rescale[..., None] + torch.einsum(
             "bhgcij,bhcjd->bhgcid", probs, values
         )
-        # Out of place (the old state is still needed by autograd).
+        # Out of place: autograd (PaTH's path) still needs the old state.
         self.max = torch.cat((self.max[..., :s, :], new_max), dim=-2)
         self.sum = torch.cat((self.sum[..., :s, :], new_sum), dim=-2)
         self.acc = torch.cat((self.acc[..., :s, :, :], new_acc), dim=-3)
 
     def output(self) -> Tensor:
-        """The normalised output, [B, T, HQ, D]."""
-        o = self.acc / self.sum[..., None]
-        B, H, G, n, blk, D = o.shape
-        return o.permute(0, 3, 4, 1, 2, 5).reshape(B, n * blk, H * G, D)[:, : self.length]
+        """The normalised output in blocks, [B, H, G, nblocks, block, D]."""
+        return self.acc / self.sum[..., None]
+
+    def log_sum_exp(self) -> Tensor:
+        return self.max + torch.log(self.sum)
+
+
+def _decay_factors(decay: Tensor, block: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """xPos: exp(decay * (i - j)) = exp(decay * (s*block + i_local)) * exp(-decay * j_local).
+
+    Returns (query factor without the s*block part, key factor), each [block, D]; both stay
+    within exp(|decay| * block) whatever the distance."""
+    local = torch.arange(block, device=decay.device, dtype=dtype)[:, None]
+    pair_decay = torch.cat((decay, decay)).to(dtype)
+    return torch.exp(pair_decay * local), torch.exp(-pair_decay * local)
+
+
+def _query_decay(q_factor: Tensor, decay: Tensor, s: int, block: int) -> Tensor:
+    return q_factor * torch.exp(torch.cat((decay, decay)).to(q_factor.dtype) * (s * block))
+
+
+class _BlockwiseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, decay, doc_ids, scale, window, block):
+        sweep = DiagonalSweep(q, k, block=block, doc_ids=doc_ids, bias=bias, window=window)
+        qb, kb, vb = sweep.query_blocks(q, scale), sweep.blocks(k), sweep.blocks(v)
+        if decay is not None:
+            q_factor, k_factor = _decay_factors(decay, block, sweep.dtype)
+            kb = kb * k_factor
+        for s in sweep.steps():
+            qs = qb[:, :, :, s:]
+            if decay is not None:
+                qs = qs * _query_decay(q_factor, decay, s, block)
+            scores = torch.einsum("bhgcid,bhcjd->bhgcij", qs, kb[:, :, : sweep.n - s])
+            sweep.fold(s, scores, vb[:, :, : sweep.n - s])
+        out = sweep.unblock(sweep.output()).to(q.dtype)
+        ctx.save_for_backward(q, k, v, bias, decay, doc_ids, out, sweep.log_sum_exp())
+        ctx.scale, ctx.window, ctx.block = scale, window, block
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, bias, decay, doc_ids, out, lse = ctx.saved_tensors
+        scale, block = ctx.scale, ctx.block
+        sweep = DiagonalSweep(q, k, block=block, doc_ids=doc_ids, bias=bias, window=ctx.window)
+        qb, kb, vb = sweep.query_blocks(q, scale), sweep.blocks(k), sweep.blocks(v)
+        dob, ob = sweep.query_blocks(dout), sweep.query_blocks(out)
+        row_dot = (dob * ob).sum(-1)  # rowsum(dO * O)
+        k_factor = 1.0
+        if decay is not None:
+            q_factor, k_factor = _decay_factors(decay, block, sweep.dtype)
+            kb = kb * k_factor
+        dq, dk, dv = torch.zeros_like(qb), torch.zeros_like(kb), torch.zeros_like(vb)
+        dbias = None if bias is None else torch.zeros_like(sweep.bias)
+        n = sweep.n
+        for s in sweep.steps():
+            qs, q_step = qb[:, :, :, s:], 1.0
+            if decay is not None:
+                q_step = _query_decay(q_factor, decay, s, block)
+                qs = qs * q_step
+            ks, vs = kb[:, :, : n - s], vb[:, :, : n - s]
+            scores = sweep.logits(s, torch.einsum("bhgcid,bhcjd->bhgcij", qs, ks))
+            probs = torch.exp(scores - lse[..., s:, :, None])
+            dv[:, :, : n - s] += torch.einsum("bhgcij,bhgcid->bhcjd", probs, dob[:, :, :, s:])
+            dprobs = torch.einsum("bhgcid,bhcjd->bhgcij", dob[:, :, :, s:], vs)
+            dscores = probs * (dprobs - row_dot[..., s:, :, None])
+            dq[:, :, :, s:] += torch.einsum("bhgcij,bhcjd->bhgcid", dscores, ks) * q_step
+            dk[:, :, : n - s] += torch.einsum("bhgcij,bhgcid->bhcjd", dscores, qs)
+            if dbias is not None:
+                index = sweep.distances(s).clamp(0, dbias.shape[-1] - 1).flatten()
+                dbias.index_add_(-1, index, dscores.sum(0).flatten(2))
+        dq = sweep.unblock(dq * scale).to(q.dtype)
+        dk = sweep.unblock(dk * k_factor).to(k.dtype)
+        dv = sweep.unblock(dv).to(v.dtype)
+        if dbias is not None:
+            dbias = dbias.view_as(bias).to(bias.dtype)
+        return dq, dk, dv, dbias, None, None, None, None, None
 
 
 def blockwise_attention(
@@ -110,28 +196,13 @@ def blockwise_attention(
     doc_ids: Tensor | None = None,
     block: int = 64,
 ) -> Tensor:
-    """Causal softmax attention with O(T x block) memory.
+    """Causal softmax attention with O(T x block) memory, forward and backward.
 
     q [B, T, HQ, D]; k, v [B, T, H, D] with HQ a multiple of H (grouped-query heads).
     bias [HQ, >=T]: added to the logit of distance i - j (a table indexed by distance).
     window: keep only i - j < window. decay [D/2]: per-pair log-decay (xPos): the pair p
-    contribution to the logit of distance n is multiplied by exp(decay[p] * n).
+    contribution to the logit of distance n is multiplied by exp(decay[p] * n); not learned.
     doc_ids [B, T]: no attention across documents. Returns [B, T, HQ, D] in q's dtype.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    sweep = DiagonalSweep(q, k, block=block, doc_ids=doc_ids, bias=bias, window=window)
-    qb = sweep.query_blocks(q, scale)
-    kb, vb = sweep.blocks(k), sweep.blocks(v)
-    if decay is not None:
-        # Factor exp(decay * (i - j)) = exp(decay * (s*block + i_local)) * exp(-decay * j_local):
-        # both factors stay bounded by exp(|decay| * block) whatever the distance.
-        local = torch.arange(block, device=q.device, dtype=sweep.dtype)[:, None]
-        pair_decay = torch.cat((decay, decay)).to(sweep.dtype)
-        kb = kb * torch.exp(-pair_decay * local)
-    for s in sweep.steps():
-        qs = qb[:, :, :, s:]
-        if decay is not None:
-            qs = qs * torch.exp(pair_decay * (local + s * block))
-        scores = torch.einsum("bhgcid,bhcjd->bhgcij", qs, kb[:, :, : sweep.n - s])
-        sweep.fold(s, scores, vb[:, :, : sweep.n - s])
-    return sweep.output().to(q.dtype)
+    return _BlockwiseAttention.apply(q, k, v, bias, decay, doc_ids, scale, window, block)

@@ -43,7 +43,7 @@ def path_attention(
     doc_ids: Tensor | None = None,
     block: int = 64,
 ) -> Tensor:
-    """PaTH attention with O(T x block) memory.
+    """PaTH attention with O(T x block) forward memory (its backward is autograd's).
 
     q [B, T, HQ, D]; k, v, w [B, T, H, D] (w unit-norm); beta [B, T, H] in (0, 2).
     bias, window and doc_ids as in `blockwise_attention`. Returns [B, T, HQ, D].
@@ -77,4 +77,4 @@ def path_attention(
         w_next, u_next = wb[:, :, 1 : n - s], u[:, :, 1 : n - s]
         proj = torch.einsum("zhgcid,zhcad->zhgcia", carried, w_next)
         carried = carried - torch.einsum("zhgcia,zhcea,zhced->zhgcid", proj, u_next, w_next)
-    return sweep.output().to(q.dtype)
+    return sweep.unblock(sweep.output()).to(q.dtype)

@@ -34,11 +34,16 @@ def _householder_path(w: Tensor, beta: Tensor) -> Tensor:
     """M[i, j] = H_i H_{i-1} ... H_{j+1} (identity for i <= j) for w [T, D], beta [T]."""
     T, D = w.shape
     eye = torch.eye(D, dtype=w.dtype)
-    m = eye.repeat(T, T, 1, 1)
-    for j in range(T):
-        for i in range(j + 1, T):
-            m[i, j] = (eye - beta[i] * torch.outer(w[i], w[i])) @ m[i - 1, j]
-    return m
+    rows = []
+    for i in range(T):
+        row = []
+        for j in range(T):
+            if i <= j:
+                row.append(eye)
+            else:  # H_i (H_{i-1} ... H_{j+1})
+                row.append((eye - beta[i] * torch.outer(w[i], w[i])) @ rows[i - 1][j])
+        rows.append(row)
+    return torch.stack([torch.stack(row) for row in rows])
 
 
 def reference_attention(

@@ -37,3 +37,27 @@ def test_forward_at_16k_has_no_quadratic_tensor(scheme):
     assert logits.shape == (1, T, 512)
     numel, op = recorder.largest
     assert numel <= T * T // 8, f"{op} made a tensor of {numel} elements"
+
+
+def _saved_for_backward(model: Transformer, length: int) -> int:
+    """Elements autograd keeps for the backward pass of one forward at `length`."""
+    saved = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += t.numel()
+        return t
+
+    tokens = torch.randint(0, 512, (1, length))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens)
+    return saved
+
+
+@pytest.mark.parametrize("scheme", ["hybrid", "xpos", "local", "kerple_log"])
+def test_training_memory_is_linear_in_length(scheme):
+    """The blockwise backward recomputes probabilities: doubling T doubles what is saved."""
+    cfg = ModelConfig(scheme=scheme, vocab_size=512, d_model=64, n_layers=1, n_heads=4)
+    model = Transformer(cfg, train_length=128)
+    ratio = _saved_for_backward(model, 2048) / _saved_for_backward(model, 1024)
+    assert ratio < 2.1, f"saved-for-backward grew {ratio:.2f}x when T doubled"
