@@ -57,6 +57,8 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"min": 1})
     activation_checkpointing: bool = False
     max_bad_steps: int = field(default=5, metadata={"min": 1})  # non-finite steps in a row
+    # Per-device peak TFLOP/s for MFU; None: a known GPU's datasheet, or measured on the CPU.
+    peak_tflops: float | None = field(default=None, metadata={"min": 0.0})
 
 
 @dataclass
@@ -69,7 +71,7 @@ class EvalConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = field(default=3, metadata={"choices": [0, 1, 2, 3]})
+    zero_stage: int = field(default=3, metadata={"choices": [1, 2, 3]})
     # "auto": bf16 on GPU, fp32 on CPU.
     precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16", "fp16"]})
     offload_optimizer: bool = False

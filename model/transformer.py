@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 import kernels
 from model.config import ModelConfig
@@ -72,9 +73,15 @@ def sinusoidal_embedding(positions: Tensor, dim: int) -> Tensor:
     return torch.cat((angle.sin(), angle.cos()), dim=-1)
 
 
+def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-token cross entropy in float32; targets equal to -100 are ignored."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
 class Transformer(nn.Module):
     """Decoder-only LM. `window` is the sliding window of the `local` scheme (the trained
-    length unless the config names one)."""
+    length unless the config names one). With `activation_checkpointing` set, training
+    recomputes each block's activations in the backward pass instead of keeping them."""
 
     def __init__(self, cfg: ModelConfig, train_length: int):
         super().__init__()
@@ -89,6 +96,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.activation_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -118,10 +126,12 @@ class Transformer(nn.Module):
         if SCHEMES[self.cfg.scheme].absolute:
             x = x + sinusoidal_embedding(positions, self.cfg.d_model).to(x.dtype)
         for block in self.blocks:
-            x = block(x, positions, doc_ids)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, positions, doc_ids, use_reentrant=False)
+            else:
+                x = block(x, positions, doc_ids)
         return self.lm_head(self.norm(x))
 
     def loss(self, tokens: Tensor, targets: Tensor, doc_ids: Tensor | None = None) -> Tensor:
         """Mean next-token cross entropy; targets equal to -100 are ignored."""
-        logits = self.forward(tokens, doc_ids)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return cross_entropy(self.forward(tokens, doc_ids), targets)

@@ -52,7 +52,7 @@ def test_overrides_apply_with_types():
         ("model.n_heads=3", ["model.d_model=128", "model.n_heads=3"]),
         ("model.n_kv_heads=3", ["model.n_kv_heads=3", "multiple"]),
         ("eval.lengths=[128,x]", ["eval.lengths[1]", "'x'"]),
-        ("deepspeed.zero_stage=4", ["deepspeed.zero_stage", "0, 1, 2, 3"]),
+        ("deepspeed.zero_stage=4", ["deepspeed.zero_stage", "1, 2, 3"]),
         ("run.seed", ["key=value"]),
     ],
 )

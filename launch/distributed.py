@@ -1,0 +1,123 @@
+"""Process-group set-up for every launcher: one process, torchrun, the deepspeed launcher, srun.
+
+torch.distributed reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; mosaicml
+streaming also needs LOCAL_WORLD_SIZE. torchrun sets them all, the deepspeed launcher all but
+LOCAL_WORLD_SIZE (it calls it LOCAL_SIZE), srun none: `environment_from_slurm` maps SLURM's own
+variables (no mpi4py), and a lone process gets a single-rank world on a free local port.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+
+import torch
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compressed host list ("gpu[01-03,07],login1") as host names, in order."""
+    hosts = []
+    for name, ranges in re.findall(r"([^,\[]+)(?:\[([^\]]*)\])?,?", nodelist):
+        if not ranges:
+            hosts.append(name)
+            continue
+        for part in ranges.split(","):
+            first, _, last = part.partition("-")
+            width = len(first)
+            for i in range(int(first), int(last or first) + 1):
+                hosts.append(f"{name}{i:0{width}d}")
+    return hosts
+
+
+def _tasks_on_this_node(env: MutableMapping[str, str]) -> int:
+    """SLURM_TASKS_PER_NODE looks like "4(x2),3": the count of the node this task runs on."""
+    counts = []
+    for item in env["SLURM_TASKS_PER_NODE"].split(","):
+        count, _, repeat = item.partition("(x")
+        counts += [int(count)] * int(repeat.rstrip(")") or 1)
+    return counts[int(env.get("SLURM_NODEID", 0))]
+
+
+def environment_from_slurm(env: MutableMapping[str, str]) -> None:
+    """Fill the torch.distributed variables from a SLURM task's, leaving any already set."""
+    mapping = {
+        "RANK": env["SLURM_PROCID"],
+        "LOCAL_RANK": env["SLURM_LOCALID"],
+        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "LOCAL_WORLD_SIZE": str(_tasks_on_this_node(env)),
+        "MASTER_ADDR": expand_nodelist(env["SLURM_JOB_NODELIST"])[0],
+        # A port per job, so two jobs sharing a node never collide.
+        "MASTER_PORT": str(20000 + int(env["SLURM_JOB_ID"]) % 20000),
+    }
+    for key, value in mapping.items():
+        env.setdefault(key, value)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def complete_environment(env: MutableMapping[str, str] | None = None) -> None:
+    """Make RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT all present."""
+    env = os.environ if env is None else env
+    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_JOB_NODELIST" in env:
+        environment_from_slurm(env)
+    if "RANK" not in env:  # a lone process
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    env.setdefault("LOCAL_RANK", "0")
+    # The deepspeed launcher names it LOCAL_SIZE; a one-node world has every rank local.
+    env.setdefault("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", env["WORLD_SIZE"]))
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_world() -> World:
+    """Complete the environment and start the process group (nccl on CUDA, gloo on the CPU)."""
+    import deepspeed
+
+    complete_environment()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    deepspeed.init_distributed(
+        dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False
+    )
+    return World(
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        local_rank=local_rank,
+        device=device,
+    )
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on any (a collective: every rank must call it)."""
+    value = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise mean over ranks (a collective)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor)
+    return (tensor / torch.distributed.get_world_size()).tolist()

@@ -1,0 +1,111 @@
+"""The DeepSpeed engine of a run: its JSON config, the AdamW parameter groups, the LR schedule.
+
+Everything DeepSpeed needs is derived from the OmegaConf `Config`, so the YAML stays the one
+place a user edits. On the CPU the optimizer is torch's AdamW (DeepSpeed's CPU Adam would
+JIT-compile a C++ extension first); on CUDA it is DeepSpeed's fused AdamW.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from launch.config import Config, ConfigError
+
+
+def precision(cfg: Config, device: torch.device) -> str:
+    """The training precision: `auto` is bf16 on CUDA and fp32 on the CPU."""
+    chosen = cfg.deepspeed.precision
+    if chosen == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if device.type == "cpu" and chosen != "fp32":
+        raise ConfigError(
+            f"deepspeed.precision={chosen} needs a GPU; on the CPU use deepspeed.precision=fp32 "
+            "(or auto)"
+        )
+    return chosen
+
+
+def deepspeed_config(cfg: Config, world_size: int, device: torch.device) -> dict:
+    """The DeepSpeed JSON for this run."""
+    ds, train = cfg.deepspeed, cfg.train
+    zero: dict = {
+        "stage": ds.zero_stage,
+        "reduce_bucket_size": ds.reduce_bucket_size,
+    }
+    if ds.zero_stage == 3:
+        zero["stage3_prefetch_bucket_size"] = ds.prefetch_bucket_size
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    if ds.offload_params:
+        if ds.zero_stage != 3:
+            raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage=3")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    chosen = precision(cfg, device)
+    config = {
+        # ZeRO skips a step whose gradient norm is not finite (was_step_applied() says so).
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": cfg.data.batch_size * train.grad_accum * world_size,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": chosen == "bf16"},
+        "fp16": {"enabled": chosen == "fp16", "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**62,  # rotalibi logs itself
+        "wall_clock_breakdown": False,
+    }
+    if device.type == "cuda":
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": train.lr, "betas": list(train.betas), "eps": 1e-8},
+        }
+    return config
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: not on norms, biases, angle/bias scalars, embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_matrix = p.dim() >= 2 and "embed" not in name
+        (decay if is_matrix else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_multiplier(step: int, cfg: Config) -> float:
+    """Linear warmup to 1, then cosine decay to `min_lr_ratio` at `max_steps`."""
+    train = cfg.train
+    if step < train.warmup_steps:
+        return (step + 1) / train.warmup_steps
+    span = max(1, train.max_steps - train.warmup_steps)
+    progress = min(1.0, (step - train.warmup_steps) / span)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return train.min_lr_ratio + (1 - train.min_lr_ratio) * cosine
+
+
+def build_engine(model: nn.Module, cfg: Config, world_size: int, device: torch.device):
+    """deepspeed.initialize with ZeRO, AdamW and the warmup + cosine schedule."""
+    import deepspeed
+
+    config = deepspeed_config(cfg, world_size, device)
+    groups = parameter_groups(model, cfg.train.weight_decay)
+    optimizer = None
+    if "optimizer" not in config:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        model_parameters=groups if optimizer is None else None,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: lr_multiplier(step, cfg)
+        ),
+        config=config,
+    )
+    return engine

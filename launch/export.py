@@ -1,0 +1,99 @@
+"""Consolidated weights of a checkpoint: `python -m launch.export RUN_DIR [--step N] [--out DIR]`.
+
+Gathers the ZeRO partitions with DeepSpeed's zero_to_fp32 API (on the CPU, no process group),
+then writes `model.safetensors` and `config.json` (the model config, the trained length, the
+step) into `RUN_DIR/export/step_<N>/` unless --out names another directory.
+`load_exported(DIR)` gives the model back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+from safetensors.torch import load_model, save_model
+
+from launch import checkpoint as ckpt
+from model import ModelConfig, Transformer
+
+
+class ExportError(ValueError):
+    """No checkpoint to export, or no export to load."""
+
+
+def pick_checkpoint(run_dir: Path, step: int | None) -> ckpt.Checkpoint:
+    """The newest complete checkpoint of `run_dir`, or the one of `step`."""
+    found = ckpt.find_checkpoints(Path(run_dir) / "checkpoints")
+    if not found:
+        raise ExportError(f"{run_dir} holds no complete checkpoint (looked in checkpoints/)")
+    if step is None:
+        return found[-1]
+    for checkpoint in found:
+        if checkpoint.step == step:
+            return checkpoint
+    steps = ", ".join(str(c.step) for c in found)
+    raise ExportError(f"{run_dir} has no complete checkpoint of step {step}; it has {steps}")
+
+
+def model_from_checkpoint(checkpoint: ckpt.Checkpoint) -> tuple[Transformer, dict]:
+    """The consolidated float32 model of a checkpoint, and the run's config as a dict."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    config = yaml.safe_load(checkpoint.manifest["config"])
+    model = Transformer(ModelConfig(**config["model"]), train_length=config["data"]["seq_len"])
+    state = get_fp32_state_dict_from_zero_checkpoint(
+        str(checkpoint.path.parent), tag=checkpoint.path.name
+    )
+    model.load_state_dict(state, strict=True)
+    return model, config
+
+
+def export(checkpoint: ckpt.Checkpoint, out: Path) -> Path:
+    """Write model.safetensors and config.json for `checkpoint` into `out`."""
+    model, config = model_from_checkpoint(checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(out / "model.safetensors"))
+    meta = {
+        "model": asdict(model.cfg),
+        "train_length": config["data"]["seq_len"],
+        "step": checkpoint.step,
+        "tokens": checkpoint.manifest["tokens"],
+        "source": str(checkpoint.path),
+    }
+    (out / "config.json").write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def load_exported(directory: str | Path) -> tuple[Transformer, dict]:
+    """The model of an export directory (in eval mode) and its config.json."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise ExportError(f"{directory} is not an export (no config.json); run launch.export")
+    meta = json.loads((directory / "config.json").read_text())
+    model = Transformer(ModelConfig(**meta["model"]), train_length=meta["train_length"])
+    load_model(model, str(directory / "model.safetensors"))
+    return model.eval(), meta
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.export", description=__doc__)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--step", type=int, help="the checkpoint's step (default: the newest)")
+    parser.add_argument("--out", type=Path, help="default: RUN_DIR/export/step_<N>")
+    args = parser.parse_args(argv)
+    try:
+        checkpoint = pick_checkpoint(args.run_dir, args.step)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = export(checkpoint, args.out or args.run_dir / "export" / checkpoint.path.name)
+    print(f"exported {checkpoint.path} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

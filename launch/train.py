@@ -1,0 +1,322 @@
+"""Train a model with DeepSpeed ZeRO: `python -m launch.train CONFIG.yaml [key=value ...]`.
+
+Runs as one process, under `deepspeed --num_gpus N` / `--hostfile`, `torchrun` or `srun` (see
+launch/distributed.py). The run directory `<run.dir>/<run.name>/` holds `config.yaml`,
+`checkpoints/`, `tb/`, `metrics.jsonl` and `eval/`. Starting a run whose directory holds a
+complete checkpoint resumes from the newest one, exactly.
+
+Exit codes: 0 finished; 2 bad input (config, dataset, run directory), before any step;
+3 stopped after `train.max_bad_steps` non-finite steps in a row; 75 (EX_TEMPFAIL) saved a
+checkpoint on SIGTERM or SIGUSR1 and asks to be requeued; 1 anything else.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import yaml
+
+from launch import checkpoint as ckpt
+from launch.config import Config, ConfigError, load_config, to_yaml
+from launch.distributed import World, complete_environment, init_world, mean_over_ranks
+from launch.engine import build_engine
+from launch.metrics import (
+    Interval,
+    MetricsLogger,
+    memory_gb,
+    peak_tflops,
+    training_flops_per_token,
+)
+from model import Transformer
+from model.transformer import cross_entropy
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_REQUEUE = 0, 1, 2, 3, 75
+
+log = logging.getLogger("rotalibi")
+
+# Called at every checkpoint with (trainer, step); what it returns joins that step's metrics.
+CheckpointHook = Callable[["Trainer", int], dict]
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used for this config."""
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(old) | set(new))
+    found = []
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return found
+
+
+def resume_point(cfg: Config) -> ckpt.Checkpoint | None:
+    """The newest complete checkpoint of the run directory, checked against this config: a
+    different model is an error (another run's checkpoints), other changes are logged."""
+    found = ckpt.find_checkpoints(cfg.run_dir / "checkpoints")
+    if not found:
+        return None
+    latest = found[-1]
+    saved, now = yaml.safe_load(latest.manifest["config"]), yaml.safe_load(to_yaml(cfg))
+    model_changes = _differences(saved["model"], now["model"], "model.")
+    if model_changes:
+        raise RunDirError(
+            f"{cfg.run_dir} holds checkpoints of a different model ({'; '.join(model_changes)}). "
+            "Pick another run.name (or run.dir), or delete that directory to start over."
+        )
+    other = [d for d in _differences(saved, now) if not d.startswith("model.")]
+    if other:
+        log.warning("resuming %s with a changed config: %s", latest.path, "; ".join(other))
+    return latest
+
+
+def check_dataset(cfg: Config) -> None:
+    """Fail early, with the fix, if the dataset is missing or its vocabulary does not fit."""
+    from data.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(cfg.data.path).get_vocab_size()
+    if vocab > cfg.model.vocab_size:
+        raise ConfigError(
+            f"the tokenizer of {cfg.data.path} has {vocab} tokens but model.vocab_size="
+            f"{cfg.model.vocab_size}; set model.vocab_size={vocab} (or more)"
+        )
+
+
+class StopFlag:
+    """Set by SIGTERM or SIGUSR1; training acts on it at the next step boundary."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    @property
+    def raised(self) -> bool:
+        return self.signal is not None
+
+
+class Trainer:
+    """One run: the engine, the data, the step loop, checkpoints and metrics."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        world: World,
+        resume: ckpt.Checkpoint | None = None,
+        hooks: list[CheckpointHook] = (),
+    ):
+        from data.loader import build_train_loader
+
+        self.cfg, self.world, self.hooks = cfg, world, list(hooks)
+        self.run_dir, self.checkpoint_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
+        torch.manual_seed(cfg.run.seed)
+        self.model = Transformer(cfg.model, train_length=cfg.data.seq_len)
+        self.model.activation_checkpointing = cfg.train.activation_checkpointing
+        self.engine = build_engine(self.model, cfg, world.world_size, world.device)
+        self.loader = build_train_loader(
+            cfg.data, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, seed=cfg.run.seed
+        )
+        self.step, self.tokens, self.skipped = 0, 0, 0
+        if resume is not None:
+            self._restore(resume)
+        torch.manual_seed(cfg.run.seed + 1000 * world.rank + self.step)
+        self.tokens_per_step = (
+            cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum * world.world_size
+        )
+        window = self.model.blocks[0].attn.position.window
+        self.flops_per_token = training_flops_per_token(self.model, cfg.data.seq_len, window)
+        self.peak_tflops = peak_tflops(cfg.train.peak_tflops, world.device)
+
+    def _restore(self, checkpoint: ckpt.Checkpoint) -> None:
+        saved_world = checkpoint.manifest["world_size"]
+        if saved_world != self.world.world_size:
+            raise RunDirError(
+                f"{checkpoint.path} was saved by {saved_world} ranks and this run has "
+                f"{self.world.world_size}; resume with {saved_world} ranks"
+            )
+        state = ckpt.load(self.engine, checkpoint)
+        self.loader.load_state_dict(state["loader"])
+        ckpt.restore_rng_state(state["rng"])
+        self.step, self.tokens = checkpoint.step, checkpoint.manifest["tokens"]
+        self.skipped = checkpoint.manifest["skipped_steps"]
+        log.info("resumed from %s (step %d)", checkpoint.path, self.step)
+
+    def save(self) -> Path:
+        """A collective checkpoint of the current step, then the older ones pruned."""
+        manifest = {
+            "tokens": self.tokens,
+            "skipped_steps": self.skipped,
+            "world_size": self.world.world_size,
+            "config": to_yaml(self.cfg),
+        }
+        rank_state = {"loader": self.loader.state_dict(), "rng": ckpt.rng_state()}
+        path = ckpt.save(
+            self.engine,
+            self.checkpoint_dir,
+            step=self.step,
+            manifest=manifest,
+            rank_state=rank_state,
+        )
+        if self.world.is_main:
+            ckpt.prune(self.checkpoint_dir, self.cfg.train.keep_checkpoints)
+        return path
+
+    def _train_step(self, batches) -> tuple[float, bool, float]:
+        """One optimizer step over `grad_accum` micro-batches: (mean loss, applied, data wait)."""
+        losses, waited = [], 0.0
+        for _ in range(self.cfg.train.grad_accum):
+            start = time.perf_counter()
+            batch = next(batches)
+            waited += time.perf_counter() - start
+            doc_ids = batch["doc_ids"]
+            logits = self.engine(
+                batch["tokens"].to(self.world.device),
+                None if doc_ids is None else doc_ids.to(self.world.device),
+            )
+            loss = cross_entropy(logits, batch["targets"].to(self.world.device))
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.item())
+        return sum(losses) / len(losses), self.engine.was_step_applied(), waited
+
+    def _record(self, interval: Interval, step_start: float) -> dict:
+        """The metrics.jsonl record of the current step, over the interval since the last."""
+        summary = interval.summary()
+        peak = self.peak_tflops[0]
+        achieved = summary["tokens_per_s"] / self.world.world_size * self.flops_per_token
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            **summary,
+            "lr": self.engine.get_lr()[0],
+            "grad_norm": float(self.engine.get_global_grad_norm()),
+            "mfu": None if peak is None else achieved / (peak * 1e12),
+            "step_time": time.perf_counter() - step_start,
+            "memory_gb": memory_gb(self.world.device),
+            "skipped_steps": self.skipped,
+        }
+
+    def run(self, stop: StopFlag) -> int:
+        """Train to `train.max_steps`; returns the exit code."""
+        cfg, world = self.cfg, self.world
+        metrics = None
+        if world.is_main:
+            peak, source = self.peak_tflops
+            log.info("MFU against %s TFLOP/s per device (%s)", peak and f"{peak:.3g}", source)
+            metrics = MetricsLogger(
+                self.run_dir, start_step=self.step, max_steps=cfg.train.max_steps
+            )
+        batches, interval, bad_in_row = iter(self.loader), Interval(), 0
+        try:
+            while self.step < cfg.train.max_steps:
+                step_start = time.perf_counter()
+                loss, applied, waited = self._train_step(batches)
+                # One collective per step: the mean loss, and whether any rank skipped or
+                # was signalled, so that every rank takes the same decision.
+                loss, skipped, signalled = mean_over_ranks(
+                    [loss, float(not applied), float(stop.raised)], world.device
+                )
+                self.step += 1
+                self.tokens += self.tokens_per_step
+                good = skipped == 0 and math.isfinite(loss)
+                interval.add(loss, good, waited, self.tokens_per_step)
+                bad_in_row = 0 if good else bad_in_row + 1
+                if not good:
+                    self.skipped += 1
+                    log.warning("step %d: non-finite loss or gradient, skipped", self.step)
+                if bad_in_row >= cfg.train.max_bad_steps:
+                    found = ckpt.find_checkpoints(self.checkpoint_dir, warn=False)
+                    log.error(
+                        "%d non-finite steps in a row: stopping. The last good checkpoint is %s; "
+                        "restart from it with a lower train.lr or a smaller train.grad_clip.",
+                        bad_in_row,
+                        found[-1].path if found else "none (no checkpoint was saved yet)",
+                    )
+                    return EXIT_DIVERGED
+                last = self.step == cfg.train.max_steps
+                if metrics is not None:
+                    metrics.advance(1, loss, self.engine.get_lr()[0])
+                    if self.step % cfg.train.log_every == 0 or last:
+                        metrics.log(self._record(interval, step_start))
+                        interval = Interval()
+                if signalled:
+                    path = self.save()
+                    log.warning(
+                        "stop signal: saved %s; exit %d asks for a requeue", path, EXIT_REQUEUE
+                    )
+                    return EXIT_REQUEUE
+                if self.step % cfg.train.checkpoint_every == 0 or last:
+                    self.save()
+                    results = {}
+                    for hook in self.hooks:
+                        results.update(hook(self, self.step))
+                    if metrics is not None and results:
+                        metrics.log({"step": self.step, **results})
+            return EXIT_OK
+        finally:
+            if metrics is not None:
+                metrics.close()
+
+
+def parse_args(argv: list[str]) -> tuple[str, list[str]]:
+    """CONFIG.yaml then key=value overrides; the deepspeed launcher's --local_rank is dropped."""
+    args = [a for a in argv if not a.startswith("--local_rank")]
+    if not args or args[0] in ("-h", "--help"):
+        raise ConfigError("usage: python -m launch.train CONFIG.yaml [key=value ...]")
+    return args[0], args[1:]
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def main(argv: list[str], hooks: list[CheckpointHook] = ()) -> int:
+    complete_environment()
+    rank = int(os.environ["RANK"])
+    setup_logging(rank)
+    try:
+        cfg = load_config(*parse_args(argv))
+        check_dataset(cfg)
+        resume = resume_point(cfg)  # a foreign run directory stops here, before any work
+    except (ConfigError, RunDirError) as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    stop = StopFlag()
+    world = init_world()
+    if world.device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
+    try:
+        trainer = Trainer(cfg, world, resume, hooks)
+    except (ConfigError, RunDirError) as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if world.is_main:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "config.yaml").write_text(to_yaml(cfg))
+    return trainer.run(stop)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
