@@ -84,6 +84,8 @@ class DeepSpeedConfig:
 class SlurmConfig:
     nodes: int = field(default=1, metadata={"min": 1})
     gpus_per_node: int = field(default=8, metadata={"min": 0})
+    # Tasks (ranks) per node: one per GPU; set it only for CPU nodes (gpus_per_node=0; default 1).
+    tasks_per_node: int | None = field(default=None, metadata={"min": 1})
     cpus_per_task: int = field(default=8, metadata={"min": 1})
     mem: str | None = None
     time: str = "24:00:00"
@@ -92,10 +94,12 @@ class SlurmConfig:
     qos: str | None = None
     constraint: str | None = None
     job_name: str | None = None  # default: run.name
+    output: str | None = None  # batch log (sbatch --output); default <run_dir>/logs/slurm-%j.out
     extra_sbatch: list[str] = field(default_factory=list)  # raw "#SBATCH ..." options
     setup: list[str] = field(default_factory=list)  # shell lines before srun (modules, venv)
     env: dict[str, str] = field(default_factory=dict)  # NCCL and network knobs
     signal_lead_s: int = field(default=300, metadata={"min": 1})  # USR1 this long before the end
+    eval_time: str = "04:00:00"  # time limit of `launch.slurm --eval` jobs
 
 
 @dataclass
