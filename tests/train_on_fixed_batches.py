@@ -1,0 +1,82 @@
+"""`launch.train` fed fixed global batches instead of a dataset, for rank-count comparisons.
+
+Usage (any launcher): python tests/train_on_fixed_batches.py GLOBAL_BATCH CONFIG [key=value ...]
+
+Step s's global batch is GLOBAL_BATCH seeded random sequences; rank r trains on its contiguous
+slice, so 1 rank x 8 sequences and 2 ranks x 4 sequences see the same data. An extra argument
+`nan_steps=6,7` makes the loss of those steps (1-based) NaN on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import launch.train
+
+
+class FixedBatches:
+    def __init__(self, global_batch: int, seq_len: int, batch_size: int, vocab: int):
+        self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if global_batch != batch_size * self.world:
+            raise SystemExit(f"global batch {global_batch} != {batch_size} x {self.world} ranks")
+        self.global_batch, self.seq_len, self.batch_size = global_batch, seq_len, batch_size
+        self.vocab = vocab
+        self.step = 0
+
+    def __iter__(self):
+        while True:
+            gen = torch.Generator().manual_seed(self.step)
+            shape = (self.global_batch, self.seq_len + 1)
+            full = torch.randint(0, self.vocab, shape, generator=gen)
+            self.step += 1
+            mine = full[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+            yield {"tokens": mine[:, :-1], "targets": mine[:, 1:], "doc_ids": None}
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+
+
+class _Vocab:
+    def get_vocab_size(self) -> int:
+        return 64
+
+
+def main(argv: list[str]) -> int:
+    argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher's
+    nan_steps = {int(s) for a in argv if a.startswith("nan_steps=") for s in a[10:].split(",")}
+    global_batch, rest = int(argv[0]), [a for a in argv[1:] if not a.startswith("nan_steps=")]
+    # Stand-ins for the dataset modules that launch.train imports.
+    tokenizer, loader = types.ModuleType("data.tokenizer"), types.ModuleType("data.loader")
+    tokenizer.load_tokenizer = lambda path: _Vocab()
+    loader.build_train_loader = lambda cfg, *, seq_len, batch_size, seed: FixedBatches(
+        global_batch, seq_len, batch_size, 64
+    )
+    sys.modules |= {"data.tokenizer": tokenizer, "data.loader": loader}
+    real_step, real_loss = launch.train.Trainer._train_step, launch.train.cross_entropy
+    poisoned = {"now": False}
+
+    def train_step(trainer, batches):
+        poisoned["now"] = trainer.step + 1 in nan_steps
+        return real_step(trainer, batches)
+
+    def cross_entropy(logits, targets):
+        loss = real_loss(logits, targets)
+        return loss * float("nan") if poisoned["now"] else loss
+
+    launch.train.Trainer._train_step = train_step
+    launch.train.cross_entropy = cross_entropy
+    return launch.train.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
