@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/tiny.yaml
 ARGS ?=
 
-.PHONY: setup test train lint format clean-venv
+.PHONY: setup test train slurm lint format clean-venv
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ test: setup
 train: setup
 	@echo "make train: the training loop (DeepSpeed ZeRO-3) is not built yet; see README 'Status'." >&2
 	@exit 2
+
+# Submit CONFIG as a SLURM training job (ARGS: key=value overrides, --dry-run); README "SLURM".
+slurm: setup
+	$(PY) -m launch.slurm $(CONFIG) $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
