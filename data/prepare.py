@@ -1,0 +1,337 @@
+"""`python -m data.prepare`: text to a dataset directory (tokenizer.json, MDS shards, manifest).
+
+    python -m data.prepare --input PATH [PATH ...] --output DIR
+        [--vocab-size N | --tokenizer FILE [--eos-token TOKEN]]
+        [--val-fraction F] [--seed S] [--text-field NAME] [--shard-size BYTES] [--overwrite]
+
+Inputs are files, directories (walked recursively, hidden entries skipped) and globs. A plain
+text file is one document, a `.jsonl` line or a `.parquet` row is one (its --text-field). With no
+--tokenizer, a byte-level BPE tokenizer of --vocab-size tokens is trained on the documents. Each
+document becomes one MDS sample, column `tokens` = its ids + EOS (uint16 when the vocabulary fits,
+else uint32), in DIR/train or DIR/val by a hash of its text (a stable split). Shards are zstd
+compressed with xxh64 checksums.
+
+The dataset is built in a hidden temporary directory beside DIR and renamed into place when
+complete, so no half-written dataset is ever found at DIR. Re-running with the same inputs and
+options finds DIR up to date and does nothing; different ones stop with an error unless
+--overwrite (which only ever replaces a dataset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from data.manifest import FORMAT, MANIFEST, SPLITS, DatasetError, read_manifest, write_manifest
+from data.sources import file_digest, read_documents, resolve_inputs
+from data.tokenizer import (
+    EOS_TOKEN,
+    TOKENIZER_FILE,
+    eos_id,
+    read_tokenizer_file,
+    train_tokenizer,
+)
+
+DEFAULT_VOCAB_SIZE = 32768
+ENCODE_BATCH_CHARS = 4 << 20  # text handed to the tokenizer at once (encoded in parallel)
+
+
+def prepare(
+    inputs: Sequence[str],
+    output: str | Path,
+    *,
+    vocab_size: int | None = None,
+    tokenizer_file: str | Path | None = None,
+    eos_token: str = EOS_TOKEN,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    text_field: str = "text",
+    shard_size: str | int = "64mb",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Build the dataset directory `output` from `inputs` (see the module doc); its manifest."""
+    if vocab_size is not None and tokenizer_file is not None:
+        raise DatasetError("give --vocab-size (train a tokenizer) or --tokenizer FILE, not both")
+    if not 0 <= val_fraction < 1:
+        raise DatasetError(f"--val-fraction {val_fraction} must be in [0, 1)")
+    output = Path(output)
+    files = resolve_inputs(inputs)
+    options = {
+        "vocab_size": vocab_size or (None if tokenizer_file else DEFAULT_VOCAB_SIZE),
+        "tokenizer_sha256": _sha256(Path(tokenizer_file)) if tokenizer_file else None,
+        "eos_token": eos_token,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "text_field": text_field,
+        "shard_size": shard_size,
+    }
+    fingerprint = hashlib.sha256(
+        json.dumps({"format": FORMAT, "inputs": file_digest(files), **options}).encode()
+    ).hexdigest()
+    current = _current_dataset(output, fingerprint, overwrite)
+    if current is not None:
+        print(f"{output} is up to date ({_summary(current)})", file=sys.stderr)
+        return current
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_builds(output)
+    host = socket.gethostname()
+    staging = Path(
+        tempfile.mkdtemp(prefix=f".{output.name}.partial-{host}-{os.getpid()}-", dir=output.parent)
+    )
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the dataset private
+    try:
+        start = time.perf_counter()
+        manifest = _build(files, staging, tokenizer_file, options, fingerprint, progress)
+        seconds = time.perf_counter() - start
+        manifest = _install(staging, output, manifest, overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    tokens = manifest["train"]["tokens"] + manifest["val"]["tokens"]
+    rate = f"{tokens / seconds:,.0f} tokens/s"
+    print(f"wrote {output} ({_summary(manifest)}) in {seconds:.1f}s, {rate}", file=sys.stderr)
+    return manifest
+
+
+def _summary(manifest: dict[str, Any]) -> str:
+    train, val = manifest["train"], manifest["val"]
+    return (
+        f"vocab {manifest['vocab_size']}; train {train['documents']} documents, "
+        f"{train['tokens']:,} tokens; val {val['documents']} documents, {val['tokens']:,} tokens"
+    )
+
+
+def _sha256(file: Path) -> str:
+    if not file.is_file():
+        raise DatasetError(f"tokenizer file {file} does not exist")
+    return hashlib.sha256(file.read_bytes()).hexdigest()
+
+
+def _current_dataset(output: Path, fingerprint: str, overwrite: bool) -> dict[str, Any] | None:
+    """The manifest at `output` when it is this very dataset; None when `output` may be
+    (re)built; DatasetError when building would destroy something else."""
+    if not output.exists():
+        return None
+    if not output.is_dir():
+        raise DatasetError(f"--output {output} is a file; choose a directory")
+    if not (output / MANIFEST).is_file():
+        if any(output.iterdir()):
+            raise DatasetError(
+                f"--output {output} is a non-empty directory that is not a dataset "
+                f"(no {MANIFEST}); choose another --output or empty it"
+            )
+        return None
+    manifest = read_manifest(output)
+    if manifest.get("fingerprint") == fingerprint:
+        return manifest
+    if overwrite:
+        return None
+    raise DatasetError(
+        f"--output {output} already holds a different dataset (built from other inputs or "
+        f"options); choose another --output, delete it, or pass --overwrite to replace it"
+    )
+
+
+def _remove_abandoned_builds(output: Path) -> None:
+    """Delete staging directories of builds on this host whose process is gone (killed)."""
+    host = socket.gethostname()
+    for staging in output.parent.glob(f".{output.name}.partial-{host}-*"):
+        pid = staging.name.removeprefix(f".{output.name}.partial-{host}-").split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _documents(files: list[Path], text_field: str, progress: bool, desc: str) -> Iterator[str]:
+    total = sum(f.stat().st_size for f in files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
+        for file in files:
+            for text, size in read_documents(file, text_field):
+                bar.update(size)
+                yield text
+
+
+def _batches(documents: Iterator[str]) -> Iterator[list[str]]:
+    batch, chars = [], 0
+    for text in documents:
+        batch.append(text)
+        chars += len(text)
+        if chars >= ENCODE_BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _in_val(text: str, seed: int, val_fraction: float) -> bool:
+    """The stable split: a keyed hash of the document's text, uniform in [0, 1)."""
+    digest = hashlib.blake2b(text.encode(), digest_size=8, key=str(seed).encode()).digest()
+    return int.from_bytes(digest, "little") / 2**64 < val_fraction
+
+
+def _build(
+    files: list[Path],
+    staging: Path,
+    tokenizer_file: str | Path | None,
+    options: dict[str, Any],
+    fingerprint: str,
+    progress: bool,
+) -> dict[str, Any]:
+    from streaming import MDSWriter
+
+    text_field = options["text_field"]
+    if tokenizer_file is not None:
+        tokenizer = read_tokenizer_file(tokenizer_file)
+    else:
+        documents = _documents(files, text_field, progress, "training tokenizer")
+        tokenizer = train_tokenizer(documents, options["vocab_size"])
+    eos = eos_id(tokenizer, options["eos_token"])
+    vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+    dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+    lengths: dict[str, list[int]] = {split: [] for split in SPLITS}
+    writers = {
+        split: MDSWriter(
+            out=str(staging / split),
+            columns={"tokens": f"ndarray:{np.dtype(dtype).name}"},
+            compression="zstd",
+            hashes=["xxh64"],
+            size_limit=options["shard_size"],
+        )
+        for split in SPLITS
+    }
+    for batch in _batches(_documents(files, text_field, progress, "tokenizing")):
+        for text, encoding in zip(
+            batch, tokenizer.encode_batch(batch, add_special_tokens=False), strict=True
+        ):
+            ids = np.array([*encoding.ids, eos], dtype)
+            split = "val" if _in_val(text, options["seed"], options["val_fraction"]) else "train"
+            writers[split].write({"tokens": ids})
+            lengths[split].append(len(ids))
+    for writer in writers.values():
+        writer.finish()
+
+    documents = sum(map(len, lengths.values()))
+    if not lengths["train"] or (options["val_fraction"] > 0 and not lengths["val"]):
+        empty = "train" if not lengths["train"] else "val"
+        raise DatasetError(
+            f"no document fell into the {empty} split ({documents} documents, --val-fraction "
+            f"{options['val_fraction']}); give more documents or another --val-fraction"
+        )
+    tokenizer.save(str(staging / TOKENIZER_FILE))
+    manifest = {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "vocab_size": vocab_size,
+        "eos_id": eos,
+        "eos_token": options["eos_token"],
+        "dtype": np.dtype(dtype).name,
+        "tokenizer_sha256": hashlib.sha256((staging / TOKENIZER_FILE).read_bytes()).hexdigest(),
+        "input_files": len(files),
+        **{k: options[k] for k in ("val_fraction", "seed", "text_field")},
+        **{split: _split_summary(staging / split, lengths[split]) for split in SPLITS},
+    }
+    write_manifest(staging, manifest)
+    return manifest
+
+
+def _split_summary(split_dir: Path, lengths: list[int]) -> dict[str, Any]:
+    """Documents, tokens, and tokens per shard (for seeking) of a written split."""
+    index = json.loads((split_dir / "index.json").read_text())
+    bounds = np.cumsum([0] + [shard["samples"] for shard in index["shards"]])
+    cumulative = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    shard_tokens = np.diff(cumulative[bounds]).tolist()
+    return {"documents": len(lengths), "tokens": int(cumulative[-1]), "shard_tokens": shard_tokens}
+
+
+def _install(
+    staging: Path, output: Path, manifest: dict[str, Any], overwrite: bool
+) -> dict[str, Any]:
+    """Rename the finished dataset into place (replacing an old one only with overwrite)."""
+    replaced = None
+    if overwrite and (output / MANIFEST).is_file():
+        replaced = output.with_name(f".{output.name}.replaced-{os.getpid()}")
+        output.rename(replaced)
+    try:
+        staging.rename(output)  # atomic; replaces an empty directory
+    except OSError:
+        # Another build of the same output finished first: fine if it is this dataset.
+        if _current_dataset(output, manifest["fingerprint"], overwrite=False) is None:
+            raise
+        return read_manifest(output)
+    finally:
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m data.prepare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--input", nargs="+", required=True, metavar="PATH", help="files, directories, globs"
+    )
+    parser.add_argument("--output", required=True, metavar="DIR", help="the dataset directory")
+    vocab = parser.add_mutually_exclusive_group()
+    vocab.add_argument(
+        "--vocab-size", type=int, help=f"train a tokenizer (default {DEFAULT_VOCAB_SIZE})"
+    )
+    vocab.add_argument("--tokenizer", metavar="FILE", help="use this tokenizer.json")
+    parser.add_argument("--eos-token", default=EOS_TOKEN, help="with --tokenizer: its EOS token")
+    parser.add_argument("--val-fraction", type=float, default=0.05, help="default 0.05")
+    parser.add_argument("--seed", type=int, default=0, help="keys the train/val hash (default 0)")
+    parser.add_argument("--text-field", default="text", help="jsonl field / parquet column")
+    parser.add_argument("--shard-size", default="64mb", help="uncompressed shard size limit")
+    parser.add_argument("--overwrite", action="store_true", help="replace a different dataset")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    try:
+        prepare(
+            args.input,
+            args.output,
+            vocab_size=args.vocab_size,
+            tokenizer_file=args.tokenizer,
+            eos_token=args.eos_token,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            text_field=args.text_field,
+            shard_size=args.shard_size,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
