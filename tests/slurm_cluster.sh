@@ -85,28 +85,44 @@ up() {
         die "mungekey could not create $dir/munge/munge.key"
     munged --force --socket="$dir/munge/munge.socket" --key-file="$dir/munge/munge.key" \
         --pid-file="$dir/munge/munged.pid" --log-file="$dir/log/munged.log" \
-        --seed-file="$dir/munge/munged.seed" || die "munged did not start; see $dir/log/munged.log"
-    slurmctld -f "$SLURM_CONF" || die "slurmctld did not start; see $dir/log/slurmctld.log"
-    slurmd -f "$SLURM_CONF" -N "$(hostname -s)" || die "slurmd did not start; see $dir/log/slurmd.log"
+        --seed-file="$dir/munge/munged.seed" || fail "$dir" "munged did not start"
+    slurmctld -f "$SLURM_CONF" || fail "$dir" "slurmctld did not start"
+    slurmd -f "$SLURM_CONF" -N "$(hostname -s)" || fail "$dir" "slurmd did not start"
     local state=
     for _ in $(seq 150); do
         state=$(sinfo -h -o %T 2>/dev/null || true)
         [[ $state == idle ]] && { echo "export SLURM_CONF=$SLURM_CONF"; return 0; }
         sleep 0.2
     done
-    die "the node did not become idle in 30 s (state: '${state:-no answer}'); logs in $dir/log"
+    fail "$dir" "the node did not become idle in 30 s (state: '${state:-no answer}')"
 }
 
-stop_pidfile() {
-    local pidfile=$1 pid
-    [[ -s $pidfile ]] || return 0
-    pid=$(cat "$pidfile")
-    kill "$pid" 2>/dev/null || return 0
+fail() {  # fail DIR MESSAGE: stop what `up` started, then stop with the message
+    stop_daemons "$1" "$1/slurmd.pid" "$1/slurmctld.pid" "$1/munge/munged.pid"
+    die "$2; logs in $1/log"
+}
+
+stop_daemons() {  # stop_daemons DIR PIDFILE...: SIGTERM, then SIGKILL to any up after 10 s
+    local dir=$1 pidfile pid pids=()
+    for pidfile in "${@:2}"; do
+        pid=$(cat "$pidfile" 2>/dev/null) || continue
+        # Only a process started for this cluster (a stale pid file may name another one).
+        tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$dir/" || continue
+        kill "$pid" 2>/dev/null && pids+=("$pid")
+    done
     for _ in $(seq 50); do
-        kill -0 "$pid" 2>/dev/null || return 0
+        any_alive "${pids[@]}" || return 0
         sleep 0.2
     done
-    kill -9 "$pid" 2>/dev/null || true
+    kill -9 "${pids[@]}" 2>/dev/null || true
+}
+
+any_alive() {  # a process that exited but was not reaped (a zombie) counts as gone
+    local pid state
+    for pid in "$@"; do
+        state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) && [[ $state != Z ]] && return 0
+    done
+    return 1
 }
 
 down() {
@@ -119,9 +135,7 @@ down() {
             sleep 0.2
         done
     fi
-    stop_pidfile "$dir/slurmd.pid"
-    stop_pidfile "$dir/slurmctld.pid"
-    stop_pidfile "$dir/munge/munged.pid"
+    stop_daemons "$dir" "$dir/slurmd.pid" "$dir/slurmctld.pid" "$dir/munge/munged.pid"
 }
 
 case "${1:-}:${2:-}" in

@@ -1,0 +1,232 @@
+"""launch.slurm against a real SLURM: tests/slurm_cluster.sh brings up a one-node cluster (root,
+Debian packages installed when missing); the tiny config trains as 2 CPU ranks of ZeRO-3 over
+gloo, and a run signalled mid-way is requeued and resumes to the losses of one that was not."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_SCRIPT = ROOT / "tests" / "slurm_cluster.sh"
+TINY = ROOT / "configs" / "tiny.yaml"
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
+MAX_STEPS, BATCH, SEQ_LEN, RANKS = 30, 8, 128, 2
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A running one-node cluster; SLURM_CONF points the client commands (and jobs) at it."""
+    directory = tmp_path_factory.mktemp("slurm")
+    up = subprocess.run(
+        [str(CLUSTER_SCRIPT), "up", str(directory)], capture_output=True, text=True, timeout=900
+    )
+    if up.returncode != 0:
+        pytest.fail(f"the test SLURM cluster did not come up:\n{up.stdout}\n{up.stderr}")
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(directory / "slurm.conf")
+    yield directory
+    subprocess.run([str(CLUSTER_SCRIPT), "down", str(directory)], check=False, timeout=120)
+    if previous is None:
+        del os.environ["SLURM_CONF"]
+    else:
+        os.environ["SLURM_CONF"] = previous
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """A small dataset: three standard-library packages (no download), 28 documents."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    inputs = [str(stdlib / package / "*.py") for package in ("email", "json", "logging")]
+    output = tmp_path_factory.mktemp("dataset") / "small"
+    prepare = [sys.executable, "-m", "data.prepare", "--input", *inputs, "--output", str(output)]
+    done = subprocess.run(
+        [*prepare, "--vocab-size", "512", "--val-fraction", "0.2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return output
+
+
+def launch_slurm(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m launch.slurm ...` run from `workdir`, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "launch.slurm", *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def training_args(workdir: Path, name: str, dataset: Path) -> list[str]:
+    return [
+        str(TINY),
+        f"run.dir={workdir / 'runs'}",
+        f"run.name={name}",
+        f"data.path={dataset}",
+        f"data.batch_size={BATCH}",
+        f"train.max_steps={MAX_STEPS}",
+        "train.checkpoint_every=10",
+        "train.log_every=1",
+        "train.warmup_steps=3",
+        "slurm.gpus_per_node=0",
+        f"slurm.tasks_per_node={RANKS}",
+        "slurm.cpus_per_task=1",
+        "slurm.time=20:00",
+        "slurm.signal_lead_s=60",
+    ]
+
+
+def submit(workdir: Path, name: str, dataset: Path) -> tuple[str, Path]:
+    """Submit the tiny config as 2 CPU tasks; (job id, run directory)."""
+    done = launch_slurm(workdir, *training_args(workdir, name, dataset))
+    assert done.returncode == 0, done.stderr
+    job, run_dir = re.search(
+        r"submitted training job (\d+); run directory (\S+)", done.stdout
+    ).groups()
+    return job, Path(run_dir)
+
+
+def job_field(job: str, name: str) -> str:
+    """A field of `scontrol show job` (JobState, Restarts, ...)."""
+    out = subprocess.run(
+        ["scontrol", "-o", "show", "job", job], capture_output=True, text=True, check=True
+    ).stdout
+    return re.search(rf"\b{name}=(\S+)", out).group(1)
+
+
+def logs(run_dir: Path) -> str:
+    """The tails of the run's batch and rank logs, for failure messages."""
+    files = sorted((run_dir / "logs").glob("*")) if (run_dir / "logs").is_dir() else []
+    return "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in files)
+
+
+def wait_for(condition, what: str, run_dir: Path, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}\n{logs(run_dir)}")
+        time.sleep(0.1)
+
+
+def wait_until_ended(job: str, run_dir: Path) -> str:
+    wait_for(lambda: job_field(job, "JobState") in ENDED, f"job {job} to end", run_dir)
+    return job_field(job, "JobState")
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    path = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def events(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "slurm" / "events.jsonl").open()]
+
+
+def test_unknown_partition_is_named_before_submitting(cluster, tmp_path):
+    done = launch_slurm(tmp_path, str(TINY), "slurm.gpus_per_node=0", "slurm.partition=gpus")
+    assert done.returncode == 2
+    assert "partition 'gpus' (slurm.partition) does not exist" in done.stderr
+    assert "partitions: debug" in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, dataset, tmp_path_factory) -> tuple[str, Path, str]:
+    """A 2-rank training job that ran to the end: (job id, run directory, final state)."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    job, run_dir = submit(workdir, "whole", dataset)
+    return job, run_dir, wait_until_ended(job, run_dir)
+
+
+def test_two_ranks_train_the_tiny_config(uninterrupted):
+    job, run_dir, state = uninterrupted
+    assert state == "COMPLETED", logs(run_dir)
+    assert job_field(job, "Restarts") == "0"
+    assert [(e["attempt"], e["event"], e.get("code")) for e in events(run_dir)] == [
+        (0, "start", None),
+        (0, "exit", 0),
+    ]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    trained = [r for r in records if "loss" in r]
+    assert [r["step"] for r in trained] == list(range(1, MAX_STEPS + 1))
+    assert trained[-1]["tokens"] == MAX_STEPS * RANKS * BATCH * SEQ_LEN
+    assert trained[-1]["loss"] < trained[0]["loss"] - 1.0  # it learns
+    # Both ranks trained: each saved its ZeRO-3 partition and loader state in every checkpoint.
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert saved == ["step_10", "step_20", "step_30"]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{MAX_STEPS}"
+    for step in saved:
+        directory = run_dir / "checkpoints" / step
+        assert json.loads((directory / "rotalibi.json").read_text())["world_size"] == RANKS
+        names = {p.name for p in directory.iterdir()}
+        assert {f"trainer_rank_{r}.pt" for r in range(RANKS)} <= names
+        assert sum(n.endswith("optim_states.pt") for n in names) == RANKS
+    assert (run_dir / "config.yaml").is_file()
+    # Per-rank logs and the batch log live in the run directory.
+    assert {p.name for p in (run_dir / "logs").iterdir()} == {
+        "rank-0.log",
+        "rank-1.log",
+        f"slurm-{job}.out",
+    }
+
+
+def test_preempted_run_is_requeued_and_resumes_exactly(uninterrupted, dataset, tmp_path):
+    _, whole, _ = uninterrupted
+    job, run_dir = submit(tmp_path, "preempted", dataset)
+    wait_for(lambda: len(losses(run_dir)) >= 4, "the first steps", run_dir)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    # While the job lives (saving, requeued, resumed), a second one for the run is refused.
+    again = launch_slurm(tmp_path, *training_args(tmp_path, "preempted", dataset))
+    assert again.returncode == 2 and f"job {job} is already training" in again.stderr
+
+    state = wait_until_ended(job, run_dir)
+    assert state == "COMPLETED", logs(run_dir)
+    assert job_field(job, "Restarts") == "1"  # requeued once, same job id
+
+    seen = events(run_dir)
+    assert [(e["attempt"], e["event"]) for e in seen] == [
+        (0, "start"),
+        (0, "signal"),
+        (0, "exit"),
+        (0, "requeue"),
+        (1, "start"),
+        (1, "exit"),
+    ]
+    saved = seen[2]["checkpoint"]  # the checkpoint written on the signal
+    assert seen[2]["code"] == 75 and 4 <= int(saved.removeprefix("step_")) < MAX_STEPS
+    assert seen[4]["checkpoint"] == saved  # the second attempt starts from it
+    assert seen[5]["code"] == 0 and seen[5]["checkpoint"] == f"step_{MAX_STEPS}"
+    assert (
+        f"resumed from {run_dir / 'checkpoints' / saved}"
+        in (run_dir / "logs" / "rank-0.log").read_text()
+    )
+
+    # One continuous run: every step logged once, with the uninterrupted run's losses.
+    resumed, reference = losses(run_dir), losses(whole)
+    assert list(resumed) == list(range(1, MAX_STEPS + 1))
+    assert resumed == reference
+
+    report = launch_slurm(tmp_path, "--status", str(run_dir))
+    assert report.returncode == 0, report.stderr
+    lines = report.stdout.splitlines()
+    assert (
+        lines[0]
+        == f"run {run_dir}: last logged step {MAX_STEPS}, latest checkpoint step_{MAX_STEPS}"
+    )
+    assert lines[1].split()[:4] == ["job", job, "train", "COMPLETED"]
+    assert lines[2] == f"  attempt 0: from none, signalled (USR1), exit 75 at {saved}, requeued"
+    assert lines[3] == f"  attempt 1: from {saved}, exit 0 at step_{MAX_STEPS}, finished"
