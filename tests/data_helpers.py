@@ -172,12 +172,10 @@ def rank_main(args: dict) -> dict:
     shape = dict(seq_len=args["seq_len"], batch_size=args["batch_size"], seed=args["seed"])
     k, steps = args["resume_at"], args["steps"]
     with build_train_loader(cfg, **shape) as loader:
-        epochs = [loader.epoch_documents(e) for e in (0, 1)]
-        batches, state = [], None
-        for step, batch in enumerate(itertools.islice(loader, steps)):
-            if step == k:
-                state = json.loads(json.dumps(loader.state_dict()))
-            batches.append(batch)
+        epochs = [loader.epoch_documents(e) for e in range(3)]
+        batches = list(itertools.islice(loader, k))
+        state = json.loads(json.dumps(loader.state_dict()))
+        batches += itertools.islice(loader, steps - k)
     with build_train_loader(cfg, **shape) as loader:
         loader.load_state_dict(state)
         resumed = list(itertools.islice(loader, steps - k))

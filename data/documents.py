@@ -1,0 +1,115 @@
+"""This rank's documents, epoch after epoch, read through a StreamingDataset.
+
+Streaming provides the streams and their mixture (resampling by proportion, reseeded each
+epoch), the shuffle (py1e, reseeded each epoch), checksummed download into the local cache and
+random access to samples. The partition is ours: StreamingDataset's own iteration pads ranks to
+equal sample counts with repeated samples, tracks progress as one global sample count and makes
+the ranks of a node start every epoch together (a shared-memory barrier). Packing consumes
+documents at a different rate on every rank, so each rank keeps its own position and crosses
+epochs on its own; the ranks stay in lockstep in batches, never in documents.
+
+An epoch's global order is split into contiguous node ranges (a node reads its own part of the
+shards), strided over the node's ranks, then strided over each rank's logical streams (one per
+DataLoader worker): disjoint slices that together cover the epoch exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from streaming import StreamingDataset
+from streaming.base.shuffle import get_shuffle
+
+from data.distributed import RankInfo
+from data.manifest import BUILD_HINT, DatasetError
+from data.packing import Documents
+
+PREFETCH_DOCUMENTS = 256  # prepare (download, check, decompress) shards this far ahead
+
+
+class RankDocuments:
+    """The documents of `rank` in `dataset`, split over `num_streams` logical streams."""
+
+    def __init__(self, dataset: StreamingDataset, rank: RankInfo, num_streams: int):
+        self.dataset = dataset
+        self.rank = rank
+        self.num_streams = num_streams
+        self.rank_order = functools.lru_cache(maxsize=2)(self._rank_order)
+        self._executor: ThreadPoolExecutor | None = None
+        self._prepared: dict[int, Future] = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # for spawned DataLoader workers
+        state = self.__dict__.copy()
+        del state["rank_order"]
+        state.update(_executor=None, _prepared={})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.rank_order = functools.lru_cache(maxsize=2)(self._rank_order)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Sample ids of the whole epoch in order: streams resampled, then shuffled."""
+        ds = self.dataset
+        units, sample_of_slot = ds.resample_streams(epoch)
+        slots = get_shuffle(
+            ds.shuffle_algo, units, 1, ds.shuffle_seed, epoch, ds.shuffle_block_size
+        )
+        return sample_of_slot[slots]
+
+    def _rank_order(self, epoch: int) -> np.ndarray:
+        order, r = self.epoch_order(epoch), self.rank
+        n = len(order)
+        node = order[r.node * n // r.num_nodes : (r.node + 1) * n // r.num_nodes]
+        return node[r.local_rank :: r.local_world_size]
+
+    def stream_order(self, epoch: int, stream: int) -> np.ndarray:
+        return self.rank_order(epoch)[stream :: self.num_streams]
+
+    def documents(self, stream: int) -> Documents:
+        """Logical stream `stream` as packing.Documents: from (epoch, index) on, forever."""
+
+        def iterate(epoch: int, index: int):
+            while True:
+                order = self.stream_order(epoch, stream)
+                for i in range(index, len(order)):
+                    if i + PREFETCH_DOCUMENTS < len(order):
+                        self._prefetch(int(order[i + PREFETCH_DOCUMENTS]))
+                    yield epoch, i, self.tokens(int(order[i]))
+                epoch, index = epoch + 1, 0
+
+        return iterate
+
+    def _prefetch(self, sample: int) -> None:
+        shard = int(self.dataset.spanner[sample][0])
+        if shard not in self._prepared:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefetch")
+            self._prepared[shard] = self._executor.submit(self.dataset.prepare_shard, shard)
+
+    def tokens(self, sample: int) -> np.ndarray:
+        """The ids (+ EOS) of one document."""
+        shard = int(self.dataset.spanner[sample][0])
+        try:
+            if shard in self._prepared:
+                self._prepared[shard].result()  # re-raises what went wrong in the prefetch
+            return self.dataset[sample]["tokens"]
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            reader = self.dataset.shards[shard]
+            stream = self.dataset.streams[int(self.dataset.stream_per_shard[shard])]
+            name = reader.file_pairs[0][1] or reader.file_pairs[0][0]
+            raise DatasetError(
+                f"cannot read shard {name.basename} of {stream.remote}/{stream.split}: {e}. The "
+                f"dataset is corrupted or incomplete: rebuild it ({BUILD_HINT}) or copy it again"
+            ) from e
+
+    def close(self) -> None:
+        """Stop prefetching and drop the dataset (which unregisters its cache directory)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+        self.rank_order.cache_clear()
+        self.dataset = None

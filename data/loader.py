@@ -1,0 +1,303 @@
+"""The training loader: packed batches for this rank, forever, exactly resumable.
+
+    loader = build_train_loader(cfg.data, seq_len=128, batch_size=16, seed=0)
+    batch = next(iter(loader))  # tokens, targets [B, T]; doc_ids [B, T] or None
+    state = loader.state_dict()  # JSON; after a restart: fresh_loader.load_state_dict(state)
+
+Documents come from one or more streams (prepared datasets, local or remote) through a
+StreamingDataset (data.documents), are packed into rows of any length chosen here
+(data.packing), and batched. Each rank has one logical stream per DataLoader worker (one when
+num_workers = 0), served in turn; the state is every logical stream's position (epoch,
+document, offset) and which one serves next, so resuming is exact with or without workers.
+StreamingDataLoader is not used: its state is one global sample count, which packing breaks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import astuple, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from streaming import Stream, StreamingDataset
+from streaming.base.storage import CloudDownloader
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data.cache import CacheSlot, cache_root, claim_slot
+from data.distributed import RankInfo, gather, init_process_group, rank_info
+from data.documents import RankDocuments
+from data.manifest import MANIFEST, DatasetError, parse_manifest, read_manifest
+from data.packing import PackedStream, Position, make_batch
+from launch.config import DataConfig
+
+STATE_VERSION = 1
+SHUFFLE_BLOCK = 1 << 18  # py1e shuffle window, in documents
+DOWNLOAD_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class StreamSource:
+    """One training stream: where its dataset lives, its share, its manifest."""
+
+    location: str  # absolute local path or remote URL of a dataset directory
+    proportion: float | None
+    manifest: dict[str, Any]
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def _stream_manifest(location: str) -> dict[str, Any]:
+    if not _is_remote(location):
+        return read_manifest(location)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, MANIFEST)
+        try:
+            CloudDownloader.direct_download(f"{location}/{MANIFEST}", local, DOWNLOAD_TIMEOUT_S)
+            raw = Path(local).read_bytes()
+        except Exception as e:  # each remote client raises its own errors
+            raise DatasetError(f"cannot fetch {location}/{MANIFEST}: {e}") from e
+    return parse_manifest(raw, f"{location}/{MANIFEST}")
+
+
+def resolve_streams(cfg: DataConfig) -> tuple[dict[str, Any], list[StreamSource]]:
+    """The manifest of data.path and the training streams, checked against it."""
+    main = read_manifest(cfg.path)
+    if not cfg.streams:
+        return main, [StreamSource(os.path.abspath(cfg.path), None, main)]
+    given = [s.proportion is not None for s in cfg.streams]
+    if any(given) and not all(given):
+        raise DatasetError("data.streams: give every stream a proportion, or none of them")
+    sources = []
+    for i, stream in enumerate(cfg.streams):
+        if not stream.path:
+            raise DatasetError(f"data.streams[{i}].path is empty; give a dataset directory or URL")
+        if stream.proportion is not None and stream.proportion <= 0:
+            raise DatasetError(
+                f"data.streams[{i}].proportion is {stream.proportion}; it must be > 0"
+            )
+        location = stream.path.rstrip("/")
+        location = location if _is_remote(location) else os.path.abspath(location)
+        manifest = _stream_manifest(location)
+        if manifest["tokenizer_sha256"] != main["tokenizer_sha256"]:
+            raise DatasetError(
+                f"data.streams[{i}] ({stream.path}) was tokenized with another tokenizer than "
+                f"data.path ({cfg.path}); prepare it with --tokenizer {cfg.path}/tokenizer.json"
+            )
+        sources.append(StreamSource(location, stream.proportion, manifest))
+    return main, sources
+
+
+def build_train_loader(
+    data_cfg: DataConfig, *, seq_len: int, batch_size: int, seed: int
+) -> TrainLoader:
+    """This rank's training loader (rank, world size from the torch.distributed environment).
+
+    Collective: every rank of the job calls it at the same time."""
+    if seq_len < 1 or batch_size < 1:
+        raise DatasetError(f"seq_len {seq_len} and batch_size {batch_size} must be >= 1")
+    if seed < 0:
+        raise DatasetError(f"seed {seed} must be >= 0 (streaming's shuffle seed)")
+    info = rank_info()
+    main, sources = resolve_streams(data_cfg)
+    key = hashlib.sha256(
+        json.dumps([(s.location, s.manifest["fingerprint"]) for s in sources]).encode()
+    ).hexdigest()[:16]
+    initialised = init_process_group(info)
+    slot = None
+    try:
+        if info.local_rank == 0:
+            slot = claim_slot(cache_root(data_cfg.cache_dir) / key)
+        # Every rank uses its node leader's slot, claimed (and cleaned) before anyone reads it.
+        slots = gather(slot and str(slot.directory), info)
+        directory = Path(slots[info.node * info.local_world_size])
+        dataset = StreamingDataset(
+            streams=[
+                Stream(
+                    remote=s.location, local=str(directory / f"stream-{i}"), proportion=s.proportion
+                )
+                for i, s in enumerate(sources)
+            ],
+            split="train",
+            download_timeout=DOWNLOAD_TIMEOUT_S,
+            validate_hash="xxh64",
+            shuffle=True,
+            shuffle_algo="py1e",
+            shuffle_seed=seed,
+            shuffle_block_size=SHUFFLE_BLOCK,
+            num_canonical_nodes=1,  # one global order; the node split is data.documents'
+            batch_size=1,  # partitioning unit: documents (rows are packed later)
+        )
+    except BaseException:
+        if slot is not None:
+            slot.release()
+        raise
+    finally:
+        if initialised:
+            dist.destroy_process_group()
+    streams_per_rank = max(data_cfg.num_workers, 1)
+    if dataset.epoch_size < info.world_size * streams_per_rank:
+        if slot is not None:
+            slot.release()
+        raise DatasetError(
+            f"an epoch has {dataset.epoch_size} documents, fewer than ranks x workers = "
+            f"{info.world_size} x {streams_per_rank}; use a bigger dataset or fewer workers"
+        )
+    return TrainLoader(
+        RankDocuments(dataset, info, streams_per_rank),
+        seq_len=seq_len,
+        batch_size=batch_size,
+        boundaries=data_cfg.packing == "boundaries",
+        num_workers=data_cfg.num_workers,
+        eos_id=main["eos_id"],
+        identity={"streams": key, "seed": seed},
+        slot=slot,
+    )
+
+
+def _batches(
+    documents: RankDocuments,
+    streams: list[int],
+    positions: list[Position],
+    rows: int,
+    length: int,
+    eos_id: int,
+    boundaries: bool,
+) -> Iterator[tuple[int, dict, Position]]:
+    """(stream, batch, stream's position after it) for `streams` in turn, forever."""
+    packed = {s: PackedStream(documents.documents(s), positions[s]) for s in streams}
+    while True:
+        for s in streams:
+            batch = make_batch(packed[s].next_rows(rows, length), eos_id, boundaries)
+            yield s, batch, packed[s].position
+
+
+class _WorkerBatches(IterableDataset):
+    """DataLoader worker w serves logical stream (w + first) mod workers."""
+
+    def __init__(self, first: int, **kwargs: Any):
+        self.first, self.kwargs = first, kwargs
+
+    def __iter__(self):
+        worker = get_worker_info()
+        stream = (worker.id + self.first) % worker.num_workers
+        return _batches(streams=[stream], **self.kwargs)
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+class TrainLoader:
+    """Endless packed batches for this rank; `state_dict()` / `load_state_dict()` resume exactly."""
+
+    def __init__(
+        self,
+        documents: RankDocuments,
+        *,
+        seq_len: int,
+        batch_size: int,
+        boundaries: bool,
+        num_workers: int,
+        eos_id: int,
+        identity: dict[str, Any],
+        slot: CacheSlot | None,
+    ):
+        self.documents = documents
+        self.seq_len, self.batch_size, self.boundaries = seq_len, batch_size, boundaries
+        self.num_workers, self.eos_id = num_workers, eos_id
+        self._identity = {
+            "rank": documents.rank.rank,
+            "world_size": documents.rank.world_size,
+            "num_workers": num_workers,
+            **identity,
+        }
+        self._slot = slot
+        self._positions = [Position()] * documents.num_streams
+        self._next_stream = 0
+        self._pipeline: Iterator | None = None
+
+    @property
+    def rank(self) -> RankInfo:
+        return self.documents.rank
+
+    def __iter__(self) -> TrainLoader:
+        return self
+
+    def __next__(self) -> dict:
+        if self._pipeline is None:
+            self._pipeline = self._start()
+        stream, batch, position = next(self._pipeline)
+        self._positions[stream] = position
+        self._next_stream = (stream + 1) % len(self._positions)
+        return batch
+
+    def _start(self) -> Iterator:
+        kwargs = dict(
+            documents=self.documents,
+            positions=list(self._positions),
+            rows=self.batch_size,
+            length=self.seq_len,
+            eos_id=self.eos_id,
+            boundaries=self.boundaries,
+        )
+        if self.num_workers == 0:
+            return _batches(streams=[0], **kwargs)
+        workers = _WorkerBatches(self._next_stream, **kwargs)
+        return iter(
+            DataLoader(workers, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is)
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the last batch yielded (JSON-serialisable; one per rank)."""
+        return {
+            "version": STATE_VERSION,
+            **self._identity,
+            "next_stream": self._next_stream,
+            "positions": [list(astuple(p)) for p in self._positions],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state` (from this rank's `state_dict()`): the next batch is the one
+        the saving loader would have yielded next. seq_len, batch_size and packing may differ."""
+        expected = {"version": STATE_VERSION, **self._identity}
+        differ = [
+            f"{k}: saved {state.get(k)!r}, now {v!r}"
+            for k, v in expected.items()
+            if state.get(k) != v
+        ]
+        if differ:
+            raise DatasetError(
+                "the loader state does not belong to this loader (" + "; ".join(differ) + "); "
+                "resume with the same ranks, data.num_workers, datasets and run.seed"
+            )
+        self._close_pipeline()
+        self._positions = [Position(*p) for p in state["positions"]]
+        self._next_stream = state["next_stream"]
+
+    def epoch_documents(self, epoch: int) -> list[int]:
+        """The sample ids this rank reads in `epoch`, in order (all its logical streams)."""
+        return self.documents.rank_order(epoch).tolist()
+
+    def _close_pipeline(self) -> None:
+        self._pipeline = None  # a DataLoader iterator shuts its workers down when dropped
+
+    def close(self) -> None:
+        """Stop workers and prefetching, and free the cache slot."""
+        self._close_pipeline()
+        self.documents.close()
+        if self._slot is not None:
+            self._slot.release()
+            self._slot = None
+
+    def __enter__(self) -> TrainLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,328 @@
+"""data.loader: batches are the packed document stream, resumption is exact (1 and 2 ranks,
+with and without workers), ranks split every epoch exactly, mixtures follow their proportions,
+and the cache and shared-memory traps are handled."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from data_helpers import build_dataset, read_split, run_ranks, stream_of
+
+from data.distributed import rank_info
+from data.loader import build_train_loader
+from data.manifest import DatasetError, read_manifest
+from data.prepare import prepare
+from launch.config import DataConfig, StreamConfig
+
+SHAPE = dict(seq_len=37, batch_size=3, seed=5)  # 111 tokens a batch: ~250 batches an epoch
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return build_dataset(tmp_path_factory)[0]
+
+
+@pytest.fixture
+def cfg(dataset, tmp_path):
+    return DataConfig(path=str(dataset), cache_dir=str(tmp_path / "cache"))
+
+
+def take(loader, n: int) -> list[dict]:
+    return list(itertools.islice(loader, n))
+
+
+def epoch_tokens(path: Path, sample_ids: list[int]) -> np.ndarray:
+    documents = read_split(path, "train")
+    return np.concatenate([documents[i] for i in sample_ids])
+
+
+def assert_same_batches(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert (x[key] is None) == (y[key] is None)
+            if x[key] is not None:
+                assert torch.equal(x[key], y[key]), key
+
+
+@pytest.mark.parametrize("packing", ["boundaries", "concat"])
+def test_batches_are_the_shuffled_document_stream_cut_into_rows(cfg, dataset, packing):
+    cfg.packing = packing
+    eos = read_manifest(dataset)["eos_id"]
+    n_docs = read_manifest(dataset)["train"]["documents"]
+    with build_train_loader(cfg, **SHAPE) as loader:
+        orders = [loader.epoch_documents(e) for e in range(3)]
+        expected = np.concatenate([epoch_tokens(dataset, order) for order in orders])
+        batches = take(loader, 500)  # past the end of epoch 0
+    for order in orders:
+        assert sorted(order) == list(range(n_docs))  # each epoch: every document once
+    assert orders[0] != orders[1] and orders[0] != sorted(orders[0])  # shuffled, anew each epoch
+    stream = stream_of(batches)
+    assert len(stream) == 500 * 3 * 37 + 1 > len(epoch_tokens(dataset, orders[0]))
+    np.testing.assert_array_equal(stream, expected[: len(stream)])
+    for b in batches:
+        assert b["tokens"].shape == b["targets"].shape == (3, 37)
+        assert b["tokens"].dtype == b["targets"].dtype == torch.int64
+        torch.testing.assert_close(b["targets"][:, :-1], b["tokens"][:, 1:])
+        if packing == "concat":
+            assert b["doc_ids"] is None
+            continue
+        # Reference: a new document begins at every EOS; numbering restarts in every row.
+        for row, ids in zip(b["tokens"].tolist(), b["doc_ids"].tolist(), strict=True):
+            expected_ids, current = [], 0
+            for token in row:
+                current += token == eos
+                expected_ids.append(current)
+            assert ids == expected_ids
+
+
+def test_seed_changes_the_order_and_any_length_is_served(cfg, dataset):
+    with build_train_loader(cfg, seq_len=4096, batch_size=2, seed=1) as loader:
+        order = loader.epoch_documents(0)
+        long = take(loader, 2)
+    with build_train_loader(cfg, seq_len=128, batch_size=16, seed=2) as loader:
+        assert loader.epoch_documents(0) != order
+    assert long[0]["tokens"].shape == (2, 4096)
+    np.testing.assert_array_equal(stream_of(long), epoch_tokens(dataset, order)[: 4 * 4096 + 1])
+
+
+@pytest.mark.parametrize(
+    ("packing", "num_workers", "resume_at"),
+    [("boundaries", 0, 0), ("boundaries", 0, 180), ("concat", 0, 311), ("boundaries", 2, 181)],
+)
+def test_resumed_loader_continues_exactly(cfg, packing, num_workers, resume_at):
+    cfg.packing, cfg.num_workers = packing, num_workers
+    steps = resume_at + 150  # across the end of an epoch
+    with build_train_loader(cfg, **SHAPE) as loader:
+        batches = take(loader, resume_at)
+        state = json.loads(json.dumps(loader.state_dict()))
+        batches += take(loader, steps - resume_at)
+    with build_train_loader(cfg, **SHAPE) as loader:
+        loader.load_state_dict(state)
+        resumed = take(loader, steps - resume_at)
+    assert_same_batches(resumed, batches[resume_at:])
+    fresh = [[0, 0, 0]] * max(num_workers, 1)
+    assert (state["positions"] == fresh) == (resume_at == 0)
+
+
+def test_two_ranks_split_each_epoch_exactly_and_resume_exactly(dataset, tmp_path):
+    n_docs = read_manifest(dataset)["train"]["documents"]
+    args = dict(
+        path=str(dataset),
+        cache_dir=str(tmp_path / "cache"),
+        packing="boundaries",
+        seq_len=29,
+        batch_size=4,
+        seed=3,
+        resume_at=150,
+        steps=420,
+    )
+    ranks = run_ranks(2, args, tmp_path)
+    for epoch in (0, 1):
+        a, b = ranks[0]["epochs"][epoch], ranks[1]["epochs"][epoch]
+        assert not set(a) & set(b)  # disjoint
+        assert sorted(a + b) == list(range(n_docs))  # together: the whole epoch
+        assert abs(len(a) - len(b)) <= 1
+    assert ranks[0]["epochs"][0] != ranks[0]["epochs"][1]
+    for rank in ranks:
+        assert rank["local_world_size"] == "2"  # set by the loader: the launcher left it out
+        assert rank["resumed_equal"]
+        expected = np.concatenate([epoch_tokens(dataset, order) for order in rank["epochs"]])
+        stream = np.array(rank["stream"])
+        assert len(stream) == 420 * 4 * 29 + 1 > len(epoch_tokens(dataset, rank["epochs"][0]))
+        np.testing.assert_array_equal(stream, expected[: len(stream)])
+
+
+@pytest.fixture(scope="module")
+def second_dataset(dataset, tmp_path_factory):
+    """Another corpus, tokenized with the first dataset's tokenizer."""
+    root = tmp_path_factory.mktemp("second")
+    for i in range(40):
+        (root / "corpus" / f"{i}.txt").parent.mkdir(exist_ok=True)
+        (root / "corpus" / f"{i}.txt").write_text(f"second corpus document {i} " * (i + 1))
+    prepare(
+        [str(root / "corpus")],
+        root / "dataset",
+        tokenizer_file=dataset / "tokenizer.json",
+        val_fraction=0.1,
+        shard_size="4kb",
+        progress=False,
+    )
+    return root / "dataset"
+
+
+def test_mixture_follows_proportions_from_remote_streams(dataset, second_dataset, tmp_path):
+    n_first = read_manifest(dataset)["train"]["documents"]
+    n_second = read_manifest(second_dataset)["train"]["documents"]
+    cfg = DataConfig(
+        path=str(dataset),
+        cache_dir=str(tmp_path / "cache"),
+        streams=[StreamConfig(str(dataset), 3.0), StreamConfig(str(second_dataset) + "/", 1.0)],
+    )
+    before = sorted(p.relative_to(second_dataset) for p in second_dataset.rglob("*"))
+    with build_train_loader(cfg, **SHAPE) as loader:
+        for epoch in (0, 1):
+            order = np.array(loader.epoch_documents(epoch))
+            total = n_first + n_second  # streaming's default epoch size
+            from_second = int((order >= n_first).sum())
+            assert len(order) == total
+            assert abs(from_second - total / 4) <= 1  # proportion 1 of 3 + 1
+        batches = take(loader, 50)
+        first_docs = read_split(dataset, "train")
+        second_docs = read_split(second_dataset, "train")
+        documents = first_docs + second_docs  # sample ids number the streams in order
+        expected = np.concatenate([documents[i] for i in loader.epoch_documents(0)])
+    np.testing.assert_array_equal(stream_of(batches), expected[: 50 * 3 * 37 + 1])
+    # The streams were read as remotes: copied into the cache, their directories untouched.
+    assert sorted(p.relative_to(second_dataset) for p in second_dataset.rglob("*")) == before
+    assert list((tmp_path / "cache").rglob("*.mds"))
+
+
+def test_mixture_errors(dataset, tmp_path):
+    other = tmp_path / "other"
+    (tmp_path / "c").mkdir()
+    for i in range(20):
+        (tmp_path / "c" / f"{i}.txt").write_text(f"own tokenizer {i}")
+    prepare([str(tmp_path / "c")], other, vocab_size=280, val_fraction=0.2, progress=False)
+    bad = [
+        ([StreamConfig(str(dataset), 1.0), StreamConfig(str(other), 1.0)], "another tokenizer"),
+        (
+            [StreamConfig(str(dataset), 1.0), StreamConfig(str(dataset))],
+            "every stream a proportion",
+        ),
+        ([StreamConfig("")], "path is empty"),
+        ([StreamConfig(str(dataset), -1.0)], "must be > 0"),
+        ([StreamConfig(str(tmp_path / "nowhere"))], "does not exist.*make data"),
+    ]
+    for streams, message in bad:
+        with pytest.raises(DatasetError, match=message):
+            build_train_loader(
+                DataConfig(path=str(dataset), streams=streams, cache_dir=str(tmp_path / "cache")),
+                **SHAPE,
+            )
+
+
+def test_rebuilt_dataset_at_the_same_path_is_never_served_from_a_stale_cache(dataset, tmp_path):
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset, copy)
+    cfg = DataConfig(path=str(copy), cache_dir=str(tmp_path / "cache"))
+    with build_train_loader(cfg, **SHAPE) as loader:
+        take(loader, 3)
+    corpus = tmp_path / "new"
+    corpus.mkdir()
+    for i in range(30):
+        (corpus / f"{i}.txt").write_text(f"a different dataset, document {i}")
+    prepare(
+        [str(corpus)],
+        copy,
+        tokenizer_file=dataset / "tokenizer.json",
+        val_fraction=0.2,
+        overwrite=True,
+        progress=False,
+    )
+    with build_train_loader(cfg, **SHAPE) as loader:
+        stream = stream_of(take(loader, 3))
+        expected = epoch_tokens(copy, loader.epoch_documents(0))
+    np.testing.assert_array_equal(stream, expected[: len(stream)])
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # one cache directory per dataset
+
+
+def test_stale_shared_memory_of_a_killed_job_is_cleaned(dataset, tmp_path):
+    cache = tmp_path / "cache"
+    script = textwrap.dedent(f"""
+        import itertools, os, signal, sys
+        from data.loader import build_train_loader
+        from launch.config import DataConfig
+        loader = build_train_loader(DataConfig(path={str(dataset)!r}, cache_dir={str(cache)!r}),
+                                    seq_len=16, batch_size=2, seed=0)
+        print(loader.documents.dataset._shm_prefix_int, flush=True)
+        os.killpg(0, signal.SIGKILL)  # the job dies with its resource tracker: nothing cleans up
+    """)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        start_new_session=True,
+        timeout=120,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    prefix = int(proc.stdout.split()[-1])
+    stale = Path(f"/dev/shm/{prefix:06}_locals")
+    assert str(cache) in stale.read_bytes().decode()  # left behind, naming our cache
+    # Streaming alone would now fail with "Reused local directory".
+    with build_train_loader(DataConfig(path=str(dataset), cache_dir=str(cache)), **SHAPE) as loader:
+        assert not stale.exists() or loader.documents.dataset._shm_prefix_int == prefix
+        assert len(take(loader, 2)) == 2
+
+
+def test_concurrent_loaders_on_one_cache_take_separate_slots(cfg):
+    with build_train_loader(cfg, **SHAPE) as a, build_train_loader(cfg, **SHAPE) as b:
+        assert_same_batches(take(a, 5), take(b, 5))
+        slots = {loader.documents.dataset.streams[0].local for loader in (a, b)}
+        assert len(slots) == 2
+
+
+def test_bad_state_and_bad_setups_are_clear_errors(cfg, dataset, tmp_path, monkeypatch):
+    with build_train_loader(cfg, **SHAPE) as loader:
+        state = loader.state_dict()
+    with (
+        build_train_loader(cfg, **{**SHAPE, "seed": 6}) as loader,
+        pytest.raises(DatasetError, match="seed: saved 5, now 6"),
+    ):
+        loader.load_state_dict(state)
+    with pytest.raises(DatasetError, match=r"does not exist.*make data"):
+        build_train_loader(DataConfig(path=str(tmp_path / "missing")), **SHAPE)
+    cfg.num_workers = 10_000
+    with pytest.raises(DatasetError, match="fewer than ranks x workers"):
+        build_train_loader(cfg, **SHAPE)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    cfg.num_workers = 0
+    with pytest.raises(DatasetError, match="MASTER_ADDR and MASTER_PORT not set"):
+        build_train_loader(cfg, **SHAPE)
+
+
+def test_corrupted_shard_is_a_clear_error(dataset, tmp_path):
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset, copy)
+    for shard in (copy / "train").glob("*.zstd"):
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    cfg = DataConfig(path=str(copy), cache_dir=str(tmp_path / "cache"))
+    with (
+        build_train_loader(cfg, **SHAPE) as loader,
+        pytest.raises(DatasetError, match=r"cannot read shard shard\.\d+\.mds\.zstd .*corrupted"),
+    ):
+        take(loader, 1)
+
+
+def test_local_world_size_is_derived_when_the_launcher_omits_it(monkeypatch, caplog):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "")  # restored (to unset) after the test
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("LOCAL_SIZE", "4")  # the deepspeed launcher's name for it
+    info = rank_info()
+    assert (info.local_world_size, info.node, info.local_rank) == (4, 1, 1)
+    assert os.environ["LOCAL_WORLD_SIZE"] == "4" and "LOCAL_SIZE" in caplog.text
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.delenv("LOCAL_SIZE")
+    assert rank_info().local_world_size == 8 and "single node" in caplog.text
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    with pytest.raises(DatasetError, match="multiple of LOCAL_WORLD_SIZE"):
+        rank_info()
