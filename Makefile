@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/tiny.yaml
 ARGS ?=
 
-.PHONY: setup test train slurm lint format clean-venv
+.PHONY: setup test data train slurm lint format clean-venv
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(PY) -m pytest
+
+# The default corpus (the interpreter's stdlib sources) as data/default; a no-op when up to date.
+data: setup
+	$(PY) -m data.default_corpus --output data/default
 
 train: setup
 	@echo "make train: the training loop (DeepSpeed ZeRO-3) is not built yet; see README 'Status'." >&2
