@@ -1,18 +1,95 @@
 """Fast paths of the attention family, each defined by a reference in `kernels.reference`.
 
-`attention` is the one dispatch point the model calls. On the CPU it runs the blockwise
-PyTorch paths (`kernels.blockwise`, `kernels.path`); none materialises a T x T matrix.
+`attention` and `accumulate_angles` are the dispatch points the model calls. On CUDA they run
+the Triton kernels of `kernels.hybrid` (imported on first use) for the schemes those serve:
+rotations with or without the values, ALiBi or no bias, a sliding window, packed documents.
+Everywhere else (the CPU; xPos decay, PaTH transport and non-ALiBi bias tables on CUDA too) they
+run the blockwise PyTorch paths (`kernels.blockwise`, `kernels.path`, `kernels.angles`). No
+path materialises a T x T matrix.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from kernels.angles import accumulate_angles, document_positions, rotate
+from kernels import angles as _angles
+from kernels.angles import document_positions, rotate
 from kernels.blockwise import blockwise_attention
 from kernels.path import path_attention
 
-__all__ = ["accumulate_angles", "attention", "document_positions", "rotate"]
+__all__ = [
+    "AlibiTable",
+    "accumulate_angles",
+    "attention",
+    "document_positions",
+    "hybrid_attention",
+    "rotate",
+]
+
+FUSED_DEVICES = ("cuda",)  # device types on which the Triton kernels serve the model
+
+
+def __getattr__(name: str):
+    """`kernels.hybrid_attention`, imported on first use (it imports Triton)."""
+    if name == "hybrid_attention":
+        from kernels.hybrid import hybrid_attention
+
+        return hybrid_attention
+    raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+
+
+class AlibiTable(Tensor):
+    """ALiBi's bias table b[h, n] = -m_h n, [HQ, T], that remembers its slopes m [HQ].
+
+    It is an ordinary table everywhere (any op on it returns a plain Tensor); the fused CUDA
+    kernel reads `slopes` instead and computes the bias on the fly.
+    """
+
+    slopes: Tensor
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def wrap(table: Tensor, slopes: Tensor) -> AlibiTable:
+        """`table` (which must equal -slopes[:, None] * n) tagged with its slopes."""
+        tagged = table.as_subclass(AlibiTable)
+        tagged.slopes = slopes
+        return tagged
+
+
+def accumulate_angles(delta: Tensor, doc_ids: Tensor | None = None) -> Tensor:
+    """phi_t = sum of delta_s over s <= t in t's document, kept precise (DESIGN.md).
+
+    delta [B, T, H, P]. On CUDA: the Triton chunkwise scan, float32 (at least) in [0, 2*pi).
+    Elsewhere: `kernels.angles.accumulate_angles`, in delta's dtype. Both are differentiable
+    and congruent mod 2*pi to the exact prefix sum.
+    """
+    if delta.device.type in FUSED_DEVICES:
+        from kernels.hybrid import document_bounds, scan_angles
+
+        return scan_angles(delta, *((None, None) if doc_ids is None else document_bounds(doc_ids)))
+    return _angles.accumulate_angles(delta, doc_ids)
+
+
+def fused_serves(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    bias: Tensor | None = None,
+    decay: Tensor | None = None,
+    transport: tuple[Tensor, Tensor] | None = None,
+) -> bool:
+    """Whether `attention` runs this call on the fused Triton kernel: a device in
+    FUSED_DEVICES, no xPos decay or PaTH transport, no bias or a constant `AlibiTable`, and a
+    head dim and dtype the kernel has (`kernels.hybrid.attention.HEAD_DIMS`, `DTYPES`)."""
+    if q.device.type not in FUSED_DEVICES or decay is not None or transport is not None:
+        return False
+    if bias is not None and not (isinstance(bias, AlibiTable) and not bias.requires_grad):
+        return False
+    from kernels.hybrid.attention import DTYPES, HEAD_DIMS
+
+    return q.shape[-1] in HEAD_DIMS and q.dtype in DTYPES and k.dtype == v.dtype == q.dtype
 
 
 def attention(
@@ -39,7 +116,17 @@ def attention(
     window: attend only to i - j < window. decay [D/2]: xPos per-pair log-decay per token.
     transport (w [B, T, H, D], beta [B, T, H]): PaTH Householder transport of the keys.
     doc_ids [B, T]: packed documents; no token attends across a boundary.
+    block: the blockwise path's tile (the fused kernel picks its own).
     """
+    if fused_serves(q, k, v, bias=bias, decay=decay, transport=transport):
+        from kernels.hybrid import document_bounds, fused_attention
+
+        starts, ends = (None, None) if doc_ids is None else document_bounds(doc_ids)
+        slopes = None if bias is None else bias.slopes
+        return fused_attention(
+            q, k, v, angles, slopes, rotate_values=rotate_values, window=window,
+            starts=starts, ends=ends, scale=scale,
+        )  # fmt: skip
     if angles is not None:
         q, k = rotate(q, angles), rotate(k, angles)
         if rotate_values:

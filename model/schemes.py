@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels import accumulate_angles
+from kernels import AlibiTable, accumulate_angles
 
 if TYPE_CHECKING:
     from model.config import ModelConfig
@@ -197,7 +197,10 @@ class PositionScheme(nn.Module):
             plan["angles"] = accumulate_angles(delta.view(B, T, H, -1), doc_ids)
         plan["rotate_values"] = spec.rotate_values
         if spec.bias is not None:
-            plan["bias"] = self.bias(torch.arange(T, device=x.device, dtype=x.dtype))
+            table = self.bias(torch.arange(T, device=x.device, dtype=x.dtype))
+            # ALiBi's table keeps its slopes: the fused CUDA kernel computes the bias from them.
+            is_alibi = spec.bias == "alibi"
+            plan["bias"] = AlibiTable.wrap(table, self.bias.slopes) if is_alibi else table
         if spec.decay:
             plan["decay"] = self.decay.to(x.dtype)
         if spec.transport:

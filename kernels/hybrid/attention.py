@@ -1,0 +1,915 @@
+"""Fused hybrid attention in Triton: accumulated rotations of q, k, v, ALiBi, causal mask,
+sliding window and packed documents, flash-attention style (online softmax, O(T) memory).
+
+Semantics (DESIGN.md; `kernels.reference.reference_attention` is the definition):
+    s_ij = (R(phi_i) q_i) . (R(phi_j) k_j) * scale - m_h (i - j),  j <= i, same document,
+           and i - j < window when a window is given
+    o_i  = R(-phi_i) sum_j softmax_j(s_ij) R(phi_j) v_j    (rotate_values; else sum_j a_ij v_j)
+
+Forward. One elementwise pass rotates k and v once per token (rotating them inside the
+attention loop would redo the cos/sin for every query block). The attention kernel rotates its
+query block in the prologue, runs the online softmax over the key blocks with the ALiBi bias
+computed from the slopes and the token indices, and back-rotates the output in the epilogue.
+Keys are visited in three runs: blocks that straddle the document start or window edge, blocks
+that need no mask at all, and the diagonal blocks; only the first and last runs evaluate masks.
+Grouped-query heads: query head hq reads key/value head hq // G.
+
+Backward, flash-attention 2 style with recomputation from the saved log-sum-exp: q and dO are
+rotated like k and v (an elementwise pass), one kernel per key block accumulates dk~, dv~ over
+the G query heads of its key/value head (no atomics), one kernel per query block accumulates
+dq~. A last elementwise pass rotates the gradients back (dx = R(-phi) dx~) and collects
+dL/dphi_t = sum over the rotated tensors x~ = R(phi) x of (dx~_2 x~_1 - dx~_1 x~_2), plus the
+output's back-rotation term dO_1 o_2 - dO_2 o_1 (pairs (x_1, x_2) = (x[p], x[p + d/2])).
+
+Precision: angles are reduced mod 2*pi before cos/sin and rotations run in float32; scores,
+softmax statistics and gradient accumulators are float32; float32 inputs use IEEE float32 dot
+products (not TF32), bfloat16/float16 inputs the tensor cores' native precision.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels.hybrid.documents import cu_seqlens_bounds
+from kernels.hybrid.scan import scan_angles
+
+LOG2E = math.log2(math.e)
+_TWO_PI = tl.constexpr(2 * math.pi)
+_NEG_BIG = tl.constexpr(-1.0e30)  # running-max start: finite, so fully masked blocks give no NaN
+HEAD_DIMS = (32, 64, 128)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INTERPRETING = triton.knobs.runtime.interpret
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotation helpers (half-split pairs: x_1 = x[:P], x_2 = x[P:], P = D / 2)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_halves(base, t, t_ok, stride_t, P: tl.constexpr):
+    """(x[t, :P], x[t, P:]) in float32, [len(t), P] each."""
+    offs = t[:, None].to(tl.int64) * stride_t + tl.arange(0, P)[None, :]
+    x1 = tl.load(base + offs, mask=t_ok[:, None], other=0.0).to(tl.float32)
+    x2 = tl.load(base + offs + P, mask=t_ok[:, None], other=0.0).to(tl.float32)
+    return x1, x2
+
+
+@triton.jit
+def _store_halves(base, t, t_ok, stride_t, x1, x2, P: tl.constexpr):
+    offs = t[:, None].to(tl.int64) * stride_t + tl.arange(0, P)[None, :]
+    tl.store(base + offs, x1.to(base.dtype.element_ty), mask=t_ok[:, None])
+    tl.store(base + offs + P, x2.to(base.dtype.element_ty), mask=t_ok[:, None])
+
+
+@triton.jit
+def _cos_sin(base, t, t_ok, stride_t, P: tl.constexpr):
+    """cos and sin (float32 [len(t), P]) of the angles at rows t, reduced mod 2*pi first."""
+    offs = t[:, None].to(tl.int64) * stride_t + tl.arange(0, P)[None, :]
+    phi = tl.load(base + offs, mask=t_ok[:, None], other=0.0)
+    phi = (phi - _TWO_PI * tl.floor(phi / _TWO_PI)).to(tl.float32)
+    return tl.cos(phi), tl.sin(phi)
+
+
+@triton.jit
+def _rotate_kernel(
+    X,
+    PHI,
+    Y,
+    sx_b,
+    sx_t,
+    sx_h,
+    sp_b,
+    sp_t,
+    sp_h,
+    sy_b,
+    sy_t,
+    sy_h,
+    T,
+    HX,
+    GX,
+    D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """Y = R(phi) X for X [B, T, HX, D]; head hx turns by the angles of head hx // GX."""
+    P: tl.constexpr = D // 2
+    b = (tl.program_id(1) // HX).to(tl.int64)
+    hx = tl.program_id(1) % HX
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < T
+    x1, x2 = _load_halves(X + b * sx_b + hx * sx_h, t, t_ok, sx_t, P)
+    c, s = _cos_sin(PHI + b * sp_b + (hx // GX) * sp_h, t, t_ok, sp_t, P)
+    _store_halves(Y + b * sy_b + hx * sy_h, t, t_ok, sy_t, x1 * c - x2 * s, x1 * s + x2 * c, P)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _log2_slope(SLOPES, hq, ALIBI: tl.constexpr):
+    """Head hq's ALiBi slope in log2 units (scores are kept in log2 units for exp2)."""
+    return tl.load(SLOPES + hq) * 1.4426950408889634 if ALIBI else 0.0
+
+
+@triton.jit
+def _logits_masked(s, i, j, starts_i, window, DOCS: tl.constexpr, WINDOW: tl.constexpr):
+    """Mask scores s [len(i), len(j)] to j <= i, j in i's document, i - j < window."""
+    keep = j[None, :] <= i[:, None]
+    if DOCS:
+        keep = keep & (j[None, :] >= starts_i[:, None])
+    if WINDOW:
+        keep = keep & ((i[:, None] - j[None, :]) < window)
+    return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def _fwd_block(
+    q1,
+    q2,
+    acc1,
+    acc2,
+    m,
+    l,
+    k_base,
+    v_base,
+    sk_t,
+    sv_t,
+    j0,
+    i,
+    starts_i,
+    slope2,
+    qk_scale2,
+    T,
+    window,
+    P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    ALIBI: tl.constexpr,
+    DOCS: tl.constexpr,
+    WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Fold key block j0 into the online softmax of the query block (scores in log2 units)."""
+    j = j0 + tl.arange(0, BLOCK_N)
+    j_ok = j < T
+    pairs = tl.arange(0, P)
+    k_offs = j[None, :].to(tl.int64) * sk_t + pairs[:, None]  # [P, BLOCK_N]: k transposed
+    k1 = tl.load(k_base + k_offs, mask=j_ok[None, :], other=0.0)
+    k2 = tl.load(k_base + k_offs + P, mask=j_ok[None, :], other=0.0)
+    s = tl.dot(q1, k1, input_precision=PRECISION)
+    s = tl.dot(q2, k2, s, input_precision=PRECISION) * qk_scale2
+    if ALIBI:
+        s = s - slope2 * (i[:, None] - j[None, :]).to(tl.float32)
+    if MASKED:
+        s = _logits_masked(s, i, j, starts_i, window, DOCS, WINDOW)
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    v_offs = j[:, None].to(tl.int64) * sv_t + pairs[None, :]
+    v1 = tl.load(v_base + v_offs, mask=j_ok[:, None], other=0.0)
+    v2 = tl.load(v_base + v_offs + P, mask=j_ok[:, None], other=0.0)
+    p = p.to(v1.dtype)
+    acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=PRECISION)
+    acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=PRECISION)
+    return acc1, acc2, m_new, l
+
+
+@triton.jit
+def _key_range(
+    STARTS,
+    b,
+    sd_b,
+    i,
+    i0,
+    T,
+    window,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOCS: tl.constexpr,
+    WINDOW: tl.constexpr,
+):
+    """For query rows i = i0..i0+BLOCK_M-1: their document starts and the key-block starts
+    lo <= a <= b <= hi; blocks in [a, b) need no mask, those in [lo, a) and [b, hi) do."""
+    i_last = tl.minimum(i0 + BLOCK_M, T) - 1
+    if DOCS:
+        starts_i = tl.load(STARTS + b * sd_b + i, mask=i < T, other=0)
+        lo = tl.load(STARTS + b * sd_b + i0)
+        full_from = tl.load(STARTS + b * sd_b + i_last)
+    else:
+        starts_i = tl.zeros([BLOCK_M], tl.int32)
+        lo = i0 * 0
+        full_from = i0 * 0
+    if WINDOW:
+        lo = tl.maximum(lo, i0 - window + 1)
+        full_from = tl.maximum(full_from, i_last - window + 1)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    hi = i_last + 1
+    b_mid = tl.minimum(tl.maximum(((i0 + 1) // BLOCK_N) * BLOCK_N, lo), hi)
+    a_mid = tl.minimum(tl.maximum(tl.cdiv(full_from, BLOCK_N) * BLOCK_N, lo), b_mid)
+    return starts_i, lo, a_mid, b_mid, hi
+
+
+@triton.jit
+def _fwd_kernel(
+    Q,
+    K,
+    V,
+    PHI,
+    SLOPES,
+    STARTS,
+    O,
+    LSE,
+    sq_b,
+    sq_t,
+    sq_h,
+    sk_b,
+    sk_t,
+    sk_h,
+    sv_b,
+    sv_t,
+    sv_h,
+    sp_b,
+    sp_t,
+    sp_h,
+    so_b,
+    so_t,
+    so_h,
+    sd_b,
+    T,
+    HQ,
+    G,
+    qk_scale2,
+    window,
+    D: tl.constexpr,
+    ROTATE: tl.constexpr,
+    ROTATE_V: tl.constexpr,
+    ALIBI: tl.constexpr,
+    DOCS: tl.constexpr,
+    WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    P: tl.constexpr = D // 2
+    bh = tl.program_id(1)
+    b = (bh // HQ).to(tl.int64)
+    hq = bh % HQ
+    h = hq // G
+    i0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
+    i = i0 + tl.arange(0, BLOCK_M)
+    i_ok = i < T
+    q1, q2 = _load_halves(Q + b * sq_b + hq * sq_h, i, i_ok, sq_t, P)
+    if ROTATE:  # prologue: q~ = R(phi_i) q
+        c, s = _cos_sin(PHI + b * sp_b + h * sp_h, i, i_ok, sp_t, P)
+        q1, q2 = q1 * c - q2 * s, q1 * s + q2 * c
+    q1 = q1.to(Q.dtype.element_ty)
+    q2 = q2.to(Q.dtype.element_ty)
+    slope2 = _log2_slope(SLOPES, hq, ALIBI)
+    starts_i, lo, a_mid, b_mid, hi = _key_range(
+        STARTS, b, sd_b, i, i0, T, window, BLOCK_M, BLOCK_N, DOCS, WINDOW
+    )
+    k_base = K + b * sk_b + h * sk_h
+    v_base = V + b * sv_b + h * sv_h
+    m = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, P], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, P], tl.float32)
+    for j0 in range(lo, a_mid, BLOCK_N):
+        acc1, acc2, m, l = _fwd_block(
+            q1, q2, acc1, acc2, m, l, k_base, v_base, sk_t, sv_t, j0, i, starts_i, slope2,
+            qk_scale2, T, window, P, BLOCK_N, True, ALIBI, DOCS, WINDOW, PRECISION,
+        )  # fmt: skip
+    for j0 in range(a_mid, b_mid, BLOCK_N):
+        acc1, acc2, m, l = _fwd_block(
+            q1, q2, acc1, acc2, m, l, k_base, v_base, sk_t, sv_t, j0, i, starts_i, slope2,
+            qk_scale2, T, window, P, BLOCK_N, False, ALIBI, DOCS, WINDOW, PRECISION,
+        )  # fmt: skip
+    for j0 in range(b_mid, hi, BLOCK_N):
+        acc1, acc2, m, l = _fwd_block(
+            q1, q2, acc1, acc2, m, l, k_base, v_base, sk_t, sv_t, j0, i, starts_i, slope2,
+            qk_scale2, T, window, P, BLOCK_N, True, ALIBI, DOCS, WINDOW, PRECISION,
+        )  # fmt: skip
+    acc1 = acc1 / l[:, None]
+    acc2 = acc2 / l[:, None]
+    if ROTATE_V:  # epilogue: o = R(-phi_i) o~
+        c, s = _cos_sin(PHI + b * sp_b + h * sp_h, i, i_ok, sp_t, P)
+        acc1, acc2 = acc1 * c + acc2 * s, acc2 * c - acc1 * s
+    _store_halves(O + b * so_b + hq * so_h, i, i_ok, so_t, acc1, acc2, P)
+    tl.store(LSE + bh.to(tl.int64) * T + i, m + tl.log2(l), mask=i_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward (all on rotated tensors x~ = R(phi) x)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_dot_kernel(
+    O, DO, OUT, so_b, so_t, so_h, sd_b, sd_t, sd_h, T, HQ, D: tl.constexpr, BLOCK_T: tl.constexpr
+):
+    """OUT[b, hq, t] = o . dO (float32): rowsum(dO * O) of the softmax backward."""
+    bh = tl.program_id(1)
+    b = (bh // HQ).to(tl.int64)
+    hq = bh % HQ
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < T
+    d = tl.arange(0, D)
+    o = tl.load(O + b * so_b + hq * so_h + t[:, None].to(tl.int64) * so_t + d[None, :],
+                mask=t_ok[:, None], other=0.0)  # fmt: skip
+    do = tl.load(DO + b * sd_b + hq * sd_h + t[:, None].to(tl.int64) * sd_t + d[None, :],
+                 mask=t_ok[:, None], other=0.0)  # fmt: skip
+    row = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(OUT + bh.to(tl.int64) * T + t, row, mask=t_ok)
+
+
+@triton.jit
+def _dkdv_block(
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    lse_base,
+    delta_base,
+    starts_base,
+    s_t,
+    i0,
+    j,
+    slope2,
+    qk_scale2,
+    T,
+    window,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    MASKED: tl.constexpr,
+    ALIBI: tl.constexpr,
+    DOCS: tl.constexpr,
+    WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Add query block i0's contribution to dk~, dv~ of the key block j ([BLOCK_N, D] each)."""
+    i = i0 + tl.arange(0, BLOCK_M)
+    i_ok = i < T
+    offs = i[:, None].to(tl.int64) * s_t + tl.arange(0, D)[None, :]
+    q = tl.load(q_base + offs, mask=i_ok[:, None], other=0.0)
+    do = tl.load(do_base + offs, mask=i_ok[:, None], other=0.0)
+    lse = tl.load(lse_base + i, mask=i_ok, other=0.0)
+    delta = tl.load(delta_base + i, mask=i_ok, other=0.0)
+    s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale2  # [BLOCK_N, BLOCK_M]
+    if ALIBI:
+        s = s - slope2 * (i[None, :] - j[:, None]).to(tl.float32)
+    p = tl.exp2(s - lse[None, :])
+    if MASKED:
+        keep = (j[:, None] <= i[None, :]) & i_ok[None, :]
+        if DOCS:
+            starts_i = tl.load(starts_base + i, mask=i_ok, other=0)
+            keep = keep & (starts_i[None, :] <= j[:, None])
+        if WINDOW:
+            keep = keep & ((i[None, :] - j[:, None]) < window)
+        p = tl.where(keep, p, 0.0)
+    dv = tl.dot(p.to(do.dtype), do, dv, input_precision=PRECISION)
+    dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds = p * (dp - delta[None, :])
+    dk = tl.dot(ds.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(
+    QR,
+    K,
+    V,
+    DOR,
+    LSE,
+    DELTA,
+    SLOPES,
+    STARTS,
+    ENDS,
+    DK,
+    DV,
+    sq_b,
+    sq_t,
+    sq_h,
+    sk_b,
+    sk_t,
+    sk_h,
+    sv_b,
+    sv_t,
+    sv_h,
+    sg_b,
+    sg_t,
+    sg_h,
+    sd_b,
+    T,
+    H,
+    G,
+    qk_scale2,
+    scale,
+    window,
+    D: tl.constexpr,
+    ALIBI: tl.constexpr,
+    DOCS: tl.constexpr,
+    WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dk~, dv~ (float32) of one key block, summed over the G query heads that read it."""
+    b = (tl.program_id(1) // H).to(tl.int64)
+    h = tl.program_id(1) % H
+    j0 = tl.program_id(0) * BLOCK_N
+    j = j0 + tl.arange(0, BLOCK_N)
+    j_ok = j < T
+    j_last = tl.minimum(j0 + BLOCK_N, T) - 1
+    offs_k = j[:, None].to(tl.int64) * sk_t + tl.arange(0, D)[None, :]
+    offs_v = j[:, None].to(tl.int64) * sv_t + tl.arange(0, D)[None, :]
+    k = tl.load(K + b * sk_b + h * sk_h + offs_k, mask=j_ok[:, None], other=0.0)
+    v = tl.load(V + b * sv_b + h * sv_h + offs_v, mask=j_ok[:, None], other=0.0)
+    # Query blocks lo <= a <= b <= hi: those in [a, b) see every key of the block unmasked.
+    hi = T + j0 * 0
+    full_to = T + j0 * 0
+    if DOCS:
+        hi = tl.load(ENDS + b * sd_b + j_last)
+        full_to = tl.load(ENDS + b * sd_b + j0)
+    if WINDOW:
+        hi = tl.minimum(hi, j_last + window)
+        full_to = tl.minimum(full_to, j0 + window)
+    lo = (j0 // BLOCK_M) * BLOCK_M
+    a_mid = tl.minimum(tl.maximum(tl.cdiv(j_last, BLOCK_M) * BLOCK_M, lo), hi)
+    b_mid = tl.minimum(tl.maximum((full_to // BLOCK_M) * BLOCK_M, a_mid), hi)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    starts_base = STARTS + b * sd_b
+    for g in range(G):
+        hq = h * G + g
+        slope2 = _log2_slope(SLOPES, hq, ALIBI)
+        q_base = QR + b * sq_b + hq * sq_h
+        do_base = DOR + b * sq_b + hq * sq_h
+        row_base = (b * (H * G) + hq) * T
+        for i0 in range(lo, a_mid, BLOCK_M):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, starts_base,
+                sq_t, i0, j, slope2, qk_scale2, T, window, D, BLOCK_M, True, ALIBI, DOCS,
+                WINDOW, PRECISION,
+            )  # fmt: skip
+        for i0 in range(a_mid, b_mid, BLOCK_M):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, starts_base,
+                sq_t, i0, j, slope2, qk_scale2, T, window, D, BLOCK_M, False, ALIBI, DOCS,
+                WINDOW, PRECISION,
+            )  # fmt: skip
+        for i0 in range(b_mid, hi, BLOCK_M):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, starts_base,
+                sq_t, i0, j, slope2, qk_scale2, T, window, D, BLOCK_M, True, ALIBI, DOCS,
+                WINDOW, PRECISION,
+            )  # fmt: skip
+    offs_g = j[:, None].to(tl.int64) * sg_t + tl.arange(0, D)[None, :]
+    tl.store(DK + b * sg_b + h * sg_h + offs_g, dk * scale, mask=j_ok[:, None])
+    tl.store(DV + b * sg_b + h * sg_h + offs_g, dv, mask=j_ok[:, None])
+
+
+@triton.jit
+def _dq_block(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    k_base,
+    v_base,
+    sk_t,
+    sv_t,
+    j0,
+    i,
+    starts_i,
+    slope2,
+    qk_scale2,
+    T,
+    window,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    ALIBI: tl.constexpr,
+    DOCS: tl.constexpr,
+    WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Add key block j0's contribution to dq~ of the query block ([BLOCK_M, D])."""
+    j = j0 + tl.arange(0, BLOCK_N)
+    j_ok = j < T
+    d = tl.arange(0, D)
+    k = tl.load(k_base + j[:, None].to(tl.int64) * sk_t + d[None, :], mask=j_ok[:, None], other=0.0)
+    v = tl.load(v_base + j[:, None].to(tl.int64) * sv_t + d[None, :], mask=j_ok[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
+    if ALIBI:
+        s = s - slope2 * (i[:, None] - j[None, :]).to(tl.float32)
+    if MASKED:
+        s = _logits_masked(s, i, j, starts_i, window, DOCS, WINDOW)
+    p = tl.exp2(s - lse[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+
+
+@triton.jit
+def _dq_kernel(
+    QR,
+    K,
+    V,
+    DOR,
+    LSE,
+    DELTA,
+    SLOPES,
+    STARTS,
+    DQ,
+    sq_b,
+    sq_t,
+    sq_h,
+    sk_b,
+    sk_t,
+    sk_h,
+    sv_b,
+    sv_t,
+    sv_h,
+    sg_b,
+    sg_t,
+    sg_h,
+    sd_b,
+    T,
+    HQ,
+    G,
+    qk_scale2,
+    scale,
+    window,
+    D: tl.constexpr,
+    ALIBI: tl.constexpr,
+    DOCS: tl.constexpr,
+    WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dq~ (float32) of one query block."""
+    bh = tl.program_id(1)
+    b = (bh // HQ).to(tl.int64)
+    hq = bh % HQ
+    h = hq // G
+    i0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    i = i0 + tl.arange(0, BLOCK_M)
+    i_ok = i < T
+    offs = i[:, None].to(tl.int64) * sq_t + tl.arange(0, D)[None, :]
+    q = tl.load(QR + b * sq_b + hq * sq_h + offs, mask=i_ok[:, None], other=0.0)
+    do = tl.load(DOR + b * sq_b + hq * sq_h + offs, mask=i_ok[:, None], other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * T + i, mask=i_ok, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + i, mask=i_ok, other=0.0)
+    slope2 = _log2_slope(SLOPES, hq, ALIBI)
+    starts_i, lo, a_mid, b_mid, hi = _key_range(
+        STARTS, b, sd_b, i, i0, T, window, BLOCK_M, BLOCK_N, DOCS, WINDOW
+    )
+    k_base = K + b * sk_b + h * sk_h
+    v_base = V + b * sv_b + h * sv_h
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    for j0 in range(lo, a_mid, BLOCK_N):
+        dq = _dq_block(
+            dq, q, do, lse, delta, k_base, v_base, sk_t, sv_t, j0, i, starts_i, slope2,
+            qk_scale2, T, window, D, BLOCK_N, True, ALIBI, DOCS, WINDOW, PRECISION,
+        )  # fmt: skip
+    for j0 in range(a_mid, b_mid, BLOCK_N):
+        dq = _dq_block(
+            dq, q, do, lse, delta, k_base, v_base, sk_t, sv_t, j0, i, starts_i, slope2,
+            qk_scale2, T, window, D, BLOCK_N, False, ALIBI, DOCS, WINDOW, PRECISION,
+        )  # fmt: skip
+    for j0 in range(b_mid, hi, BLOCK_N):
+        dq = _dq_block(
+            dq, q, do, lse, delta, k_base, v_base, sk_t, sv_t, j0, i, starts_i, slope2,
+            qk_scale2, T, window, D, BLOCK_N, True, ALIBI, DOCS, WINDOW, PRECISION,
+        )  # fmt: skip
+    offs_g = i[:, None].to(tl.int64) * sg_t + tl.arange(0, D)[None, :]
+    tl.store(DQ + b * sg_b + hq * sg_h + offs_g, dq * scale, mask=i_ok[:, None])
+
+
+@triton.jit
+def _unrotate_kernel(
+    PHI,
+    QR,
+    DQR,
+    O,
+    DO,
+    KR,
+    DKR,
+    VR,
+    DVR,
+    DQ,
+    DK,
+    DV,
+    DPHI,
+    sp_b,
+    sp_t,
+    sp_h,
+    sq_b,
+    sq_t,
+    sq_h,
+    sk_b,
+    sk_t,
+    sk_h,
+    sg_b,
+    sg_t,
+    sg_h,
+    T,
+    H,
+    G,
+    D: tl.constexpr,
+    ROTATE_V: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """dx = R(-phi) dx~ for q (G heads), k and v (when rotated), and dL/dphi (float32).
+
+    QR, DQR, O, DO, DQ share the strides sq (query-shaped, contiguous); KR, VR, DK, DV share
+    sk; DKR, DVR share sg (float32 buffers).
+    """
+    P: tl.constexpr = D // 2
+    b = (tl.program_id(1) // H).to(tl.int64)
+    h = tl.program_id(1) % H
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < T
+    c, s = _cos_sin(PHI + b * sp_b + h * sp_h, t, t_ok, sp_t, P)
+    dphi = tl.zeros([BLOCK_T, P], tl.float32)
+    for g in range(G):
+        q_off = b * sq_b + (h * G + g) * sq_h
+        x1, x2 = _load_halves(QR + q_off, t, t_ok, sq_t, P)
+        g1, g2 = _load_halves(DQR + q_off, t, t_ok, sq_t, P)
+        _store_halves(DQ + q_off, t, t_ok, sq_t, g1 * c + g2 * s, g2 * c - g1 * s, P)
+        dphi += g2 * x1 - g1 * x2
+        if ROTATE_V:
+            o1, o2 = _load_halves(O + q_off, t, t_ok, sq_t, P)
+            do1, do2 = _load_halves(DO + q_off, t, t_ok, sq_t, P)
+            dphi += do1 * o2 - do2 * o1
+    k_off = b * sk_b + h * sk_h
+    g_off = b * sg_b + h * sg_h
+    x1, x2 = _load_halves(KR + k_off, t, t_ok, sk_t, P)
+    g1, g2 = _load_halves(DKR + g_off, t, t_ok, sg_t, P)
+    _store_halves(DK + k_off, t, t_ok, sk_t, g1 * c + g2 * s, g2 * c - g1 * s, P)
+    dphi += g2 * x1 - g1 * x2
+    if ROTATE_V:
+        x1, x2 = _load_halves(VR + k_off, t, t_ok, sk_t, P)
+        g1, g2 = _load_halves(DVR + g_off, t, t_ok, sg_t, P)
+        _store_halves(DV + k_off, t, t_ok, sk_t, g1 * c + g2 * s, g2 * c - g1 * s, P)
+        dphi += g2 * x1 - g1 * x2
+    offs = t[:, None].to(tl.int64) * (H * P) + tl.arange(0, P)[None, :]
+    tl.store(DPHI + b * T * H * P + h * P + offs, dphi, mask=t_ok[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------
+
+
+def _configs(candidates: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    """(BLOCK_M, BLOCK_N, warps, stages) candidates for the autotuner on a GPU. The interpreter
+    gets 16 x 16 tiles alone: small test sequences then cross several blocks, no tuning runs."""
+    if INTERPRETING:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m, n, w, s in candidates
+    ]
+
+
+_TUNING_KEY = ["T", "D", "ALIBI", "DOCS", "WINDOW", "PRECISION"]
+_fwd = triton.autotune(
+    _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)]),
+    key=[*_TUNING_KEY, "ROTATE", "ROTATE_V"],
+)(_fwd_kernel)
+_dkdv = triton.autotune(
+    _configs([(32, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 8, 2)]),
+    key=_TUNING_KEY,
+)(_dkdv_kernel)
+_dq = triton.autotune(
+    _configs([(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3)]),
+    key=_TUNING_KEY,
+)(_dq_kernel)
+_ELEMENTWISE_BLOCK = 16 if INTERPRETING else 64
+
+
+def _strides(x: Tensor | None) -> tuple[int, int, int]:
+    """(batch, time, head) strides of a [B, T, H, D] tensor (zeros for an absent one)."""
+    return (0, 0, 0) if x is None else (x.stride(0), x.stride(1), x.stride(2))
+
+
+def _rotate(x: Tensor, phi: Tensor) -> Tensor:
+    """R(phi) x as a new contiguous tensor of x's dtype; x [B, T, HX, D], phi [B, T, H, D/2]."""
+    B, T, HX, D = x.shape
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(T, _ELEMENTWISE_BLOCK), B * HX)
+    _rotate_kernel[grid](
+        x, phi, y, *_strides(x), *_strides(phi), *_strides(y), T, HX, HX // phi.shape[2],
+        D=D, BLOCK_T=_ELEMENTWISE_BLOCK,
+    )  # fmt: skip
+    return y
+
+
+def _flags(q: Tensor, slopes: Tensor | None, starts: Tensor | None, window: int | None) -> dict:
+    return dict(
+        ALIBI=slopes is not None,
+        DOCS=starts is not None,
+        WINDOW=window is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+class _FusedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, phi, slopes, starts, ends, rotate_values, window, scale):
+        B, T, HQ, D = q.shape
+        H = k.shape[2]
+        rotate_v = phi is not None and rotate_values
+        kr = k if phi is None else _rotate(k, phi)
+        vr = _rotate(v, phi) if rotate_v else v
+        o = torch.empty_like(q)
+        lse = torch.empty((B, HQ, T), dtype=torch.float32, device=q.device)
+        flags = _flags(q, slopes, starts, window)
+        _fwd[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * HQ)](
+            q, kr, vr, q if phi is None else phi, q if slopes is None else slopes,
+            q if starts is None else starts, o, lse,
+            *_strides(q), *_strides(kr), *_strides(vr), *_strides(phi), *_strides(o),
+            0 if starts is None else starts.stride(0),
+            T, HQ, HQ // H, scale * LOG2E, window or 0,
+            D=D, ROTATE=phi is not None, ROTATE_V=rotate_v, **flags,
+        )  # fmt: skip
+        ctx.save_for_backward(q, kr, vr, phi, slopes, starts, ends, o, lse)
+        ctx.rotate_v, ctx.window, ctx.scale = rotate_v, window, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, kr, vr, phi, slopes, starts, ends, o, lse = ctx.saved_tensors
+        B, T, HQ, D = q.shape
+        H = kr.shape[2]
+        G = HQ // H
+        do = do.contiguous()
+        delta = torch.empty_like(lse)
+        grid = (triton.cdiv(T, _ELEMENTWISE_BLOCK), B * HQ)
+        _row_dot_kernel[grid](
+            o, do, delta, *_strides(o), *_strides(do), T, HQ, D=D, BLOCK_T=_ELEMENTWISE_BLOCK
+        )
+        qr = q if phi is None else _rotate(q, phi)
+        dor = _rotate(do, phi) if ctx.rotate_v else do
+        dqr = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        dkr = torch.empty(kr.shape, dtype=torch.float32, device=q.device)
+        dvr = torch.empty_like(dkr)
+        flags = _flags(q, slopes, starts, ctx.window)
+        common = (
+            q if slopes is None else slopes,
+            q if starts is None else starts,
+        )
+        doc_stride = 0 if starts is None else starts.stride(0)
+        _dkdv[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)](
+            qr, kr, vr, dor, lse, delta, *common, q if ends is None else ends, dkr, dvr,
+            *_strides(qr), *_strides(kr), *_strides(vr), *_strides(dkr), doc_stride,
+            T, H, G, ctx.scale * LOG2E, ctx.scale, ctx.window or 0, D=D, **flags,
+        )  # fmt: skip
+        _dq[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * HQ)](
+            qr, kr, vr, dor, lse, delta, *common, dqr,
+            *_strides(qr), *_strides(kr), *_strides(vr), *_strides(dqr), doc_stride,
+            T, HQ, G, ctx.scale * LOG2E, ctx.scale, ctx.window or 0, D=D, **flags,
+        )  # fmt: skip
+        if phi is None:
+            return dqr.to(q.dtype), dkr.to(kr.dtype), dvr.to(vr.dtype), *(None,) * 7
+        dq, dk = torch.empty_like(q), torch.empty_like(kr)
+        dv = torch.empty_like(vr) if ctx.rotate_v else dvr.to(vr.dtype)
+        dphi = torch.empty(phi.shape, dtype=torch.float32, device=q.device)
+        _unrotate_kernel[(triton.cdiv(T, _ELEMENTWISE_BLOCK), B * H)](
+            phi, qr, dqr, o, do, kr, dkr, vr, dvr, dq, dk, dv, dphi,
+            *_strides(phi), *_strides(qr), *_strides(kr), *_strides(dkr), T, H, G,
+            D=D, ROTATE_V=ctx.rotate_v, BLOCK_T=_ELEMENTWISE_BLOCK,
+        )  # fmt: skip
+        return dq, dk, dv, dphi.to(phi.dtype), *(None,) * 6
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_inputs(q, k, v, angles, alibi_slopes, window, starts, ends) -> None:
+    """Raise ValueError naming the first problem with the fused kernel's inputs."""
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(
+            f"q must be [B, T, HQ, d] and k, v [B, T, H, d]; got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    B, T, HQ, D = q.shape
+    H = k.shape[2]
+    if k.shape[:2] != (B, T) or k.shape[3] != D or HQ % H:
+        raise ValueError(
+            f"k, v {tuple(k.shape)} do not fit q {tuple(q.shape)}: same B, T, d and a number "
+            "of key/value heads H dividing the query heads HQ"
+        )
+    if D not in HEAD_DIMS:
+        raise ValueError(f"head dim {D} is not supported by the fused kernel: use {HEAD_DIMS}")
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"q, k, v must share one dtype among {DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if not (q.is_cuda or INTERPRETING) or k.device != q.device or v.device != q.device:
+        raise ValueError(
+            f"the fused kernel runs on CUDA tensors (on the CPU only under TRITON_INTERPRET=1); "
+            f"got q on {q.device}, k on {k.device}, v on {v.device}"
+        )
+    if angles is not None and tuple(angles.shape) != (B, T, H, D // 2):
+        raise ValueError(
+            f"angles must be [B, T, H, d/2] = {(B, T, H, D // 2)}, got {tuple(angles.shape)}"
+        )
+    if alibi_slopes is not None and tuple(alibi_slopes.shape) != (HQ,):
+        raise ValueError(f"alibi_slopes must be [HQ] = [{HQ}], got {tuple(alibi_slopes.shape)}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be a positive number of tokens or None, got {window}")
+    if (starts is None) != (ends is None):
+        raise ValueError("pass both document starts and ends, or neither")
+    if starts is not None and (starts.shape != (B, T) or ends.shape != (B, T)):
+        raise ValueError(f"document starts and ends must be [B, T] = {(B, T)}")
+
+
+def fused_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    angles: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
+    *,
+    rotate_values: bool = True,
+    window: int | None = None,
+    starts: Tensor | None = None,
+    ends: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """The fused kernel on accumulated angles: what `kernels.attention` dispatches to on CUDA.
+
+    q [B, T, HQ, d]; k, v [B, T, H, d]; angles [B, T, H, d/2] (phi, not increments) or None;
+    alibi_slopes [HQ] or None; starts, ends int32 [B, T] document bounds
+    (`kernels.hybrid.documents`) or None. Differentiable in q, k, v and angles.
+    """
+    _check_inputs(q, k, v, angles, alibi_slopes, window, starts, ends)
+    if angles is not None and angles.dtype != torch.float64:
+        angles = angles.float()
+    if alibi_slopes is not None:
+        alibi_slopes = alibi_slopes.detach().float().contiguous()
+    if starts is not None:
+        starts, ends = starts.int().contiguous(), ends.int().contiguous()
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return _FusedAttention.apply(
+        q, k, v, angles, alibi_slopes, starts, ends, rotate_values, window, scale
+    )
+
+
+def hybrid_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    delta: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
+    *,
+    rotate_values: bool = True,
+    window: int | None = None,
+    cu_seqlens: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Accumulated rotations + ALiBi attention: the Triton scan, then the fused kernel.
+
+    q [B, T, HQ, d]; k, v [B, T, H, d] (HQ a multiple of H; d in 32, 64, 128; float32,
+    bfloat16 or float16). delta [B, T, H, d/2]: per-token angle increments, phi = their
+    inclusive cumsum over each document (None: no rotation; constant theta: RoPE).
+    alibi_slopes [HQ]: bias -m_h (i - j), or None. rotate_values: rotate v by phi_j and the
+    output back by -phi_i. window: attend only to i - j < window. cu_seqlens [N + 1]: packed
+    documents of a single row (B = 1). scale: default 1/sqrt(d). Returns o like q,
+    differentiable in q, k, v and delta.
+    """
+    B, T = q.shape[:2]
+    starts = ends = None
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"cu_seqlens packs documents into one row: q must have B = 1, got {B}")
+        starts, ends = cu_seqlens_bounds(cu_seqlens.to(q.device), T)
+    phi = None
+    if delta is not None:
+        if tuple(delta.shape) != (B, T, k.shape[2], q.shape[3] // 2):
+            raise ValueError(
+                f"delta must be [B, T, H, d/2] = {(B, T, k.shape[2], q.shape[3] // 2)}, "
+                f"got {tuple(delta.shape)}"
+            )
+        phi = scan_angles(delta, starts, ends)
+    return fused_attention(
+        q, k, v, phi, alibi_slopes, rotate_values=rotate_values, window=window,
+        starts=starts, ends=ends, scale=scale,
+    )  # fmt: skip
