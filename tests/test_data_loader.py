@@ -205,6 +205,7 @@ def test_mixture_errors(dataset, tmp_path):
         ([StreamConfig("")], "path is empty"),
         ([StreamConfig(str(dataset), -1.0)], "must be > 0"),
         ([StreamConfig(str(tmp_path / "nowhere"))], "does not exist.*make data"),
+        ([StreamConfig("nosuch://bucket/dataset")], "cannot fetch nosuch://bucket/dataset/dataset"),
     ]
     for streams, message in bad:
         with pytest.raises(DatasetError, match=message):
