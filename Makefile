@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/tiny.yaml
 ARGS ?=
 
-.PHONY: setup test data train slurm lint format clean-venv
+.PHONY: setup test data train slurm bench-attention lint format clean-venv
 
 setup: $(STAMP)
 
@@ -37,6 +37,11 @@ train: setup
 # Submit CONFIG as a SLURM training job (ARGS: key=value overrides, --dry-run); README "SLURM".
 slurm: setup
 	$(PY) -m launch.slurm $(CONFIG) $(ARGS)
+
+# Fused attention speed and memory against SDPA-flash and FlexAttention (CUDA only; ARGS: e.g.
+# --lengths 8192 --head-dims 128). Writes bench/results/attention-<device>-<time>.json.
+bench-attention: setup
+	$(PY) -m bench.attention $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -9,6 +9,9 @@ Shapes are small (T of 37 and 70, 16-token tiles in the interpreter) and cross b
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -308,6 +311,16 @@ def test_bad_inputs_are_refused_with_the_problem_named():
         hybrid_attention(q, k, v, delta, window=0)
     with pytest.raises(ValueError, match="B = 1"):
         hybrid_attention(q, k, v, delta, cu_seqlens=torch.tensor([0, 4, 8]))
+
+
+@pytest.mark.skipif(CUDA, reason="with a GPU this would run the whole benchmark")
+def test_benchmark_without_cuda_stops_with_a_clear_message():
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.attention"], cwd=root, capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert "needs a CUDA GPU" in done.stderr and "make bench-attention" in done.stderr
 
 
 # ---------------------------------------------------------------------------------------------
