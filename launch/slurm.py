@@ -393,6 +393,7 @@ def submit_training(config_path: Path, overrides: list[str], *, dry_run: bool) -
         return 0
     _slurm_command("sbatch")  # before anything is written
     check_partition(cfg.slurm.partition)
+    check_trainable(cfg)
     _refuse_second_training_job(run_dir)
     _prepare_dirs(run_dir, batch_log(cfg, run_dir))
     config_file.write_text(config_text)
@@ -405,6 +406,19 @@ def submit_training(config_path: Path, overrides: list[str], *, dry_run: bool) -
     print(f"submitted training job {job}; run directory {run_dir}")
     print(f"progress: python -m launch.slurm --status {run_dir}")
     return 0
+
+
+def check_trainable(cfg: Config) -> None:
+    """What launch.train checks first (dataset, a run directory of another model), checked now:
+    a job would otherwise wait in the queue only to stop at once."""
+    from data.manifest import DatasetError
+    from launch.train import RunDirError, check_dataset, resume_point
+
+    try:
+        check_dataset(cfg)
+        resume_point(cfg)
+    except (ConfigError, DatasetError, RunDirError) as e:
+        raise SlurmError(f"{e} (checked before submitting)") from None
 
 
 def find_run_dir(target: Path) -> Path:

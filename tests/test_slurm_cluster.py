@@ -144,6 +144,13 @@ def test_unknown_partition_is_named_before_submitting(cluster, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_missing_dataset_is_named_before_submitting(cluster, tmp_path):
+    done = launch_slurm(tmp_path, str(TINY), "slurm.gpus_per_node=0", "data.path=nowhere")
+    assert done.returncode == 2
+    assert "nowhere is not a dataset" in done.stderr and "make data" in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(cluster, dataset, tmp_path_factory) -> tuple[str, Path, str]:
     """A 2-rank training job that ran to the end: (job id, run directory, final state)."""
@@ -182,6 +189,17 @@ def test_two_ranks_train_the_tiny_config(uninterrupted):
         "rank-1.log",
         f"slurm-{job}.out",
     }
+
+
+def test_run_directory_of_another_model_is_refused(uninterrupted, dataset):
+    _, run_dir, _ = uninterrupted
+    workdir = run_dir.parent.parent
+    args = [*training_args(workdir, run_dir.name, dataset), "model.d_model=64"]
+    done = launch_slurm(workdir, *args)
+    assert done.returncode == 2
+    assert "holds checkpoints of a different model" in done.stderr
+    assert "model.d_model: 128 -> 64" in done.stderr
+    assert len((run_dir / "slurm" / "jobs.jsonl").read_text().splitlines()) == 1
 
 
 def test_preempted_run_is_requeued_and_resumes_exactly(uninterrupted, dataset, tmp_path):
