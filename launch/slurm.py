@@ -191,15 +191,20 @@ def _header(
 def _environment(slurm: SlurmConfig) -> list[str]:
     lines = []
     if slurm.setup:
-        lines += ["", "# slurm.setup", *slurm.setup]
+        lines += ["# slurm.setup", *slurm.setup]
     if slurm.env:
-        lines += ["", "# slurm.env"]
+        lines += ["# slurm.env"]
         lines += [f"export {key}={shlex.quote(str(value))}" for key, value in slurm.env.items()]
     return lines
 
 
 def batch_log(cfg: Config, run_dir: Path) -> str:
     return cfg.slurm.output or str(run_dir / "logs" / "slurm-%j.out")
+
+
+def _setup_block(slurm: SlurmConfig) -> str:
+    lines = _environment(slurm)
+    return "\n" + "".join(line + "\n" for line in lines) + ("\n" if lines else "")
 
 
 def render_train_script(
@@ -236,12 +241,12 @@ def render_train_script(
         "#!/bin/bash",
         f"# rotalibi training job for {run_dir}: rendered by `python -m launch.slurm`.",
         *header,
-        *_environment(slurm),
         "",
         f"RUN_DIR={shlex.quote(str(run_dir))}",
         f"TRAIN=({shlex.join(srun)})",
         "",
-        JOB_BODY.read_text().rstrip(),
+        # After the signal traps: a stop signal during slow setup lines is not lost.
+        JOB_BODY.read_text().rstrip().replace("\n@SETUP@\n", _setup_block(slurm)),
     ]
     return "\n".join(lines) + "\n"
 
@@ -274,8 +279,8 @@ def render_eval_script(
         "#!/bin/bash",
         f"# rotalibi evaluation job for {target}: rendered by `python -m launch.slurm --eval`.",
         *header,
-        *_environment(slurm),
         "",
+        *_environment(slurm),
         'echo "rotalibi: evaluation job $SLURM_JOB_ID on $SLURM_JOB_NODELIST"',
         shlex.join(["srun", "--ntasks=1", f"--cpus-per-task={slurm.cpus_per_task}", *command]),
     ]
@@ -473,8 +478,8 @@ def _describe_attempt(events: list[dict]) -> str:
     start = next((e for e in events if e["event"] == "start"), None)
     end = next((e for e in events if e["event"] == "exit"), None)
     text = f"from {start['checkpoint']}" if start else "start not recorded"
-    if any(e["event"] == "signal" for e in events):
-        text += ", signalled (USR1)"
+    for signal in (e for e in events if e["event"] == "signal"):
+        text += f", signalled ({signal.get('signal', '?')})"
     if end is None:
         return text + ", running (or killed)"
     text += f", exit {end['code']} at {end['checkpoint']}"

@@ -1,8 +1,9 @@
-# The body of every training job that launch.slurm renders (it defines RUN_DIR and TRAIN above).
-# One attempt of the job: start the ranks, forward the preemption signal to them, requeue the
-# job when training saved a checkpoint on that signal and asked for it (exit EXIT_REQUEUE).
-# A requeued job runs this script again with the same job id and run directory and resumes
-# from the checkpoint; SLURM_RESTART_COUNT counts the attempts. A finished run never requeues.
+# The body of every training job that launch.slurm renders: it defines RUN_DIR and TRAIN above
+# and puts the config's setup lines and environment in place of the placeholder line below.
+# One attempt of the job: start the ranks, forward a stop signal to them, and requeue the job
+# when training saved a checkpoint on it and asked for a requeue (exit EXIT_REQUEUE). The
+# requeued job runs this script again with the same job id and run directory and resumes from
+# that checkpoint; SLURM_RESTART_COUNT counts the attempts. A finished run never requeues.
 
 EXIT_REQUEUE=75
 ATTEMPT=${SLURM_RESTART_COUNT:-0}
@@ -19,30 +20,39 @@ train_pid=
 signalled=0
 forward_signal() {  # bash runs this trap while it waits for srun; srun passes USR1 to every rank
     signalled=1
-    echo "rotalibi: USR1 (preemption or time limit): the ranks save a checkpoint and exit"
-    event signal
+    echo "rotalibi: SIG$1 (preemption, time limit or cancel): the ranks save a checkpoint and exit"
+    event signal ", \"signal\": \"$1\""
     if [[ -n $train_pid ]]; then kill -USR1 "$train_pid" 2>/dev/null; fi
 }
-trap forward_signal USR1
+trap 'forward_signal USR1' USR1
+trap 'forward_signal TERM' TERM  # preemption and scancel send TERM: keep waiting for the save
 
+@SETUP@
 echo "rotalibi: job $SLURM_JOB_ID attempt $ATTEMPT on $SLURM_JOB_NODELIST, checkpoint $(latest_checkpoint)"
 event start ", \"checkpoint\": \"$(latest_checkpoint)\", \"nodes\": \"$SLURM_JOB_NODELIST\""
-"${TRAIN[@]}" &
-train_pid=$!
-if ((signalled)); then kill -USR1 "$train_pid" 2>/dev/null; fi
-while :; do  # a trapped signal interrupts `wait`; wait again until srun has really ended
-    wait "$train_pid"
-    code=$?
-    if ((code > 128)) && kill -0 "$train_pid" 2>/dev/null; then continue; fi
-    break
-done
+if ((signalled)); then  # stopped before training started: nothing to save
+    code=$EXIT_REQUEUE
+else
+    "${TRAIN[@]}" &
+    train_pid=$!
+    while :; do  # a trapped signal interrupts `wait`; wait again until srun has really ended
+        wait "$train_pid"
+        code=$?
+        if ((code > 128)) && kill -0 "$train_pid" 2>/dev/null; then continue; fi
+        break
+    done
+fi
 event exit ", \"code\": $code, \"checkpoint\": \"$(latest_checkpoint)\""
 echo "rotalibi: training exited with code $code at checkpoint $(latest_checkpoint)"
 
-if ((code == EXIT_REQUEUE)); then
+# Requeue when training asks for it, or when a signalled run died some other way (e.g. the
+# signal came while the ranks were still starting up): only complete checkpoints are ever
+# resumed from. A finished run (code 0) never requeues.
+if ((code == EXIT_REQUEUE || (signalled && code != 0))); then
     event requeue
     echo "rotalibi: requeueing job $SLURM_JOB_ID; it resumes from $(latest_checkpoint)"
     scontrol requeue "$SLURM_JOB_ID" && exit 0
-    echo "rotalibi: scontrol requeue failed; resubmit with python -m launch.slurm" >&2
+    echo "rotalibi: scontrol requeue refused (a cancelled job, or SLURM requeues it itself);" \
+        "to go on, submit the run again with python -m launch.slurm" >&2
 fi
 exit "$code"

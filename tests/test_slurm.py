@@ -87,15 +87,17 @@ def test_dry_run_4_nodes_x_8_gpus(tmp_path, capsys, monkeypatch):
     ]
     lines = script.splitlines()
     assert lines[0] == "#!/bin/bash"
-    # Setup lines and network knobs come before training starts, shell-quoted.
-    first_srun = next(i for i, line in enumerate(lines) if line.startswith("TRAIN=("))
+    # Setup lines and network knobs come after the signal traps and before training starts.
+    traps = lines.index("trap 'forward_signal USR1' USR1")
+    start = lines.index('    "${TRAIN[@]}" &')
     for expected in (
         "module load cuda/12.4",
         "source /opt/venv/bin/activate",
         "export NCCL_IB_HCA=mlx5",
         "export NCCL_SOCKET_IFNAME='^lo,docker0'",
     ):
-        assert expected in lines[:first_srun]
+        assert traps < lines.index(expected) < start
+    first_srun = next(i for i, line in enumerate(lines) if line.startswith("TRAIN=("))
     # One task per GPU, rank logs under the run directory, the resolved config snapshot.
     words = shlex.split(lines[first_srun].removeprefix("TRAIN=(").removesuffix(")"))
     assert words[:5] == [
@@ -112,9 +114,8 @@ def test_dry_run_4_nodes_x_8_gpus(tmp_path, capsys, monkeypatch):
     assert not run_dir.exists()
     # The signal is trapped and forwarded, training runs in the background so the trap can
     # fire, and only the requeue exit code requeues.
-    assert "trap forward_signal USR1" in script
+    assert "trap 'forward_signal TERM' TERM" in script
     assert 'kill -USR1 "$train_pid"' in script
-    assert '"${TRAIN[@]}" &' in script
     assert "EXIT_REQUEUE=75" in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
 
@@ -246,29 +247,39 @@ def test_eval_job_rendering(tmp_path, capsys, monkeypatch):
 # ---------------------------------------------------------------- the job logic, run for real
 
 FAKE_SRUN = """#!/bin/bash
-# srun stand-in: behaves like training; USR1 makes it "checkpoint" and exit 75.
+# srun stand-in: behaves like training; USR1 makes it "checkpoint" and exit $FAKE_ON_SIGNAL.
 echo "$@" > "$FAKE/srun.args"
-trap 'echo step_3 > "$RUN/checkpoints/latest"; exit 75' USR1
+trap 'echo step_3 > "$RUN/checkpoints/latest"; exit "$FAKE_ON_SIGNAL"' USR1
 mkdir -p "$RUN/checkpoints"
 touch "$FAKE/srun.started"
-for _ in $(seq 40); do sleep 0.05; done
+for _ in $(seq 20); do sleep 0.05; done
 echo step_9 > "$RUN/checkpoints/latest"
 exit "$FAKE_EXIT"
 """
 
 
-def run_job_script(tmp_path: Path, capsys, monkeypatch, *, exit_code: int, signal_it: bool):
-    """Run the rendered training script with srun and scontrol replaced by stand-ins."""
-    config = write_config(tmp_path / "cpu.yaml", {"slurm": {"gpus_per_node": 0}})
-    script_text = render([str(config)], tmp_path, capsys, monkeypatch)
+def run_job_script(
+    tmp_path: Path,
+    capsys,
+    monkeypatch,
+    *,
+    exit_code: int = 0,
+    on_signal: int = 75,
+    signal_when: str | None = None,
+    signal_name: str = "USR1",
+):
+    """Run the rendered training script with srun and scontrol replaced by stand-ins, sending
+    it `signal_name` once the file `signal_when` (in the stand-ins' directory) exists."""
     fake = tmp_path / "bin"
+    setup = {"setup": ['touch "$FAKE/setup.started"; sleep 0.5']}
+    config = write_config(tmp_path / "cpu.yaml", {"slurm": {"gpus_per_node": 0, **setup}})
+    script = tmp_path / "job.sh"
+    script.write_text(render([str(config)], tmp_path, capsys, monkeypatch))
     fake.mkdir()
     (fake / "srun").write_text(FAKE_SRUN)
     (fake / "scontrol").write_text('#!/bin/bash\necho "$@" >> "$FAKE/scontrol.args"\n')
     for tool in fake.iterdir():
         tool.chmod(0o755)
-    script = tmp_path / "job.sh"
-    script.write_text(script_text)
     run_dir = tmp_path / "runs" / "tiny"
     env = {
         **os.environ,
@@ -276,43 +287,75 @@ def run_job_script(tmp_path: Path, capsys, monkeypatch, *, exit_code: int, signa
         "FAKE": str(fake),
         "RUN": str(run_dir),
         "FAKE_EXIT": str(exit_code),
+        "FAKE_ON_SIGNAL": str(on_signal),
         "SLURM_JOB_ID": "4242",
         "SLURM_JOB_NODELIST": "node[1-2]",
         "SLURM_RESTART_COUNT": "1",
     }
     job = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, text=True)
-    if signal_it:
+    if signal_when is not None:
         deadline = time.monotonic() + 30
-        while not (fake / "srun.started").exists():
+        while not (fake / signal_when).exists():
             assert time.monotonic() < deadline and job.poll() is None
-            time.sleep(0.05)
-        job.send_signal(signal.SIGUSR1)
+            time.sleep(0.02)
+        job.send_signal(getattr(signal, f"SIG{signal_name}"))
     out, _ = job.communicate(timeout=60)
     scontrol = fake / "scontrol.args"
     events = [json.loads(line) for line in (run_dir / "slurm" / "events.jsonl").open()]
-    return job.returncode, out, scontrol.read_text() if scontrol.exists() else "", events
+    started = (fake / "srun.args").exists()
+    return job.returncode, out, scontrol.read_text() if scontrol.exists() else "", events, started
 
 
-def test_job_script_forwards_signal_and_requeues(tmp_path, capsys, monkeypatch):
-    code, out, scontrol, events = run_job_script(
-        tmp_path, capsys, monkeypatch, exit_code=0, signal_it=True
+@pytest.mark.parametrize("signal_name", ["USR1", "TERM"])
+def test_job_script_forwards_signal_and_requeues(tmp_path, capsys, monkeypatch, signal_name):
+    code, out, scontrol, events, _ = run_job_script(
+        tmp_path, capsys, monkeypatch, signal_when="srun.started", signal_name=signal_name
     )
     assert code == 0 and scontrol == "requeue 4242\n"
     assert [e["event"] for e in events] == ["start", "signal", "exit", "requeue"]
     assert all(e["job"] == "4242" and e["attempt"] == 1 for e in events)
     assert events[0]["checkpoint"] == "none" and events[0]["nodes"] == "node[1-2]"
+    assert events[1]["signal"] == signal_name
     assert events[2]["code"] == 75 and events[2]["checkpoint"] == "step_3"
     assert "resumes from step_3" in out
 
 
+def test_signal_during_setup_requeues_without_training(tmp_path, capsys, monkeypatch):
+    code, _, scontrol, events, started = run_job_script(
+        tmp_path, capsys, monkeypatch, signal_when="setup.started"
+    )
+    assert not started and code == 0 and scontrol == "requeue 4242\n"
+    assert [e["event"] for e in events] == ["signal", "start", "exit", "requeue"]
+    assert events[2]["code"] == 75 and events[2]["checkpoint"] == "none"
+
+
+def test_signalled_run_that_died_otherwise_is_requeued(tmp_path, capsys, monkeypatch):
+    # E.g. the signal reached the ranks before they could handle it: they died of it.
+    code, _, scontrol, events, _ = run_job_script(
+        tmp_path, capsys, monkeypatch, on_signal=138, signal_when="srun.started"
+    )
+    assert code == 0 and scontrol == "requeue 4242\n"
+    assert [e["event"] for e in events] == ["start", "signal", "exit", "requeue"]
+    assert events[2]["code"] == 138
+
+
 @pytest.mark.parametrize("exit_code", [0, 1, 2])
 def test_job_script_without_requeue_code_does_not_requeue(tmp_path, capsys, monkeypatch, exit_code):
-    code, _, scontrol, events = run_job_script(
-        tmp_path, capsys, monkeypatch, exit_code=exit_code, signal_it=False
+    code, _, scontrol, events, started = run_job_script(
+        tmp_path, capsys, monkeypatch, exit_code=exit_code
     )
-    assert code == exit_code and scontrol == ""
+    assert started and code == exit_code and scontrol == ""
     assert [e["event"] for e in events] == ["start", "exit"]
     assert events[1]["code"] == exit_code and events[1]["checkpoint"] == "step_9"
+
+
+def test_finished_run_is_not_requeued_even_if_signalled(tmp_path, capsys, monkeypatch):
+    # The signal arrives as training finishes: it exits 0, and the run stays finished.
+    code, _, scontrol, events, _ = run_job_script(
+        tmp_path, capsys, monkeypatch, on_signal=0, signal_when="srun.started"
+    )
+    assert code == 0 and scontrol == ""
+    assert [e["event"] for e in events] == ["start", "signal", "exit"]
 
 
 def test_status_reports_jobs_and_attempts(tmp_path, monkeypatch):
@@ -329,7 +372,7 @@ def test_status_reports_jobs_and_attempts(tmp_path, monkeypatch):
     (slurm_dir / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
     events = [
         {"job": "7", "attempt": 0, "event": "start", "checkpoint": "none"},
-        {"job": "7", "attempt": 0, "event": "signal"},
+        {"job": "7", "attempt": 0, "event": "signal", "signal": "USR1"},
         {"job": "7", "attempt": 0, "event": "exit", "code": 75, "checkpoint": "step_13"},
         {"job": "7", "attempt": 0, "event": "requeue"},
         {"job": "7", "attempt": 1, "event": "start", "checkpoint": "step_13"},
