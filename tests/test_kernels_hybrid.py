@@ -106,7 +106,7 @@ def test_scan_matches_float64_reference(layout):
         doc_ids = torch.tensor([[0] * 64 + [1] * 100 + [2] + [3] * 136, [0] * 7 + [1] * 294])
         bounds = document_bounds(doc_ids.to(DEVICE))
     if layout == "cu_seqlens":
-        cu = [0, 63, 64, 65, 200, 301]
+        cu = [0, 63, 64, 65, 128, 200, 301]  # a restart exactly on a chunk edge
         doc_ids = _doc_ids(cu)
         bounds = cu_seqlens_bounds(torch.tensor(cu, device=DEVICE), T)
     phi = scan_angles(delta, *(bounds or (None, None)))
@@ -126,7 +126,7 @@ def test_scan_agrees_with_the_blockwise_angles():
 
 def test_scan_gradient_is_the_reverse_prefix_sum_within_documents():
     torch.manual_seed(2)
-    cu = [0, 50, 51, 130, 171]
+    cu = [0, 50, 51, 128, 130, 171]
     delta = torch.randn(1, 171, 2, 16, dtype=torch.float32)
     upstream = torch.randn(1, 171, 2, 16, dtype=torch.float64)
     leaf = delta.to(DEVICE).requires_grad_()

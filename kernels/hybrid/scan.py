@@ -1,12 +1,13 @@
 """Chunkwise scan of the accumulated angles in Triton: the GPU counterpart of `kernels.angles`.
 
 phi_t is the inclusive prefix sum of the increments delta over t's document. One program owns
-a (batch row, head, block of pairs) column and walks the sequence in chunks of SCAN_CHUNK
-tokens, carrying the running sum from chunk to chunk. Everything inside the kernel is float64:
-the chunk's prefix sums, the restart at document starts (subtract the prefix sum just before
-the start), the carry, and its reduction mod 2*pi. The stored float32 phi lies in [0, 2*pi),
-within half a float32 ulp of 2*pi (2.4e-7 rad) of the exact angle mod 2*pi at any length: ahead
-of DESIGN.md's 1e-4 rad, and of the float32-chunk scheme of `kernels.angles` it agrees with.
+a (batch row, head, 16 pairs) column and walks the sequence in chunks of CHUNK tokens, carrying
+the running sum from chunk to chunk. Everything inside the kernel is float64: the chunk's prefix
+sums, the restart at document starts (subtract the prefix sum just before the start), the carry,
+and its reduction mod 2*pi. The stored float32 phi lies in [0, 2*pi), within half a float32 ulp
+of 2*pi (2.4e-7 rad) of the exact angle mod 2*pi at any length: ahead of DESIGN.md's 1e-4 rad,
+and of the float32-chunk scheme of `kernels.angles` it agrees with. As no sum is float32, the
+chunk length sets only how much work each sequential step does, not the precision.
 
 The gradient is the same walk backwards: dL/ddelta_s is the sum of dL/dphi_t over t >= s in
 s's document (a float64 carry, no reduction: gradients are not periodic).
@@ -19,9 +20,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.angles import SCAN_CHUNK, TWO_PI
+from kernels.angles import TWO_PI
 
 _TWO_PI = tl.constexpr(TWO_PI)
+CHUNK = 128
+BLOCK_P = 16  # pairs per program: P / 16 programs per (row, head) run side by side
 
 
 @triton.jit
@@ -100,8 +103,7 @@ def _scan(x: Tensor, bounds: Tensor | None, *, reverse: bool) -> Tensor:
     if x.stride(-1) != 1:
         x = x.contiguous()
     y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-    block_p = min(64, max(16, triton.next_power_of_2(P)))
-    grid = (triton.cdiv(P, block_p), B * H)
+    grid = (triton.cdiv(P, BLOCK_P), B * H)
     _scan_kernel[grid](
         x,
         y,
@@ -116,8 +118,8 @@ def _scan(x: Tensor, bounds: Tensor | None, *, reverse: bool) -> Tensor:
         y.stride(1),
         y.stride(2),
         0 if bounds is None else bounds.stride(0),
-        CHUNK=SCAN_CHUNK,
-        BLOCK_P=block_p,
+        CHUNK=CHUNK,
+        BLOCK_P=BLOCK_P,
         REVERSE=reverse,
         DOCS=bounds is not None,
     )
