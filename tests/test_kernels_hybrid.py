@@ -231,6 +231,22 @@ def test_float32_head_dims(head_dim):
     assert max(errors.values()) < 1e-5, errors
 
 
+@pytest.mark.skipif(CUDA, reason="on a GPU the autotuner already runs unequal tiles")
+@pytest.mark.parametrize("tiles", [(32, 16), (16, 32)], ids=["BM32_BN16", "BM16_BN32"])
+def test_float32_unequal_query_and_key_tiles(tiles, monkeypatch):
+    """The GPU tiles differ between queries and keys (e.g. 128 x 64, 32 x 128); the block
+    ranges must not mix them up. The interpreter's tiles are replaced for this test."""
+    import triton
+
+    config = triton.Config({"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]})
+    for tuner in (fused._fwd, fused._dkdv, fused._dq):
+        monkeypatch.setattr(tuner, "configs", [config])
+    errors = _compare(
+        1, 70, 32, rotate=True, rotate_values=True, alibi=True, window=29, packed=PACKED
+    )
+    assert max(errors.values()) < 1e-5, errors
+
+
 @pytest.mark.parametrize("packed", [True, False], ids=["packed_T70", "batch2_T37"])
 def test_float32_without_rotation(packed):
     """delta=None: plain causal attention with ALiBi and a window."""
