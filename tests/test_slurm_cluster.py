@@ -81,6 +81,7 @@ def training_args(workdir: Path, name: str, dataset: Path) -> list[str]:
         "train.checkpoint_every=10",
         "train.log_every=1",
         "train.warmup_steps=3",
+        "eval.every_checkpoint=false",
         "slurm.gpus_per_node=0",
         f"slurm.tasks_per_node={RANKS}",
         "slurm.cpus_per_task=1",
