@@ -69,6 +69,9 @@ MpiDefault=none
 ReturnToService=2
 KillWait=10
 MinJobAge=3600
+# Job ids set training's MASTER_PORT (20000 + id % 20000): two test clusters side by side must
+# not both start at job 1.
+FirstJobId=$((RANDOM % 19000 + 1000))
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=$PARTITION Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
