@@ -34,6 +34,7 @@ from launch.config import Config, ConfigError, SlurmConfig, load_config, to_yaml
 
 JOB_BODY = Path(__file__).with_name("slurm_job.sh")
 MAX_SIGNAL_LEAD_S = 65535  # SLURM's limit for --signal=...@<seconds>
+TIME_KEYS = ("time", "eval_time")  # slurm keys in SLURM's time formats
 # squeue states of a job that may still run (anything else has ended).
 ACTIVE_STATES = {
     "PENDING",
@@ -93,7 +94,7 @@ def check_slurm(slurm: SlurmConfig) -> None:
     """Raise SlurmError listing every problem of a slurm section that sbatch would trip over."""
     problems = []
     limits = {}
-    for key in ("time", "eval_time"):
+    for key in TIME_KEYS:
         try:
             limits[key] = time_limit_seconds(getattr(slurm, key))
         except SlurmError as e:
@@ -122,9 +123,6 @@ def check_slurm(slurm: SlurmConfig) -> None:
             )
     if problems:
         raise SlurmError("invalid slurm section:\n  - " + "\n  - ".join(problems))
-
-
-TIME_KEYS = ("time", "eval_time")
 
 
 def use_times_as_written(slurm: SlurmConfig, config_path: Path, overrides: list[str]) -> None:
@@ -317,10 +315,11 @@ def check_partition(partition: str | None) -> None:
     if partition is None:
         return
     partitions = _run(["sinfo", "--noheader", "--format=%R"]).split()
-    if partition not in partitions:
+    unknown = [p for p in partition.split(",") if p not in partitions]  # sbatch takes a list
+    if unknown:
         raise SlurmError(
-            f"partition {partition!r} (slurm.partition) does not exist on this cluster; "
-            f"its partitions: {', '.join(sorted(set(partitions))) or 'none'}"
+            f"partition {', '.join(map(repr, unknown))} (slurm.partition) does not exist on this "
+            f"cluster; its partitions: {', '.join(sorted(set(partitions))) or 'none'}"
         )
 
 

@@ -138,7 +138,7 @@ def events(run_dir: Path) -> list[dict]:
 
 
 def test_unknown_partition_is_named_before_submitting(cluster, tmp_path):
-    done = launch_slurm(tmp_path, str(TINY), "slurm.gpus_per_node=0", "slurm.partition=gpus")
+    done = launch_slurm(tmp_path, str(TINY), "slurm.gpus_per_node=0", "slurm.partition=debug,gpus")
     assert done.returncode == 2
     assert "partition 'gpus' (slurm.partition) does not exist" in done.stderr
     assert "partitions: debug" in done.stderr
