@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/tiny.yaml
 ARGS ?=
 
-.PHONY: setup test data train slurm bench-attention lint format clean-venv
+.PHONY: setup test data train tensorboard slurm bench-attention lint format clean-venv
 
 setup: $(STAMP)
 
@@ -30,9 +30,14 @@ test: setup
 data: setup
 	$(PY) -m data.default_corpus --output data/default
 
-train: setup
-	@echo "make train: the training loop (DeepSpeed ZeRO-3) is not built yet; see README 'Status'." >&2
-	@exit 2
+# Train CONFIG (default: the tiny CPU config on the default corpus); ARGS: key=value overrides.
+train: setup data
+	$(PY) -m launch.train $(CONFIG) $(ARGS)
+
+# TensorBoard over every run in runs/ (PORT=6006).
+PORT ?= 6006
+tensorboard: setup
+	$(VENV)/bin/tensorboard --logdir runs --port $(PORT)
 
 # Submit CONFIG as a SLURM training job (ARGS: key=value overrides, --dry-run); README "SLURM".
 slurm: setup

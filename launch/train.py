@@ -19,11 +19,13 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
+from data.manifest import DatasetError
 from launch import checkpoint as ckpt
 from launch.config import Config, ConfigError, load_config, to_yaml
 from launch.distributed import World, complete_environment, init_world, mean_over_ranks
@@ -92,6 +94,14 @@ def check_dataset(cfg: Config) -> None:
             f"the tokenizer of {cfg.data.path} has {vocab} tokens but model.vocab_size="
             f"{cfg.model.vocab_size}; set model.vocab_size={vocab} (or more)"
         )
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # this rank's mean over the micro-batches
+    applied: bool  # False when ZeRO skipped the update (non-finite gradient norm)
+    data_wait: float  # seconds spent waiting for batches
+    lr: float  # the learning rate the update used
 
 
 class StopFlag:
@@ -176,9 +186,9 @@ class Trainer:
             ckpt.prune(self.checkpoint_dir, self.cfg.train.keep_checkpoints)
         return path
 
-    def _train_step(self, batches) -> tuple[float, bool, float]:
-        """One optimizer step over `grad_accum` micro-batches: (mean loss, applied, data wait)."""
-        losses, waited = [], 0.0
+    def _train_step(self, batches) -> StepResult:
+        """One optimizer step over `grad_accum` micro-batches."""
+        lr, losses, waited = self.engine.get_lr()[0], [], 0.0
         for _ in range(self.cfg.train.grad_accum):
             start = time.perf_counter()
             batch = next(batches)
@@ -192,9 +202,9 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.item())
-        return sum(losses) / len(losses), self.engine.was_step_applied(), waited
+        return StepResult(sum(losses) / len(losses), self.engine.was_step_applied(), waited, lr)
 
-    def _record(self, interval: Interval, step_start: float) -> dict:
+    def _record(self, interval: Interval, lr: float, step_start: float) -> dict:
         """The metrics.jsonl record of the current step, over the interval since the last."""
         summary = interval.summary()
         peak = self.peak_tflops[0]
@@ -203,7 +213,7 @@ class Trainer:
             "step": self.step,
             "tokens": self.tokens,
             **summary,
-            "lr": self.engine.get_lr()[0],
+            "lr": lr,
             "grad_norm": float(self.engine.get_global_grad_norm()),
             "mfu": None if peak is None else achieved / (peak * 1e12),
             "step_time": time.perf_counter() - step_start,
@@ -225,16 +235,16 @@ class Trainer:
         try:
             while self.step < cfg.train.max_steps:
                 step_start = time.perf_counter()
-                loss, applied, waited = self._train_step(batches)
+                result = self._train_step(batches)
                 # One collective per step: the mean loss, and whether any rank skipped or
                 # was signalled, so that every rank takes the same decision.
                 loss, skipped, signalled = mean_over_ranks(
-                    [loss, float(not applied), float(stop.raised)], world.device
+                    [result.loss, float(not result.applied), float(stop.raised)], world.device
                 )
                 self.step += 1
                 self.tokens += self.tokens_per_step
                 good = skipped == 0 and math.isfinite(loss)
-                interval.add(loss, good, waited, self.tokens_per_step)
+                interval.add(loss, good, result.data_wait, self.tokens_per_step)
                 bad_in_row = 0 if good else bad_in_row + 1
                 if not good:
                     self.skipped += 1
@@ -250,9 +260,9 @@ class Trainer:
                     return EXIT_DIVERGED
                 last = self.step == cfg.train.max_steps
                 if metrics is not None:
-                    metrics.advance(1, loss, self.engine.get_lr()[0])
+                    metrics.advance(1, loss, result.lr)
                     if self.step % cfg.train.log_every == 0 or last:
-                        metrics.log(self._record(interval, step_start))
+                        metrics.log(self._record(interval, result.lr, step_start))
                         interval = Interval()
                 if signalled:
                     path = self.save()
@@ -298,7 +308,7 @@ def main(argv: list[str], hooks: list[CheckpointHook] = ()) -> int:
         cfg = load_config(*parse_args(argv))
         check_dataset(cfg)
         resume = resume_point(cfg)  # a foreign run directory stops here, before any work
-    except (ConfigError, RunDirError) as e:
+    except (ConfigError, DatasetError, RunDirError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -308,7 +318,7 @@ def main(argv: list[str], hooks: list[CheckpointHook] = ()) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
     try:
         trainer = Trainer(cfg, world, resume, hooks)
-    except (ConfigError, RunDirError) as e:
+    except (ConfigError, DatasetError, RunDirError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -1,9 +1,15 @@
-"""Shared helpers: small float64 models of every scheme with non-trivial parameters."""
+"""Shared helpers: small float64 models of every scheme with non-trivial parameters, and a
+small prepared dataset for the tests that train."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import sysconfig
 from contextlib import contextmanager
+from pathlib import Path
 
+import pytest
 import torch
 
 from model import ModelConfig, Transformer
@@ -42,3 +48,32 @@ def small_model(scheme: str, *, perturb: float = 0.3, seed: int = 0, **overrides
 def packed_doc_ids() -> torch.Tensor:
     """Two rows of odd length 37 holding 2 and 3 documents."""
     return torch.tensor([[0] * 20 + [1] * 17, [0] * 5 + [1] * 30 + [2] * 2])
+
+
+@pytest.fixture(scope="session")
+def stdlib_dataset(tmp_path_factory) -> Path:
+    """A small prepared dataset of three standard-library packages (no download), built once."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    inputs = [str(stdlib / package / "*.py") for package in ("email", "json", "logging")]
+    output = tmp_path_factory.mktemp("dataset") / "stdlib"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data.prepare",
+            "--input",
+            *inputs,
+            "--output",
+            str(output),
+            "--vocab-size",
+            "512",
+            "--val-fraction",
+            "0.2",
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return output

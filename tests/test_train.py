@@ -1,0 +1,195 @@
+"""launch.train end to end on a real dataset: exact resumption after SIGTERM (1 and 2 ranks),
+truncated checkpoints, metrics.jsonl and TensorBoard, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from launch.train import EXIT_BAD_INPUT, EXIT_REQUEUE
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+STEPS = 24
+TB_TAGS = {
+    "train/loss",
+    "train/lr",
+    "train/grad_norm",
+    "train/tokens_per_s",
+    "train/mfu",
+    "train/step_time",
+    "train/data_wait_fraction",
+    "train/memory_gb",
+}
+
+
+def _args(run_dir: Path, dataset: Path, *extra: str) -> list[str]:
+    return [
+        "configs/tiny.yaml",
+        f"run.dir={run_dir.parent}",
+        f"run.name={run_dir.name}",
+        f"data.path={dataset}",
+        "data.batch_size=8",
+        f"train.max_steps={STEPS}",
+        "train.checkpoint_every=8",
+        "train.log_every=1",
+        "train.warmup_steps=4",
+        "eval.every_checkpoint=false",
+        *extra,
+    ]
+
+
+def _rank_env(rank: int, world: int, port: int) -> dict[str, str]:
+    """What srun-like launchers give each process."""
+    return {
+        **os.environ,
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_WORLD_SIZE": str(world),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+
+
+def _start(args: list[str], world: int = 1, port: int = 29611) -> list[subprocess.Popen]:
+    cmd = [sys.executable, "-m", "launch.train", *args]
+    env = [_rank_env(r, world, port) for r in range(world)] if world > 1 else [dict(os.environ)]
+    return [
+        subprocess.Popen(
+            cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for e in env
+    ]
+
+
+def _finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
+    return [(p.wait(timeout=600), p.communicate()[1]) for p in procs]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in _records(run_dir) if "loss" in r]
+
+
+def _interrupt(procs: list[subprocess.Popen], run_dir: Path, victim: int, after_step: int) -> None:
+    """SIGTERM to one process once metrics.jsonl shows `after_step` steps."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= after_step:
+            procs[victim].send_signal(signal.SIGTERM)
+            return
+        assert all(p.poll() is None for p in procs), "training ended before the signal"
+        time.sleep(0.05)
+    pytest.fail("training never reached the step to interrupt at")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(stdlib_dataset, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "straight"
+    [(code, err)] = _finish(_start(_args(run_dir, stdlib_dataset)))
+    assert code == 0, err[-3000:]
+    return run_dir
+
+
+def test_sigterm_saves_exits_75_and_resumes_to_the_same_losses(
+    uninterrupted, stdlib_dataset, tmp_path
+):
+    run_dir = tmp_path / "interrupted"
+    procs = _start(_args(run_dir, stdlib_dataset))
+    _interrupt(procs, run_dir, victim=0, after_step=5)
+    [(code, err)] = _finish(procs)
+    assert code == EXIT_REQUEUE, err[-3000:]
+    saved = int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step_"))
+    assert 5 <= saved < STEPS and f"saved {run_dir / 'checkpoints' / f'step_{saved}'}" in err
+
+    [(code, err)] = _finish(_start(_args(run_dir, stdlib_dataset)))
+    assert code == 0, err[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{saved}'} (step {saved})" in err
+    # Bitwise: float32 on the CPU is deterministic, and JSON keeps every bit of a float.
+    assert _losses(run_dir) == _losses(uninterrupted)
+    assert [step for step, _ in _losses(run_dir)] == list(range(1, STEPS + 1))
+
+    # A truncated checkpoint is skipped with a warning; the run resumes from the one before.
+    (run_dir / "checkpoints" / "step_24" / "trainer_rank_0.pt").write_bytes(b"")
+    [(code, err)] = _finish(_start(_args(run_dir, stdlib_dataset, f"train.max_steps={STEPS}")))
+    assert code == 0, err[-3000:]
+    assert "skipping checkpoint" in err and "step_24: trainer_rank_0.pt has 0 bytes" in err
+    assert "(step 16)" in err
+    assert _losses(run_dir) == _losses(uninterrupted)
+
+
+def test_two_ranks_resume_exactly_when_one_rank_is_signalled(stdlib_dataset, tmp_path):
+    """torchrun for the uninterrupted run; srun-like processes for the interrupted one, where
+    only rank 1 gets SIGTERM and both ranks must still save and exit together."""
+    straight = tmp_path / "straight2"
+    torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "-m", "launch.train"]
+    done = subprocess.run(
+        [*torchrun, *_args(straight, stdlib_dataset)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    run_dir = tmp_path / "interrupted2"
+    procs = _start(_args(run_dir, stdlib_dataset), world=2)
+    _interrupt(procs, run_dir, victim=1, after_step=5)
+    codes = _finish(procs)
+    assert [code for code, _ in codes] == [EXIT_REQUEUE, EXIT_REQUEUE], codes[0][1][-3000:]
+    resumed = _finish(_start(_args(run_dir, stdlib_dataset), world=2, port=29612))
+    assert [code for code, _ in resumed] == [0, 0], resumed[0][1][-3000:]
+    assert _losses(run_dir) == _losses(straight)
+
+    # The checkpoints need 2 ranks: resuming with 1 stops before any step, saying so.
+    [(code, err)] = _finish(_start(_args(run_dir, stdlib_dataset, "train.max_steps=30")))
+    assert code == EXIT_BAD_INPUT and "saved by 2 ranks and this run has 1" in err
+
+
+def test_metrics_and_tensorboard_hold_every_logged_step(uninterrupted):
+    records = _records(uninterrupted)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    first, last = records[0], records[-1]
+    assert last["tokens"] == STEPS * 8 * 128
+    assert last["loss"] < first["loss"] - 1.0
+    for r in records:
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and 0 <= r["data_wait_fraction"] < 1
+    assert first["lr"] == pytest.approx(3e-3 / 4)  # warmup: (step + 1) / 4 of the peak
+
+    events = EventAccumulator(str(uninterrupted / "tb"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) >= TB_TAGS
+    logged = events.Scalars("train/loss")
+    assert [e.step for e in logged] == list(range(1, STEPS + 1))
+    for event, record in zip(logged, records, strict=True):
+        assert event.value == pytest.approx(record["loss"], rel=1e-6)
+
+
+def test_bad_input_stops_before_any_work(uninterrupted, stdlib_dataset, tmp_path):
+    def run(*extra: str) -> tuple[int, str]:
+        [(code, err)] = _finish(_start(_args(tmp_path / "bad", stdlib_dataset, *extra)))
+        return code, err
+
+    code, err = run("model.schem=rope")
+    assert code == EXIT_BAD_INPUT and "did you mean 'model.scheme'" in err
+    code, err = run(f"data.path={tmp_path / 'nowhere'}")
+    assert code == EXIT_BAD_INPUT and "make data" in err
+    code, err = run("model.vocab_size=100")
+    assert code == EXIT_BAD_INPUT and "set model.vocab_size=512" in err
+    assert not (tmp_path / "bad").exists()
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(uninterrupted, foreign)
+    [(code, err)] = _finish(_start(_args(foreign, stdlib_dataset, "model.scheme=rope")))
+    assert code == EXIT_BAD_INPUT
+    assert "holds checkpoints of a different model (model.scheme: 'hybrid' -> 'rope')" in err
