@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -39,24 +38,6 @@ def cluster(tmp_path_factory):
         del os.environ["SLURM_CONF"]
     else:
         os.environ["SLURM_CONF"] = previous
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    """A small dataset: three standard-library packages (no download), 28 documents."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    inputs = [str(stdlib / package / "*.py") for package in ("email", "json", "logging")]
-    output = tmp_path_factory.mktemp("dataset") / "small"
-    prepare = [sys.executable, "-m", "data.prepare", "--input", *inputs, "--output", str(output)]
-    done = subprocess.run(
-        [*prepare, "--vocab-size", "512", "--val-fraction", "0.2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return output
 
 
 def launch_slurm(workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -153,10 +134,10 @@ def test_missing_dataset_is_named_before_submitting(cluster, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(cluster, dataset, tmp_path_factory) -> tuple[str, Path, str]:
+def uninterrupted(cluster, stdlib_dataset, tmp_path_factory) -> tuple[str, Path, str]:
     """A 2-rank training job that ran to the end: (job id, run directory, final state)."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    job, run_dir = submit(workdir, "whole", dataset)
+    job, run_dir = submit(workdir, "whole", stdlib_dataset)
     return job, run_dir, wait_until_ended(job, run_dir)
 
 
@@ -192,10 +173,10 @@ def test_two_ranks_train_the_tiny_config(uninterrupted):
     }
 
 
-def test_run_directory_of_another_model_is_refused(uninterrupted, dataset):
+def test_run_directory_of_another_model_is_refused(uninterrupted, stdlib_dataset):
     _, run_dir, _ = uninterrupted
     workdir = run_dir.parent.parent
-    args = [*training_args(workdir, run_dir.name, dataset), "model.d_model=64"]
+    args = [*training_args(workdir, run_dir.name, stdlib_dataset), "model.d_model=64"]
     done = launch_slurm(workdir, *args)
     assert done.returncode == 2
     assert "holds checkpoints of a different model" in done.stderr
@@ -203,13 +184,13 @@ def test_run_directory_of_another_model_is_refused(uninterrupted, dataset):
     assert len((run_dir / "slurm" / "jobs.jsonl").read_text().splitlines()) == 1
 
 
-def test_preempted_run_is_requeued_and_resumes_exactly(uninterrupted, dataset, tmp_path):
+def test_preempted_run_is_requeued_and_resumes_exactly(uninterrupted, stdlib_dataset, tmp_path):
     _, whole, _ = uninterrupted
-    job, run_dir = submit(tmp_path, "preempted", dataset)
+    job, run_dir = submit(tmp_path, "preempted", stdlib_dataset)
     wait_for(lambda: len(losses(run_dir)) >= 4, "the first steps", run_dir)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
     # While the job lives (saving, requeued, resumed), a second one for the run is refused.
-    again = launch_slurm(tmp_path, *training_args(tmp_path, "preempted", dataset))
+    again = launch_slurm(tmp_path, *training_args(tmp_path, "preempted", stdlib_dataset))
     assert again.returncode == 2 and f"job {job} is already training" in again.stderr
 
     state = wait_until_ended(job, run_dir)
