@@ -7,6 +7,7 @@ dumps (encodings, pydoc_data) and build-specific files (_sysconfigdata*). The co
 dataset, depends only on the interpreter's standard library sources: the same on every machine
 with the same Python version from the same distribution (python.org/pyenv builds agree; a
 distribution that patches the stdlib, e.g. Debian's, gives a slightly different corpus).
+A default dataset built from another interpreter's stdlib (or by older rules) is rebuilt.
 
     python -m data.default_corpus [--output data/default]
 """
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             vocab_size=VOCAB_SIZE,
             val_fraction=VAL_FRACTION,
             seed=0,
+            overwrite=True,  # the default dataset is generated: replace an outdated one
         )
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -45,20 +45,26 @@ def _walk(directory: Path) -> list[Path]:
     )
 
 
+def file_kind(file: Path) -> str:
+    """How a file holds documents: "jsonl", "parquet" or "text" (the whole file)."""
+    return {".jsonl": "jsonl", ".parquet": "parquet"}.get(file.suffix, "text")
+
+
 def file_digest(files: Sequence[Path]) -> str:
-    """SHA-256 over the bytes of every file, in order: what a dataset was built from."""
+    """SHA-256 over the kind and bytes of every file, in order: what a dataset was built from."""
     digest = hashlib.sha256()
     for file in files:
         with _open(file) as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
+            digest.update(file_kind(file).encode() + hashlib.file_digest(f, "sha256").digest())
     return digest.hexdigest()
 
 
 def read_documents(file: Path, text_field: str) -> Iterator[tuple[str, int]]:
     """Each document of `file` with the number of input bytes it came from."""
-    if file.suffix == ".jsonl":
+    kind = file_kind(file)
+    if kind == "jsonl":
         yield from _jsonl_documents(file, text_field)
-    elif file.suffix == ".parquet":
+    elif kind == "parquet":
         yield from _parquet_documents(file, text_field)
     else:
         with _open(file) as f:
