@@ -2,7 +2,7 @@
 
     python -m launch.slurm CONFIG.yaml [key=value ...] [--dry-run]     submit a training job
     python -m launch.slurm --eval RUN_DIR_OR_CHECKPOINT [key=value ...] [--dry-run]
-                                                                       submit an evaluation job
+                           [-- LAUNCH_EVALUATE_OPTIONS]                submit an evaluation job
     python -m launch.slurm --status RUN_DIR                            the run's jobs and steps
 
 A training job runs one task per GPU (`slurm.tasks_per_node` of them on CPU nodes) with
@@ -254,12 +254,12 @@ def render_eval_script(
     *,
     target: Path,
     run_dir: Path,
-    overrides: list[str],
+    arguments: list[str],
     workdir: Path,
     python: str = sys.executable,
 ) -> str:
     """The batch script of an evaluation job: one task (one GPU on GPU nodes) that runs
-    `launch.evaluate` on a run or one checkpoint; a preempted evaluation starts again."""
+    `launch.evaluate TARGET ARGUMENTS...`; a preempted evaluation starts again."""
     slurm = cfg.slurm
     header = _header(
         slurm,
@@ -272,7 +272,7 @@ def render_eval_script(
         output=str(run_dir / "logs" / "eval-%j.out"),
     )
     header += [f"#SBATCH {_sbatch_option(line)}" for line in slurm.extra_sbatch]
-    command = [python, "-m", "launch.evaluate", str(target), *overrides]
+    command = [python, "-m", "launch.evaluate", str(target), *arguments]
     lines = [
         "#!/bin/bash",
         f"# rotalibi evaluation job for {target}: rendered by `python -m launch.slurm --eval`.",
@@ -436,7 +436,11 @@ def find_run_dir(target: Path) -> Path:
     )
 
 
-def submit_evaluation(target: Path, overrides: list[str], *, dry_run: bool) -> int:
+def submit_evaluation(
+    target: Path, overrides: list[str], options: list[str], *, dry_run: bool
+) -> int:
+    """Overrides (slurm.* for the job, the rest for launch.evaluate) and launch.evaluate's own
+    options (--all, --step N, --out DIR, ...)."""
     if not target.exists():
         raise SlurmError(f"{target} does not exist; give runs/<name> or one of its checkpoints")
     workdir = Path.cwd()
@@ -445,9 +449,9 @@ def submit_evaluation(target: Path, overrides: list[str], *, dry_run: bool) -> i
     cfg = load_config(run_dir / "config.yaml", overrides)  # a wrong key fails here, not queued
     use_times_as_written(cfg.slurm, run_dir / "config.yaml", overrides)
     check_slurm(cfg.slurm)
-    evaluate_overrides = [o for o in overrides if not o.startswith("slurm.")]
+    arguments = [o for o in overrides if not o.startswith("slurm.")] + options
     script = render_eval_script(
-        cfg, target=target, run_dir=run_dir, overrides=evaluate_overrides, workdir=workdir
+        cfg, target=target, run_dir=run_dir, arguments=arguments, workdir=workdir
     )
     if dry_run:
         print(script, end="")
@@ -459,7 +463,7 @@ def submit_evaluation(target: Path, overrides: list[str], *, dry_run: bool) -> i
         script,
         run_dir=run_dir,
         kind="eval",
-        detail={"target": str(target), "overrides": evaluate_overrides},
+        detail={"target": str(target), "arguments": arguments},
     )
     print(f"submitted evaluation job {job} for {target}; run directory {run_dir}")
     return 0
@@ -529,7 +533,12 @@ def main(argv: list[str]) -> int:
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--eval", metavar="RUN_DIR_OR_CHECKPOINT", type=Path)
     what.add_argument("--status", metavar="RUN_DIR", type=Path)
+    options = []  # after `--`: launch.evaluate's own options
+    if "--" in argv:
+        argv, options = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
     args = parser.parse_intermixed_args(argv)
+    if options and args.eval is None:
+        parser.error("options after -- go to launch.evaluate: they need --eval")
     try:
         if args.status is not None:
             if args.args or args.dry_run:
@@ -537,7 +546,7 @@ def main(argv: list[str]) -> int:
             print(status(args.status))
             return 0
         if args.eval is not None:
-            return submit_evaluation(args.eval, args.args, dry_run=args.dry_run)
+            return submit_evaluation(args.eval, args.args, options, dry_run=args.dry_run)
         if not args.args:
             parser.error("give a config (e.g. configs/7b.yaml), --eval TARGET or --status RUN_DIR")
         return submit_training(Path(args.args[0]), args.args[1:], dry_run=args.dry_run)

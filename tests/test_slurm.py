@@ -234,10 +234,13 @@ def test_eval_job_rendering(tmp_path, capsys, monkeypatch):
         str(checkpoint),
         "eval.lengths=[1024,8192]",  # slurm.* overrides stay with the job, not the evaluation
     ]
-    # The run directory works as a target too; a path that is neither fails clearly.
-    assert "launch.evaluate " + str(run_dir) in render(
-        ["--eval", str(run_dir)], tmp_path, capsys, monkeypatch
-    )
+    # The run directory works as a target too, and options after `--` go to launch.evaluate.
+    assert main(["--eval", str(run_dir), "--dry-run", "--", "--all"]) == 0
+    assert f"launch.evaluate {run_dir} --all\n" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # not for training jobs
+        main([str(TINY), "slurm.gpus_per_node=0", "--dry-run", "--", "--all"])
+    assert "they need --eval" in capsys.readouterr().err
+    # A path that is neither a run nor a checkpoint, or a wrong key, fails before submitting.
     assert main(["--eval", str(tmp_path), "--dry-run"]) == 2
     assert "neither a run directory nor a checkpoint" in capsys.readouterr().err
     assert main(["--eval", str(run_dir), "eval.lenghts=[5]", "--dry-run"]) == 2
