@@ -9,6 +9,7 @@ prints the resolved config.
 from __future__ import annotations
 
 import difflib
+import re
 import sys
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -23,6 +24,18 @@ from model.config import ModelConfig
 
 class ConfigError(ValueError):
     """A config problem, stated with the key, the value and the fix."""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML without 1.1's sexagesimal numbers: `time: 12:00:00` stays a string, not 43200."""
+
+
+CLOCK_TIME = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")
+ConfigLoader.yaml_implicit_resolvers = {
+    first: list(resolvers) for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for first in "+-0123456789":  # checked before the int and float resolvers
+    ConfigLoader.yaml_implicit_resolvers[first].insert(0, ("tag:yaml.org,2002:str", CLOCK_TIME))
 
 
 @dataclass
@@ -208,7 +221,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             available = ", ".join(sorted(str(p) for p in Path("configs").glob("**/*.yaml")))
             raise ConfigError(f"config file {path} not found; available: {available or 'none'}")
         try:
-            layer = OmegaConf.create(yaml.safe_load(path.read_text()) or {})
+            layer = OmegaConf.create(yaml.load(path.read_text(), Loader=ConfigLoader) or {})
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
         merged = _merge(merged, layer, str(path))
@@ -217,7 +230,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(
                 f"override {item!r} is not of the form key=value (e.g. model.scheme=rope)"
             )
-        merged = _merge(merged, OmegaConf.from_dotlist([item]), f"override {item!r}")
+        key, _, text = item.partition("=")
+        layer = OmegaConf.create()
+        OmegaConf.update(layer, key.strip(), yaml.load(text, Loader=ConfigLoader), merge=True)
+        merged = _merge(merged, layer, f"override {item!r}")
     return validate(OmegaConf.to_object(merged))
 
 

@@ -125,20 +125,6 @@ def check_slurm(slurm: SlurmConfig) -> None:
         raise SlurmError("invalid slurm section:\n  - " + "\n  - ".join(problems))
 
 
-def use_times_as_written(slurm: SlurmConfig, config_path: Path, overrides: list[str]) -> None:
-    """YAML 1.1 reads an unquoted 12:00:00 as the sexagesimal integer 43200, which SLURM would
-    take for minutes: set the time limits to their text in the file and the overrides."""
-    raw = yaml.load(config_path.read_text(), Loader=yaml.BaseLoader) or {}
-    section = raw.get("slurm") if isinstance(raw, dict) else None
-    written = {k: v for k, v in (section or {}).items() if k in TIME_KEYS and isinstance(v, str)}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key.startswith("slurm.") and key[len("slurm.") :] in TIME_KEYS:
-            written[key[len("slurm.") :]] = value.strip().strip("'\"")
-    for key, value in written.items():
-        setattr(slurm, key, value)
-
-
 def require_slurm_section(config_path: Path, overrides: list[str]) -> None:
     """A training job needs the cluster's own settings, not the schema's placeholders."""
     raw = yaml.safe_load(config_path.read_text()) or {}
@@ -384,7 +370,6 @@ def _prepare_dirs(run_dir: Path, output: str) -> None:
 def submit_training(config_path: Path, overrides: list[str], *, dry_run: bool) -> int:
     cfg = load_config(config_path, overrides)
     require_slurm_section(config_path, overrides)
-    use_times_as_written(cfg.slurm, config_path, overrides)
     check_slurm(cfg.slurm)
     workdir = Path.cwd()
     run_dir = (workdir / cfg.run_dir).resolve()
@@ -447,7 +432,6 @@ def submit_evaluation(
     target = target.resolve()
     run_dir = find_run_dir(target)
     cfg = load_config(run_dir / "config.yaml", overrides)  # a wrong key fails here, not queued
-    use_times_as_written(cfg.slurm, run_dir / "config.yaml", overrides)
     check_slurm(cfg.slurm)
     arguments = [o for o in overrides if not o.startswith("slurm.")] + options
     script = render_eval_script(

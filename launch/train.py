@@ -301,6 +301,7 @@ def setup_logging(rank: int) -> None:
 
 
 def main(argv: list[str], hooks: list[CheckpointHook] = ()) -> int:
+    stop = StopFlag()  # first: a signal during start-up is acted on at the first step
     complete_environment()
     rank = int(os.environ["RANK"])
     setup_logging(rank)
@@ -312,7 +313,6 @@ def main(argv: list[str], hooks: list[CheckpointHook] = ()) -> int:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    stop = StopFlag()
     world = init_world()
     if world.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))

@@ -81,3 +81,16 @@ def test_cli_prints_resolved_config_or_error(capsys):
     assert "scheme: alibi" in capsys.readouterr().out
     assert main([str(TINY), "model.scheme=nonsense"]) == 2
     assert "valid choices" in capsys.readouterr().err
+
+
+def test_clock_times_stay_strings_in_files_and_overrides(tmp_path):
+    """YAML 1.1 reads 12:00:00 as the sexagesimal integer 43200; configs must not."""
+    config = tmp_path / "times.yaml"
+    config.write_text("slurm:\n  time: 12:00:00\n  eval_time: 10:00\n")
+    cfg = load_config(config, ["slurm.partition=01:02"])
+    assert (cfg.slurm.time, cfg.slurm.eval_time, cfg.slurm.partition) == (
+        "12:00:00",
+        "10:00",
+        "01:02",
+    )
+    assert load_config(config, ["slurm.time=1-00:30:00"]).slurm.time == "1-00:30:00"
