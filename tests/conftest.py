@@ -3,6 +3,7 @@ small prepared dataset for the tests that train."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import sysconfig
@@ -13,6 +14,11 @@ import pytest
 import torch
 
 from model import ModelConfig, Transformer
+
+# Without CUDA the Triton kernels (kernels.hybrid) run in Triton's interpreter, which Triton reads
+# when it is first imported: switch it on before any test module imports Triton (DeepSpeed does).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SMALL = dict(vocab_size=61, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, sandwich_dim=8)
 

@@ -350,10 +350,10 @@ def test_benchmark_without_cuda_stops_with_a_clear_message():
 @pytest.mark.parametrize("window", [None, 97])
 @pytest.mark.parametrize("rotate_values", [True, False])
 def test_half_precision_matches_float64_reference(dtype, head_dim, window, rotate_values):
-    """The tensor-core paths at the production tiles: T = 701, packed, GQA, ALiBi."""
+    """The tensor-core paths at the production tiles: T = 333, packed, GQA, ALiBi."""
     errors = _compare(
-        1, 701, head_dim, rotate=True, rotate_values=rotate_values, alibi=True, window=window,
-        packed=[0, 131, 132, 500, 701], dtype=dtype,
+        1, 333, head_dim, rotate=True, rotate_values=rotate_values, alibi=True, window=window,
+        packed=[0, 100, 101, 250, 333], dtype=dtype,
     )  # fmt: skip
     assert errors["out"] < 5e-3, errors
     assert max(errors.values()) < 1e-2, errors
@@ -362,12 +362,17 @@ def test_half_precision_matches_float64_reference(dtype, head_dim, window, rotat
 @needs_cuda
 def test_training_memory_is_linear_in_length():
     def peak(length: int) -> int:
+        """Peak bytes of forward + backward beyond the inputs (after a first call that lets
+        the autotuner pick its tiles: its benchmarking allocates a cache-flush buffer)."""
         q, k, v, delta = (x.cuda() for x in _inputs(1, length, 128, torch.bfloat16))
         leaves = [x.requires_grad_() for x in (q, k, v, delta)]
+        slopes = alibi_slopes(4).cuda()
+        hybrid_attention(*leaves, slopes).sum().backward()  # tunes the tiles for this length
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
-        out = hybrid_attention(*leaves, alibi_slopes(4).cuda())
-        out.sum().backward()
+        hybrid_attention(*leaves, slopes).sum().backward()
+        torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - start
 
     assert peak(16384) / peak(8192) < 2.2

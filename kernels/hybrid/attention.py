@@ -14,12 +14,13 @@ Keys are visited in three runs: blocks that straddle the document start or windo
 that need no mask at all, and the diagonal blocks; only the first and last runs evaluate masks.
 Grouped-query heads: query head hq reads key/value head hq // G.
 
-Backward, flash-attention 2 style with recomputation from the saved log-sum-exp: q and dO are
-rotated like k and v (an elementwise pass), one kernel per key block accumulates dk~, dv~ over
+Backward, flash-attention 2 style with recomputation from the saved log-sum-exp: q, k, v and
+dO are rotated (elementwise passes; the forward saves k and v unrotated, at no extra memory),
+one kernel per key block accumulates dk~, dv~ over
 the G query heads of its key/value head (no atomics), one kernel per query block accumulates
 dq~. A last elementwise pass rotates the gradients back (dx = R(-phi) dx~) and collects
-dL/dphi_t = sum over the rotated tensors x~ = R(phi) x of (dx~_2 x~_1 - dx~_1 x~_2), plus the
-output's back-rotation term dO_1 o_2 - dO_2 o_1 (pairs (x_1, x_2) = (x[p], x[p + d/2])).
+dL/dphi_t = sum over x in (q, k, v) of x_1 dx_2 - x_2 dx_1, minus o_1 dO_2 - o_2 dO_1 for the
+output's back-rotation (pairs (x_1, x_2) = (x[p], x[p + d/2]); v and o only when rotated).
 
 Precision: angles are reduced mod 2*pi before cos/sin and rotations run in float32; scores,
 softmax statistics and gradient accumulators are float32; float32 inputs use IEEE float32 dot
@@ -38,7 +39,8 @@ from torch import Tensor
 from kernels.hybrid.documents import cu_seqlens_bounds
 from kernels.hybrid.scan import scan_angles
 
-LOG2E = math.log2(math.e)
+LOG2E = math.log2(math.e)  # scores are kept in log2 units, for exp2
+_LOG2E = tl.constexpr(LOG2E)
 _TWO_PI = tl.constexpr(2 * math.pi)
 _NEG_BIG = tl.constexpr(-1.0e30)  # running-max start: finite, so fully masked blocks give no NaN
 HEAD_DIMS = (32, 64, 128)
@@ -114,8 +116,8 @@ def _rotate_kernel(
 
 @triton.jit
 def _log2_slope(SLOPES, hq, ALIBI: tl.constexpr):
-    """Head hq's ALiBi slope in log2 units (scores are kept in log2 units for exp2)."""
-    return tl.load(SLOPES + hq) * 1.4426950408889634 if ALIBI else 0.0
+    """Head hq's ALiBi slope in log2 units."""
+    return tl.load(SLOPES + hq) * _LOG2E if ALIBI else 0.0
 
 
 @triton.jit
@@ -599,18 +601,30 @@ def _dq_kernel(
 
 
 @triton.jit
+def _unrotate_one(x_base, dxr_base, dx_base, t, t_ok, stride_t, c, s, P: tl.constexpr):
+    """Store dx = R(-phi) dx~ and return x cross dx = x_1 dx_2 - x_2 dx_1 (float32), the
+    tensor's term of dL/dphi: rotations keep this cross product, so it equals x~ cross dx~."""
+    x1, x2 = _load_halves(x_base, t, t_ok, stride_t, P)
+    g1, g2 = _load_halves(dxr_base, t, t_ok, stride_t, P)
+    dx1 = g1 * c + g2 * s
+    dx2 = g2 * c - g1 * s
+    _store_halves(dx_base, t, t_ok, stride_t, dx1, dx2, P)
+    return x1 * dx2 - x2 * dx1
+
+
+@triton.jit
 def _unrotate_kernel(
     PHI,
-    QR,
+    Q,
     DQR,
+    DQ,
     O,
     DO,
-    KR,
+    K,
     DKR,
-    VR,
-    DVR,
-    DQ,
     DK,
+    V,
+    DVR,
     DV,
     DPHI,
     sp_b,
@@ -622,9 +636,6 @@ def _unrotate_kernel(
     sk_b,
     sk_t,
     sk_h,
-    sg_b,
-    sg_t,
-    sg_h,
     T,
     H,
     G,
@@ -632,10 +643,12 @@ def _unrotate_kernel(
     ROTATE_V: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    """dx = R(-phi) dx~ for q (G heads), k and v (when rotated), and dL/dphi (float32).
+    """dq, dk (and dv when rotated) = R(-phi) of the rotated-space gradients, and
+    dL/dphi = sum over the inputs x of x cross dx - sum over the outputs o of o cross dO.
 
-    QR, DQR, O, DO, DQ share the strides sq (query-shaped, contiguous); KR, VR, DK, DV share
-    sk; DKR, DVR share sg (float32 buffers).
+    Q, DQR, DQ, O, DO are query-shaped with strides sq; K, DKR, DK, V, DVR, DV key-shaped
+    with strides sk (all contiguous; DQR, DKR, DVR float32). The inputs x are the exact ones,
+    not their rotations rounded to bfloat16, which keeps dL/dphi accurate in low precision.
     """
     P: tl.constexpr = D // 2
     b = (tl.program_id(1) // H).to(tl.int64)
@@ -646,25 +659,15 @@ def _unrotate_kernel(
     dphi = tl.zeros([BLOCK_T, P], tl.float32)
     for g in range(G):
         q_off = b * sq_b + (h * G + g) * sq_h
-        x1, x2 = _load_halves(QR + q_off, t, t_ok, sq_t, P)
-        g1, g2 = _load_halves(DQR + q_off, t, t_ok, sq_t, P)
-        _store_halves(DQ + q_off, t, t_ok, sq_t, g1 * c + g2 * s, g2 * c - g1 * s, P)
-        dphi += g2 * x1 - g1 * x2
+        dphi += _unrotate_one(Q + q_off, DQR + q_off, DQ + q_off, t, t_ok, sq_t, c, s, P)
         if ROTATE_V:
             o1, o2 = _load_halves(O + q_off, t, t_ok, sq_t, P)
             do1, do2 = _load_halves(DO + q_off, t, t_ok, sq_t, P)
-            dphi += do1 * o2 - do2 * o1
+            dphi -= o1 * do2 - o2 * do1
     k_off = b * sk_b + h * sk_h
-    g_off = b * sg_b + h * sg_h
-    x1, x2 = _load_halves(KR + k_off, t, t_ok, sk_t, P)
-    g1, g2 = _load_halves(DKR + g_off, t, t_ok, sg_t, P)
-    _store_halves(DK + k_off, t, t_ok, sk_t, g1 * c + g2 * s, g2 * c - g1 * s, P)
-    dphi += g2 * x1 - g1 * x2
+    dphi += _unrotate_one(K + k_off, DKR + k_off, DK + k_off, t, t_ok, sk_t, c, s, P)
     if ROTATE_V:
-        x1, x2 = _load_halves(VR + k_off, t, t_ok, sk_t, P)
-        g1, g2 = _load_halves(DVR + g_off, t, t_ok, sg_t, P)
-        _store_halves(DV + k_off, t, t_ok, sk_t, g1 * c + g2 * s, g2 * c - g1 * s, P)
-        dphi += g2 * x1 - g1 * x2
+        dphi += _unrotate_one(V + k_off, DVR + k_off, DV + k_off, t, t_ok, sk_t, c, s, P)
     offs = t[:, None].to(tl.int64) * (H * P) + tl.arange(0, P)[None, :]
     tl.store(DPHI + b * T * H * P + h * P + offs, dphi, mask=t_ok[:, None])
 
@@ -746,15 +749,16 @@ class _FusedAttention(torch.autograd.Function):
             T, HQ, HQ // H, scale * LOG2E, window or 0,
             D=D, ROTATE=phi is not None, ROTATE_V=rotate_v, **flags,
         )  # fmt: skip
-        ctx.save_for_backward(q, kr, vr, phi, slopes, starts, ends, o, lse)
+        # k and v, not their rotations: the backward rotates them again, and needs them exact.
+        ctx.save_for_backward(q, k, v, phi, slopes, starts, ends, o, lse)
         ctx.rotate_v, ctx.window, ctx.scale = rotate_v, window, scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, kr, vr, phi, slopes, starts, ends, o, lse = ctx.saved_tensors
+        q, k, v, phi, slopes, starts, ends, o, lse = ctx.saved_tensors
         B, T, HQ, D = q.shape
-        H = kr.shape[2]
+        H = k.shape[2]
         G = HQ // H
         do = do.contiguous()
         delta = torch.empty_like(lse)
@@ -762,8 +766,8 @@ class _FusedAttention(torch.autograd.Function):
         _row_dot_kernel[grid](
             o, do, delta, *_strides(o), *_strides(do), T, HQ, D=D, BLOCK_T=_ELEMENTWISE_BLOCK
         )
-        qr = q if phi is None else _rotate(q, phi)
-        dor = _rotate(do, phi) if ctx.rotate_v else do
+        qr, kr = (q, k) if phi is None else (_rotate(q, phi), _rotate(k, phi))
+        vr, dor = (_rotate(v, phi), _rotate(do, phi)) if ctx.rotate_v else (v, do)
         dqr = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         dkr = torch.empty(kr.shape, dtype=torch.float32, device=q.device)
         dvr = torch.empty_like(dkr)
@@ -784,13 +788,13 @@ class _FusedAttention(torch.autograd.Function):
             T, HQ, G, ctx.scale * LOG2E, ctx.scale, ctx.window or 0, D=D, **flags,
         )  # fmt: skip
         if phi is None:
-            return dqr.to(q.dtype), dkr.to(kr.dtype), dvr.to(vr.dtype), *(None,) * 7
-        dq, dk = torch.empty_like(q), torch.empty_like(kr)
-        dv = torch.empty_like(vr) if ctx.rotate_v else dvr.to(vr.dtype)
+            return dqr.to(q.dtype), dkr.to(k.dtype), dvr.to(v.dtype), *(None,) * 7
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        dv = torch.empty_like(v) if ctx.rotate_v else dvr.to(v.dtype)
         dphi = torch.empty(phi.shape, dtype=torch.float32, device=q.device)
         _unrotate_kernel[(triton.cdiv(T, _ELEMENTWISE_BLOCK), B * H)](
-            phi, qr, dqr, o, do, kr, dkr, vr, dvr, dq, dk, dv, dphi,
-            *_strides(phi), *_strides(qr), *_strides(kr), *_strides(dkr), T, H, G,
+            phi, q, dqr, dq, o, do, k, dkr, dk, v, dvr, dv, dphi,
+            *_strides(phi), *_strides(q), *_strides(k), T, H, G,
             D=D, ROTATE_V=ctx.rotate_v, BLOCK_T=_ELEMENTWISE_BLOCK,
         )  # fmt: skip
         return dq, dk, dv, dphi.to(phi.dtype), *(None,) * 6
