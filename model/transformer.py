@@ -4,6 +4,8 @@ optional tied embeddings, and a pluggable position scheme (model/schemes.py)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -14,11 +16,16 @@ import kernels
 from model.config import ModelConfig
 from model.schemes import SCHEMES, PositionScheme
 
+# Called by each attention layer with (layer, q, k, v, kwargs of `kernels.attention`) before it
+# attends; see `Transformer.attention_probe`.
+AttentionProbe = Callable[[int, Tensor, Tensor, Tensor, dict], None]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, window: int | None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.layer = cfg, layer
+        self.probe: AttentionProbe | None = None
         D, HQ, H = cfg.head_dim, cfg.n_heads, cfg.kv_heads
         self.wq = nn.Linear(cfg.d_model, HQ * D, bias=False)
         self.wk = nn.Linear(cfg.d_model, H * D, bias=False)
@@ -38,7 +45,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, positions: Tensor, doc_ids: Tensor | None) -> Tensor:
         q, k, v, plan = self.prepare(x, positions, doc_ids)
-        o = kernels.attention(q, k, v, doc_ids=doc_ids, block=self.cfg.attn_block, **plan)
+        kwargs = dict(plan, doc_ids=doc_ids, block=self.cfg.attn_block)
+        if self.probe is not None:
+            self.probe(self.layer, q, k, v, kwargs)
+        o = kernels.attention(q, k, v, **kwargs)
         return self.wo(o.flatten(2))
 
 
@@ -118,8 +128,12 @@ class Transformer(nn.Module):
                 nn.init.normal_(linear.weight, std=std / math.sqrt(2 * self.cfg.n_layers))
             block.attn.position.reset_parameters()
 
-    def forward(self, tokens: Tensor, doc_ids: Tensor | None = None) -> Tensor:
-        """tokens [B, T] -> logits [B, T, vocab]. doc_ids [B, T] marks packed documents."""
+    def forward(
+        self, tokens: Tensor, doc_ids: Tensor | None = None, *, head: bool = True
+    ) -> Tensor:
+        """tokens [B, T] -> logits [B, T, vocab]. doc_ids [B, T] marks packed documents.
+        head=False returns the final normalised hidden states [B, T, d_model] instead, for
+        callers that apply `lm_head` a chunk of positions at a time (long-context evaluation)."""
         B, T = tokens.shape
         positions = kernels.document_positions(doc_ids, B, T, tokens.device)
         x = self.embed(tokens)
@@ -130,7 +144,21 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, positions, doc_ids, use_reentrant=False)
             else:
                 x = block(x, positions, doc_ids)
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        return self.lm_head(x) if head else x
+
+    @contextmanager
+    def attention_probe(self, probe: AttentionProbe) -> Iterator[None]:
+        """Within the `with` block, every attention layer calls probe(layer, q, k, v, kwargs)
+        with its inputs (q, k, v before any rotation; kwargs of `kernels.attention`: the
+        scheme's plan, doc_ids, block) before attending."""
+        for block in self.blocks:
+            block.attn.probe = probe
+        try:
+            yield
+        finally:
+            for block in self.blocks:
+                block.attn.probe = None
 
     def loss(self, tokens: Tensor, targets: Tensor, doc_ids: Tensor | None = None) -> Tensor:
         """Mean next-token cross entropy; targets equal to -100 are ignored."""
