@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/tiny.yaml
 ARGS ?=
 
-.PHONY: setup test data train tensorboard slurm bench-attention lint format clean-venv
+.PHONY: setup test data train eval compare tensorboard slurm bench-attention lint format clean-venv
 
 setup: $(STAMP)
 
@@ -33,6 +33,16 @@ data: setup
 # Train CONFIG (default: the tiny CPU config on the default corpus); ARGS: key=value overrides.
 train: setup data
 	$(PY) -m launch.train $(CONFIG) $(ARGS)
+
+# Extrapolation evaluation of RUN (a run, checkpoint or export; default runs/tiny, its newest
+# checkpoint); ARGS: key=value overrides, --step N, --all, --out DIR. README "Evaluation".
+RUN ?= runs/tiny
+eval: setup
+	$(PY) -m launch.evaluate $(RUN) $(ARGS)
+
+# One plot and one table comparing the newest evaluations of RUNS (run directories).
+compare: setup
+	$(PY) -m launch.compare $(RUNS) $(ARGS)
 
 # TensorBoard over every run in runs/ (PORT=6006).
 PORT ?= 6006

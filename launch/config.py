@@ -85,10 +85,40 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """Extrapolation evaluation (launch/evaluate.py; README "Evaluation")."""
+
     # Evaluation lengths in tokens; None means data.seq_len x (1, 2, 4, 8, 16, 32, 64).
     lengths: list[int] | None = None
-    windows: int = field(default=8, metadata={"min": 1})  # held-out windows per length
+    # Held-out windows of the longest length; shorter lengths cut the same text into more.
+    windows: int = field(default=2, metadata={"min": 1})
     every_checkpoint: bool = True
+    seed: int = 0  # draws the windows and the passkeys: keep it fixed so that runs compare
+    batch_tokens: int = field(default=8192, metadata={"min": 1})  # tokens per forward pass
+    # Attention diagnostics (on the text of the first `diagnostic_windows` windows) and passkey
+    # retrieval run at these lengths; None means the evaluation lengths up to 16 x data.seq_len.
+    diagnostic_lengths: list[int] | None = None
+    diagnostic_windows: int = field(default=1, metadata={"min": 1})
+    mixing_eps: list[float] = field(default_factory=lambda: [0.1, 0.01])
+    passkey_lengths: list[int] | None = None
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    passkey_trials: int = field(default=2, metadata={"min": 1})
+    # A length runs only if its estimated memory fits this share of the free memory.
+    memory_fraction: float = field(default=0.8, metadata={"min": 0.01, "max": 1.0})
+
+    def __post_init__(self):
+        problems = []
+        if not all(0 < eps < 1 for eps in self.mixing_eps) or not self.mixing_eps:
+            problems.append(f"'eval.mixing_eps' is {self.mixing_eps}; give numbers in (0, 1)")
+        if not all(0 <= depth <= 1 for depth in self.passkey_depths):
+            problems.append(
+                f"'eval.passkey_depths' is {self.passkey_depths}; give numbers in [0, 1]"
+            )
+        for key in ("diagnostic_lengths", "passkey_lengths"):
+            value = getattr(self, key)
+            if value is not None and any(n < 2 for n in value):
+                problems.append(f"'eval.{key}' is {value}; every length must be >= 2")
+        if problems:
+            raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
 
 @dataclass

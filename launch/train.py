@@ -309,6 +309,10 @@ def main(argv: list[str], hooks: list[CheckpointHook] = ()) -> int:
         cfg = load_config(*parse_args(argv))
         check_dataset(cfg)
         resume = resume_point(cfg)  # a foreign run directory stops here, before any work
+        if cfg.eval.every_checkpoint:
+            from launch.evaluate import evaluation_hook
+
+            hooks = [*hooks, evaluation_hook(cfg)]
     except (ConfigError, DatasetError, RunDirError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,308 @@
+"""Extrapolation evaluation: `python -m launch.evaluate TARGET [key=value ...]`.
+
+    python -m launch.evaluate runs/tiny                      the newest checkpoint of a run
+    python -m launch.evaluate runs/tiny --step 200           one checkpoint (or --all of them)
+    python -m launch.evaluate runs/tiny/checkpoints/step_200 a checkpoint directory
+    python -m launch.evaluate runs/tiny/export/step_300      an export (launch.export)
+        [eval.lengths=[128,1024] eval.windows=4 data.path=... ...] [--out DIR] [--device cuda]
+
+One process, on CUDA when there is a GPU, else the CPU; no DeepSpeed engine. Overrides take
+`eval.*`, `data.path`, `model.attn_block` and `deepspeed.precision` keys on top of the run's
+config (an export outside a run starts from the schema's defaults). Writes, like the
+evaluation inside training (`checkpoint_hook`), `eval/step_<N>.json`, `eval/ppl_vs_length.png`
+and TensorBoard scalars and image, into the run directory (or --out). launch/extrapolation.py
+says what is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from data.manifest import DatasetError
+from launch import checkpoint as ckpt
+from launch.config import Config, ConfigError, load_config
+from launch.distributed import World
+from launch.extrapolation import Extrapolation, plan_lengths, scalars
+from launch.plots import curve_of, ppl_vs_length
+from model import Transformer
+
+if TYPE_CHECKING:
+    from launch.train import Trainer
+
+log = logging.getLogger("rotalibi")
+
+OVERRIDABLE = ("eval.", "data.path=", "model.attn_block=", "deepspeed.precision=")
+
+
+class TargetError(ValueError):
+    """The evaluation target is not a run, a checkpoint or an export."""
+
+
+# ---------------------------------------------------------------------- outputs
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_results(eval_dir: Path) -> list[dict]:
+    """Every `step_<N>.json` of an eval directory, by step."""
+    found = [json.loads(p.read_text()) for p in eval_dir.glob("step_*.json")]
+    return sorted(found, key=lambda r: r["step"])
+
+
+def write_outputs(results: dict, eval_dir: Path, tb_dir: Path, *, with_scalars: bool) -> Path:
+    """step_<N>.json, the plot over every checkpoint evaluated so far, and TensorBoard's image
+    `extrap/ppl_vs_length` (and, with_scalars, the scalars). Returns the JSON's path."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    path = eval_dir / f"step_{results['step']}.json"
+    _write_atomically(path, json.dumps(results, indent=1))
+    every = load_results(eval_dir)
+    title = f"{results['scheme']}: perplexity by length ({eval_dir.parent.name})"
+    curves = [curve_of(r, f"step {r['step']}") for r in every]
+    figure = ppl_vs_length(curves, results["train_length"], title)
+    figure.savefig(eval_dir / "ppl_vs_length.png", dpi=110)
+    writer = SummaryWriter(str(tb_dir))
+    try:
+        writer.add_figure("extrap/ppl_vs_length", figure, results["step"], close=False)
+        if with_scalars:
+            for key, value in scalars(results).items():
+                writer.add_scalar(key, value, results["step"])
+    finally:
+        writer.close()
+    return path
+
+
+# ---------------------------------------------------------------------- inside training
+
+
+def _zero3_gathered(params: list[torch.nn.Parameter]):
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def evaluation_hook(cfg: Config) -> Callable[[Trainer, int], dict]:
+    """`checkpoint_hook` for launch.train, once the evaluation settings of `cfg` are checked
+    (ConfigError before any training otherwise)."""
+    plan_lengths(cfg, cfg.data.seq_len)
+    return checkpoint_hook
+
+
+def checkpoint_hook(trainer: Trainer, step: int) -> dict:
+    """launch.train's CheckpointHook: evaluate the checkpoint just saved, on every rank (each
+    on its share of the windows, ZeRO-3 gathering the weights in the engine's forward); rank
+    0 writes the outputs. Returns the scalars for metrics.jsonl and TensorBoard. A failure is
+    logged, and training goes on (the checkpoint is saved; `launch.evaluate` can redo it)."""
+    cfg, module = trainer.cfg, trainer.engine.module
+    was_training = module.training
+    module.eval()
+    try:
+        evaluation = Extrapolation(
+            module,
+            cfg,
+            trainer.world,
+            train_length=cfg.data.seq_len,
+            forward=lambda tokens: trainer.engine(tokens, None, head=False),
+            gathered=_zero3_gathered,
+        )
+        results = evaluation.run(step=step, tokens=trainer.tokens)
+        if trainer.world.is_main:
+            write_outputs(results, cfg.run_dir / "eval", cfg.run_dir / "tb", with_scalars=False)
+    except Exception:
+        log.exception(
+            "evaluation of step %d failed; training goes on. Redo it with "
+            "`python -m launch.evaluate %s --step %d`",
+            step,
+            cfg.run_dir,
+            step,
+        )
+        return {}
+    finally:
+        module.train(was_training)
+    return scalars(results)
+
+
+# ---------------------------------------------------------------------- standalone
+
+
+@dataclass(frozen=True)
+class Target:
+    """One model to evaluate: its step, and how to build it (model, train length, tokens)."""
+
+    step: int
+    source: Path
+    load: Callable[[], tuple[Transformer, int, int | None]]
+
+
+def _config(yaml_text: str | None, origin: str, overrides: list[str]) -> Config:
+    """The run's config (YAML text) with the evaluation's overrides, checked."""
+    bad = [o for o in overrides if not o.startswith(OVERRIDABLE)]
+    if bad:
+        raise ConfigError(
+            f"cannot override {', '.join(bad)} at evaluation: only eval.*, data.path, "
+            "model.attn_block and deepspeed.precision change; the rest is the checkpoint's"
+        )
+    if yaml_text is None:
+        return load_config(None, overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(yaml_text)
+        try:
+            return load_config(path, overrides)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace(str(path), origin)) from None
+
+
+def _checkpoint_target(checkpoint: ckpt.Checkpoint) -> Target:
+    def load():
+        from launch.export import model_from_checkpoint
+
+        model, config = model_from_checkpoint(checkpoint)
+        return model, config["data"]["seq_len"], checkpoint.manifest["tokens"]
+
+    return Target(checkpoint.step, checkpoint.path, load)
+
+
+def resolve(
+    target: Path, *, step: int | None, every: bool
+) -> tuple[str | None, Path, list[Target]]:
+    """(the run's config YAML or None, the run or export directory outputs go to, targets)."""
+    if not target.exists():
+        raise TargetError(
+            f"{target} does not exist; give a run directory, a checkpoint or an export"
+        )
+    if (target / ckpt.MANIFEST).is_file():  # one checkpoint
+        if step is not None or every:
+            raise TargetError("--step and --all take a run directory, not a checkpoint")
+        found = [c for c in ckpt.find_checkpoints(target.parent) if c.path == target]
+        if not found:
+            raise TargetError(f"{target} is an incomplete checkpoint (see the warning above)")
+        run_dir = target.parent.parent
+        if not (run_dir / "config.yaml").is_file():
+            run_dir = target  # a checkpoint outside its run
+        return found[0].manifest["config"], run_dir, [_checkpoint_target(found[0])]
+    if (target / "config.json").is_file():  # an export
+        if step is not None or every:
+            raise TargetError("--step and --all take a run directory, not an export")
+        from launch.export import load_exported
+
+        meta = json.loads((target / "config.json").read_text())
+        run_dir = target.parent.parent
+        run_config = run_dir / "config.yaml"
+        yaml_text = run_config.read_text() if run_config.is_file() else None
+        if yaml_text is None:
+            run_dir = target
+
+        def load():
+            model, meta = load_exported(target)
+            return model, meta["train_length"], meta.get("tokens")
+
+        return yaml_text, run_dir, [Target(meta["step"], target, load)]
+    if (target / "checkpoints").is_dir() or (target / "config.yaml").is_file():  # a run
+        from launch.export import pick_checkpoint
+
+        if every:
+            chosen = ckpt.find_checkpoints(target / "checkpoints")
+            if not chosen:
+                raise TargetError(f"{target} holds no complete checkpoint")
+        else:
+            chosen = [pick_checkpoint(target, step)]
+        return chosen[-1].manifest["config"], target, [_checkpoint_target(c) for c in chosen]
+    raise TargetError(
+        f"{target} is not a run directory (config.yaml, checkpoints/), a checkpoint "
+        f"({ckpt.MANIFEST}) or an export (config.json); e.g. runs/tiny"
+    )
+
+
+def _check_model(cfg: Config, model: Transformer) -> None:
+    """The evaluation config against the checkpoint's model: the tokenizer fits its vocabulary."""
+    from data.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(cfg.data.path).get_vocab_size()
+    if vocab > model.cfg.vocab_size:
+        raise ConfigError(
+            f"the tokenizer of {cfg.data.path} has {vocab} tokens, more than the model's "
+            f"{model.cfg.vocab_size}: evaluate on the dataset the model was trained on "
+            "(data.path=...)"
+        )
+
+
+def evaluate(
+    target: Target, cfg: Config, device: torch.device, out: Path, attn_block: int | None = None
+) -> dict:
+    """Evaluate one target in this process and write its outputs under `out` (attn_block: the
+    blockwise attention's tile, if not the checkpoint's)."""
+    from launch.engine import precision
+
+    model, train_length, tokens = target.load()
+    _check_model(cfg, model)
+    if attn_block is not None:
+        model.cfg.attn_block = attn_block
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    model = model.to(device).eval()
+    for p in model.parameters():  # as DeepSpeed trains: parameters cast, buffers kept
+        p.data = p.data.to(dtype[precision(cfg, device)])
+    world = World(rank=0, world_size=1, local_rank=0, device=device)
+    log.info("evaluating %s (step %d) on %s", target.source, target.step, device)
+    results = Extrapolation(model, cfg, world, train_length=train_length).run(
+        step=target.step, tokens=tokens
+    )
+    path = write_outputs(results, out / "eval", out / "tb", with_scalars=True)
+    log.info("wrote %s and %s", path, path.parent / "ppl_vs_length.png")
+    return results
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("target", type=Path, help="run directory, checkpoint or export")
+    parser.add_argument("overrides", nargs="*", help="key=value (eval.*, data.path, ...)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, help="a run's checkpoint (default: the newest)")
+    which.add_argument("--all", action="store_true", help="every checkpoint of a run")
+    parser.add_argument("--out", type=Path, help="write eval/ and tb/ here (default: the run)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
+    args = parser.parse_intermixed_args(argv)  # options may follow the overrides
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from launch.export import ExportError
+
+    try:
+        yaml_text, run_dir, targets = resolve(args.target, step=args.step, every=args.all)
+        cfg = _config(yaml_text, str(run_dir / "config.yaml"), args.overrides)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda: this machine has no CUDA device; use --device cpu")
+        block = (
+            cfg.model.attn_block
+            if any(o.startswith("model.attn_block=") for o in args.overrides)
+            else None
+        )
+        for target in targets:
+            evaluate(target, cfg, device, args.out or run_dir, block)
+    except (TargetError, ExportError, ConfigError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
