@@ -28,11 +28,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import yaml
 
 from data.manifest import DatasetError
+from data.tokenizer import load_tokenizer
 from launch import checkpoint as ckpt
 from launch.config import Config, ConfigError, load_config
 from launch.distributed import World
+from launch.engine import precision
 from launch.extrapolation import Extrapolation, plan_lengths, scalars
 from launch.plots import curve_of, ppl_vs_length
 from model import Transformer
@@ -150,23 +153,32 @@ class Target:
     load: Callable[[], tuple[Transformer, int, int | None]]
 
 
-def _config(yaml_text: str | None, origin: str, overrides: list[str]) -> Config:
-    """The run's config (YAML text) with the evaluation's overrides, checked."""
+def _config(yaml_text: str, origin: str, overrides: list[str], device: torch.device) -> Config:
+    """The run's config (YAML text) with the evaluation's overrides, checked against the
+    evaluation's needs before any model is loaded."""
     bad = [o for o in overrides if not o.startswith(OVERRIDABLE)]
     if bad:
         raise ConfigError(
             f"cannot override {', '.join(bad)} at evaluation: only eval.*, data.path, "
             "model.attn_block and deepspeed.precision change; the rest is the checkpoint's"
         )
-    if yaml_text is None:
-        return load_config(None, overrides)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"
         path.write_text(yaml_text)
         try:
-            return load_config(path, overrides)
+            cfg = load_config(path, overrides)
         except ConfigError as e:
             raise ConfigError(str(e).replace(str(path), origin)) from None
+    plan_lengths(cfg, cfg.data.seq_len)
+    precision(cfg, device)
+    vocab = load_tokenizer(cfg.data.path).get_vocab_size()
+    if vocab > cfg.model.vocab_size:
+        raise ConfigError(
+            f"the tokenizer of {cfg.data.path} has {vocab} tokens, more than the model's "
+            f"{cfg.model.vocab_size}: evaluate on the dataset the model was trained on "
+            "(data.path=...)"
+        )
+    return cfg
 
 
 def _checkpoint_target(checkpoint: ckpt.Checkpoint) -> Target:
@@ -179,10 +191,9 @@ def _checkpoint_target(checkpoint: ckpt.Checkpoint) -> Target:
     return Target(checkpoint.step, checkpoint.path, load)
 
 
-def resolve(
-    target: Path, *, step: int | None, every: bool
-) -> tuple[str | None, Path, list[Target]]:
-    """(the run's config YAML or None, the run or export directory outputs go to, targets)."""
+def resolve(target: Path, *, step: int | None, every: bool) -> tuple[str, Path, list[Target]]:
+    """(the run's config as YAML, the directory outputs go to (the run's, or the target's
+    outside a run), the models to evaluate)."""
     if not target.exists():
         raise TargetError(
             f"{target} does not exist; give a run directory, a checkpoint or an export"
@@ -205,8 +216,12 @@ def resolve(
         meta = json.loads((target / "config.json").read_text())
         run_dir = target.parent.parent
         run_config = run_dir / "config.yaml"
-        yaml_text = run_config.read_text() if run_config.is_file() else None
-        if yaml_text is None:
+        if run_config.is_file():
+            yaml_text = run_config.read_text()
+        else:  # an export outside its run: its model and trained length, defaults otherwise
+            yaml_text = yaml.safe_dump(
+                {"model": meta["model"], "data": {"seq_len": meta["train_length"]}}
+            )
             run_dir = target
 
         def load():
@@ -230,28 +245,12 @@ def resolve(
     )
 
 
-def _check_model(cfg: Config, model: Transformer) -> None:
-    """The evaluation config against the checkpoint's model: the tokenizer fits its vocabulary."""
-    from data.tokenizer import load_tokenizer
-
-    vocab = load_tokenizer(cfg.data.path).get_vocab_size()
-    if vocab > model.cfg.vocab_size:
-        raise ConfigError(
-            f"the tokenizer of {cfg.data.path} has {vocab} tokens, more than the model's "
-            f"{model.cfg.vocab_size}: evaluate on the dataset the model was trained on "
-            "(data.path=...)"
-        )
-
-
 def evaluate(
     target: Target, cfg: Config, device: torch.device, out: Path, attn_block: int | None = None
 ) -> dict:
     """Evaluate one target in this process and write its outputs under `out` (attn_block: the
     blockwise attention's tile, if not the checkpoint's)."""
-    from launch.engine import precision
-
     model, train_length, tokens = target.load()
-    _check_model(cfg, model)
     if attn_block is not None:
         model.cfg.attn_block = attn_block
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -286,11 +285,11 @@ def main(argv: list[str]) -> int:
     from launch.export import ExportError
 
     try:
-        yaml_text, run_dir, targets = resolve(args.target, step=args.step, every=args.all)
-        cfg = _config(yaml_text, str(run_dir / "config.yaml"), args.overrides)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: this machine has no CUDA device; use --device cpu")
+        yaml_text, run_dir, targets = resolve(args.target, step=args.step, every=args.all)
+        cfg = _config(yaml_text, str(run_dir / "config.yaml"), args.overrides, device)
         block = (
             cfg.model.attn_block
             if any(o.startswith("model.attn_block=") for o in args.overrides)
