@@ -67,13 +67,44 @@ def load_results(eval_dir: Path) -> list[dict]:
     return sorted(found, key=lambda r: r["step"])
 
 
+PER_LENGTH = (
+    "windows", "ppl", "ppl_beyond", "mixing_window", "far_mass", "entropy", "mass_by_distance",
+    "passkey", "passkey_nll", "seconds",
+)  # fmt: skip
+
+
+def merged(old: dict, new: dict) -> dict:
+    """An earlier evaluation of the same checkpoint updated with a new one, length by length:
+    e.g. a long length evaluated later on a bigger machine joins the lengths evaluated during
+    training instead of replacing them."""
+    if (old["step"], old["scheme"], old["train_length"]) != (
+        new["step"], new["scheme"], new["train_length"],
+    ):  # fmt: skip
+        return new
+    result = {**old, **new}
+    for key in PER_LENGTH:
+        result[key] = {**old.get(key, {}), **new[key]}
+    evaluated = {str(n) for n in new["lengths"]}
+    evaluated |= {f"passkey@{n}" for n in evaluated}
+    kept = {k: v for k, v in old.get("skipped", {}).items() if k not in evaluated}
+    result["skipped"] = {**kept, **new["skipped"]}
+    result["lengths"] = sorted(set(old["lengths"]) | set(new["lengths"]))
+    if old.get("receptive_field") and new["receptive_field"]:
+        at_length = {**old["receptive_field"]["at_length"], **new["receptive_field"]["at_length"]}
+        result["receptive_field"] = {**new["receptive_field"], "at_length": at_length}
+    return result
+
+
 def write_outputs(results: dict, eval_dir: Path, tb_dir: Path, *, with_scalars: bool) -> Path:
-    """step_<N>.json, the plot over every checkpoint evaluated so far, and TensorBoard's image
-    `extrap/ppl_vs_length` (and, with_scalars, the scalars). Returns the JSON's path."""
+    """step_<N>.json (merged into an earlier one of the same checkpoint), the plot over every
+    checkpoint evaluated so far, and TensorBoard's image `extrap/ppl_vs_length` (and, with
+    `with_scalars`, the scalars). Returns the JSON's path."""
     from torch.utils.tensorboard import SummaryWriter
 
     eval_dir.mkdir(parents=True, exist_ok=True)
     path = eval_dir / f"step_{results['step']}.json"
+    if path.is_file():
+        results = merged(json.loads(path.read_text()), results)
     _write_atomically(path, json.dumps(results, indent=1))
     every = load_results(eval_dir)
     title = f"{results['scheme']}: perplexity by length ({eval_dir.parent.name})"

@@ -243,6 +243,19 @@ def test_training_evaluates_every_checkpoint_as_the_standalone_cli_does(trained_
     assert (out / "eval" / "ppl_vs_length.png").stat().st_size > 10_000
 
 
+def test_a_later_evaluation_of_the_same_checkpoint_joins_the_earlier_one(trained_run, tmp_path):
+    shutil.copytree(trained_run / "eval", tmp_path / "eval")
+    before = json.loads((tmp_path / "eval" / "step_4.json").read_text())
+    later = ["eval.lengths=[512]", "eval.windows=1", "eval.passkey_lengths=[]"]
+    assert evaluate.main([str(trained_run), "--step", "4", "--out", str(tmp_path), *later]) == 0
+    after = json.loads((tmp_path / "eval" / "step_4.json").read_text())
+    assert after["lengths"] == [64, 128, 256, 512] and after["windows"]["512"] == 1
+    for key in ("ppl", "ppl_beyond", "mixing_window", "far_mass", "passkey"):
+        assert {n: v for n, v in after[key].items() if n != "512"} == before[key], key
+    assert set(after["ppl"]) == set(after["mixing_window"]) == {"64", "128", "256", "512"}
+    assert set(after["receptive_field"]["at_length"]) == {"64", "128", "256", "512"}
+
+
 def test_bad_targets_and_overrides_stop_with_the_fix(trained_run, tmp_path, capsys):
     def fails(*argv: str) -> str:
         assert evaluate.main([*argv, "--out", str(tmp_path)]) == 2
