@@ -74,12 +74,15 @@ PER_LENGTH = (
 
 
 def merged(old: dict, new: dict) -> dict:
-    """An earlier evaluation of the same checkpoint updated with a new one, length by length:
-    e.g. a long length evaluated later on a bigger machine joins the lengths evaluated during
-    training instead of replacing them."""
-    if (old["step"], old["scheme"], old["train_length"]) != (
-        new["step"], new["scheme"], new["train_length"],
-    ):  # fmt: skip
+    """An earlier evaluation of the same checkpoint on the same held-out text updated with a
+    new one, length by length: e.g. a long length evaluated later on a bigger machine joins
+    the lengths evaluated during training. On other text the new one replaces it."""
+    same = ("step", "scheme", "train_length", "held_out")
+    if any(old.get(key) != new[key] for key in same):
+        log.warning(
+            "replacing the evaluation of step %d: it was made on other held-out text or "
+            "settings (%s, now %s)", new["step"], old.get("held_out"), new["held_out"],
+        )  # fmt: skip
         return new
     result = {**old, **new}
     for key in PER_LENGTH:

@@ -251,6 +251,13 @@ class Extrapolation:
         count = min(self.cfg.eval.windows, tokens // (length + 1))
         return validation_windows(self.cfg.data.path, length, count, self.cfg.eval.seed)
 
+    def _describe(self, held_out: Tensor | None) -> dict | None:
+        """The text every length predicts: windows x (length + 1) tokens drawn with seed."""
+        if held_out is None:
+            return None
+        n, length = held_out.shape
+        return {"length": length - 1, "windows": n, "seed": self.cfg.eval.seed}
+
     def _windows(self, held_out: Tensor | None, length: int) -> Tensor:
         """The held-out windows cut into consecutive windows of `length` (+ 1 target)."""
         if held_out is None or held_out.shape[1] < length + 1:
@@ -444,6 +451,7 @@ class Extrapolation:
             "mass_by_distance": {},
             "passkey": {},
             "passkey_nll": {},
+            "held_out": self._describe(held_out),
             "receptive_field": self.receptive_fields(),
             "skipped": {},
             "unavailable": {},
