@@ -75,31 +75,48 @@ def _inverse_softplus(x: Tensor) -> Tensor:
     return x + torch.log(-torch.expm1(-x))
 
 
-class DistanceBias(nn.Module):
+class Float64Constants(nn.Module):
+    """A module whose constant buffers (`register_constant`) follow it across devices but stay
+    float64 when it is cast: a bfloat16 model (DeepSpeed's bf16) keeps exact RoPE frequencies
+    and ALiBi slopes."""
+
+    def register_constant(self, name: str, value: Tensor) -> None:
+        self.register_buffer(name, value.double(), persistent=False)
+        self._constants = (*getattr(self, "_constants", ()), name)
+
+    def _apply(self, fn, recurse=True):
+        exact = {name: self._buffers[name] for name in getattr(self, "_constants", ())}
+        super()._apply(fn, recurse)
+        for name, value in exact.items():
+            self._buffers[name] = value.to(self._buffers[name].device)
+        return self
+
+
+class DistanceBias(Float64Constants):
     """b(n) for distances n = i - j >= 0, per query head: the bias-only schemes of DESIGN.md."""
 
     def __init__(self, kind: str, n_heads: int, sandwich_dim: int):
         super().__init__()
         self.kind = kind
-        self.register_buffer("slopes", alibi_slopes(n_heads), persistent=False)
+        self.register_constant("slopes", alibi_slopes(n_heads))
         if kind in ("kerple_log", "kerple_power"):
             # Learned r1, r2 > 0 through softplus (power: 0 < r2 <= 2 through 2 sigmoid).
             self.r1 = nn.Parameter(torch.empty(n_heads))
             self.r2 = nn.Parameter(torch.empty(n_heads))
         if kind == "sandwich":
             k = torch.arange(sandwich_dim // 2, dtype=torch.float64)
-            self.register_buffer("omega", 10000 ** (-2 * k / sandwich_dim), persistent=False)
+            self.register_constant("omega", 10000 ** (-2 * k / sandwich_dim))
             heads = torch.arange(1, n_heads + 1, dtype=torch.float64)
-            self.register_buffer("lam", n_heads / (8 * heads), persistent=False)
+            self.register_constant("lam", n_heads / (8 * heads))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """kerple_power starts as ALiBi (r1 = slope, r2 = 1); kerple_log as -log(1 + slope n)."""
         if self.kind == "kerple_log":
             self.r1.data.copy_(_inverse_softplus(torch.ones_like(self.slopes)))
-            self.r2.data.copy_(_inverse_softplus(self.slopes.clone()))
+            self.r2.data.copy_(_inverse_softplus(self.slopes))
         elif self.kind == "kerple_power":
-            self.r1.data.copy_(_inverse_softplus(self.slopes.clone()))
+            self.r1.data.copy_(_inverse_softplus(self.slopes))
             self.r2.data.zero_()  # 2 sigmoid(0) = 1
 
     def forward(self, n: Tensor) -> Tensor:
@@ -128,7 +145,7 @@ class DistanceBias(nn.Module):
 BIASES = ("alibi", "kerple_log", "kerple_power", "sandwich", "type1", "type2")
 
 
-class PositionScheme(nn.Module):
+class PositionScheme(Float64Constants):
     """One layer's position scheme: layer input -> keyword arguments of `kernels.attention`."""
 
     def __init__(self, cfg: ModelConfig, layer: int, window: int | None):
@@ -138,7 +155,7 @@ class PositionScheme(nn.Module):
         H, P = cfg.kv_heads, cfg.head_dim // 2
         theta = rope_frequencies(cfg.head_dim, cfg.rope_base)
         if spec.rotation is not None:
-            self.register_buffer("theta", theta, persistent=False)
+            self.register_constant("theta", theta)
         if spec.rotation == "learned":
             # delta_t = b + W x_t: b = theta and W = 0 at init, so the layer starts as RoPE.
             self.delta = nn.Linear(cfg.d_model, H * P)
@@ -156,7 +173,7 @@ class PositionScheme(nn.Module):
             zeta = (torch.arange(0, cfg.head_dim, 2) + cfg.xpos_gamma * cfg.head_dim) / (
                 (1 + cfg.xpos_gamma) * cfg.head_dim
             )
-            self.register_buffer("decay", zeta.log() / cfg.xpos_scale_base, persistent=False)
+            self.register_constant("decay", zeta.log() / cfg.xpos_scale_base)
         if spec.transport:
             self.w_down = nn.Linear(cfg.d_model, cfg.path_rank, bias=False)
             self.w_up = nn.Linear(cfg.path_rank, H * cfg.head_dim, bias=False)
@@ -185,24 +202,28 @@ class PositionScheme(nn.Module):
         B, T, _ = x.shape
         H, spec = self.cfg.kv_heads, self.spec
         plan: dict = {"window": self.window}
+        # Angles are never kept in bfloat16/float16: 2 pi in bfloat16 is off by 0.02 rad.
+        angle_dtype = torch.promote_types(x.dtype, torch.float32)
         if spec.rotation == "rope":
             # t * theta in float64, reduced mod 2 pi: exact at any length.
             phi = (positions[..., None].double() * self.theta).remainder(2 * math.pi)
-            plan["angles"] = phi[:, :, None, :].expand(B, T, H, -1).to(x.dtype)
+            plan["angles"] = phi[:, :, None, :].expand(B, T, H, -1).to(angle_dtype)
         elif spec.rotation in ("learned", "random"):
             if spec.rotation == "learned":
                 delta = self.delta(x)
             else:
                 delta = F.linear(x, self.random_weight.to(x.dtype), self.random_bias.to(x.dtype))
-            plan["angles"] = accumulate_angles(delta.view(B, T, H, -1), doc_ids)
+            plan["angles"] = accumulate_angles(delta.view(B, T, H, -1).to(angle_dtype), doc_ids)
         plan["rotate_values"] = spec.rotate_values
         if spec.bias is not None:
-            table = self.bias(torch.arange(T, device=x.device, dtype=x.dtype))
+            # Distances in at least float32: bfloat16 holds integers exactly only up to 256.
+            table = self.bias(torch.arange(T, device=x.device, dtype=angle_dtype))
             # ALiBi's table keeps its slopes: the fused CUDA kernel computes the bias from them.
             is_alibi = spec.bias == "alibi"
-            plan["bias"] = AlibiTable.wrap(table, self.bias.slopes) if is_alibi else table
+            slopes = self.bias.slopes.to(angle_dtype)
+            plan["bias"] = AlibiTable.wrap(table, slopes) if is_alibi else table
         if spec.decay:
-            plan["decay"] = self.decay.to(x.dtype)
+            plan["decay"] = self.decay.to(angle_dtype)
         if spec.transport:
             plan["transport"] = self._householders(x, positions)
         return plan

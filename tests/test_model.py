@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import float64_model, packed_doc_ids, small_model
 
-from model import SCHEMES, Transformer
+from model import SCHEMES, ModelConfig, Transformer
 from model.schemes import SchemeSpec, alibi_slopes
 
 ALL = sorted(SCHEMES)
@@ -151,3 +151,22 @@ def test_type1_type2_kerple_sandwich_match_their_formulas():
             cos_sum = sum(math.cos(n * 10000 ** (-2 * k / 128)) for k in range(64))
             lam = 8 / (8 * (h + 1))
             assert sandwich[h, n].item() == pytest.approx(lam * (cos_sum - 64), rel=1e-9, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "scheme", ["rope", "hybrid", "random_accrot", "alibi", "kerple_log", "xpos"]
+)
+def test_bfloat16_models_keep_angles_distances_and_constants_exact(scheme):
+    """bfloat16 holds an angle near 2 pi only to 0.02 rad, and integers only up to 256: angles,
+    bias tables and decays stay float32, and casting the model keeps its constants float64."""
+    model = Transformer(ModelConfig(scheme=scheme, vocab_size=61, d_model=32), train_length=16)
+    position = model.blocks[0].attn.position
+    x = torch.randn(1, 300, 32)
+    positions = torch.arange(300)[None]
+    exact = position(x, positions, None)
+    half = position.to(torch.bfloat16)(x.bfloat16(), positions, None)
+    for key in ("angles", "bias", "decay"):
+        if key in exact:
+            assert exact[key].dtype == half[key].dtype == torch.float32, key
+            if scheme in ("rope", "alibi", "xpos"):  # the others read bfloat16 inputs or weights
+                assert torch.equal(exact[key], half[key]), key
