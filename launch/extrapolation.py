@@ -284,8 +284,9 @@ class Extrapolation:
         batch = self._batch_size(length, n_diag > 0, extra_bytes)
         cfg = self.model.cfg
         sums = torch.zeros(4, dtype=torch.float64)  # nll all, count all, nll beyond, count beyond
-        mass = torch.zeros(cfg.n_layers, cfg.n_heads, length, dtype=torch.float64)
-        entropy = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.float64)
+        shape = (cfg.n_layers, cfg.n_heads, length if n_diag else 0)
+        mass = torch.zeros(shape, dtype=torch.float64)
+        entropy = torch.zeros(shape[:2], dtype=torch.float64)
         beyond = torch.arange(length) >= self.train_length
 
         def probe(rows: Tensor):
