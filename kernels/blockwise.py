@@ -14,6 +14,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# Softmax numerators below exp(-60) (1e-26 of the row's largest) are taken as exactly zero: left
+# alone, far keys give subnormal floats, which CPUs compute many times slower (and
+# torch.set_flush_denormal reaches only the calling thread, not torch's worker threads).
+EXP_CUTOFF = -60.0
+
+
+def exp_or_zero(x: Tensor) -> Tensor:
+    """exp(x), exactly 0 where x < EXP_CUTOFF."""
+    return torch.exp(torch.where(x >= EXP_CUTOFF, x, float("-inf")))
+
 
 class DiagonalSweep:
     """Block geometry, bias and masks, and the online-softmax state of one attention call.
@@ -93,8 +103,8 @@ class DiagonalSweep:
         scores = self.logits(s, scores)
         old_max = self.max[..., s:, :]
         new_max = torch.maximum(old_max, scores.amax(dim=-1))
-        rescale = torch.exp(old_max - new_max)
-        probs = torch.exp(scores - new_max[..., None])
+        rescale = exp_or_zero(old_max - new_max)
+        probs = exp_or_zero(scores - new_max[..., None])
         new_sum = self.sum[..., s:, :] * rescale + probs.sum(dim=-1)
         new_acc = self.acc[..., s:, :, :] * rescale[..., None] + torch.einsum(
             "bhgcij,bhcjd->bhgcid", probs, values
@@ -167,7 +177,7 @@ class _BlockwiseAttention(torch.autograd.Function):
                 qs = qs * q_step
             ks, vs = kb[:, :, : n - s], vb[:, :, : n - s]
             scores = sweep.logits(s, torch.einsum("bhgcid,bhcjd->bhgcij", qs, ks))
-            probs = torch.exp(scores - lse[..., s:, :, None])
+            probs = exp_or_zero(scores - lse[..., s:, :, None])
             dv[:, :, : n - s] += torch.einsum("bhgcij,bhgcid->bhcjd", probs, dob[:, :, :, s:])
             dprobs = torch.einsum("bhgcid,bhcjd->bhgcij", dob[:, :, :, s:], vs)
             dscores = probs * (dprobs - row_dot[..., s:, :, None])

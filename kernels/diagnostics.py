@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from kernels.angles import rotate
-from kernels.blockwise import DiagonalSweep, _decay_factors, _query_decay
+from kernels.blockwise import DiagonalSweep, _decay_factors, _query_decay, exp_or_zero
 
 PATH_UNSUPPORTED = (
     "PaTH's logits come from the Householder transport inside kernels.path.path_attention, "
@@ -94,7 +94,7 @@ def attention_statistics(
     for s, scores in _step_scores(sweep, q, k, decay, scale):
         logits = sweep.logits(s, scores)
         row_lse = lse[..., s:, :, None]
-        probs = torch.exp(logits - row_lse)
+        probs = exp_or_zero(logits - row_lse)
         if padded:
             probs[..., -1, block - padded :, :] = 0
         # Masked entries have probability exactly 0 and a finite logit: they add nothing.

@@ -28,7 +28,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 
 import psutil
 import torch
@@ -90,25 +90,6 @@ def free_bytes(device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return psutil.virtual_memory().available // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-
-
-@contextmanager
-def cpu_single_thread(device: torch.device) -> Iterator[None]:
-    """On the CPU, one intra-op thread with subnormal floats flushed to zero. At long lengths
-    the softmax's exponentials fall into the subnormal range, which OpenMP worker threads
-    compute many times slower (torch.set_flush_denormal reaches only the calling thread): two
-    threads measured 5x slower than one on the tiny model at 8192 tokens."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False)
-        torch.set_num_threads(threads)
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -430,7 +411,7 @@ class Extrapolation:
 
     def run(self, *, step: int, tokens: int | None = None) -> dict:
         """Every length, in increasing order; the results (the same on every rank)."""
-        with torch.no_grad(), cpu_single_thread(self.device):
+        with torch.no_grad():
             return self._run(step, tokens)
 
     def _run(self, step: int, tokens: int | None) -> dict:

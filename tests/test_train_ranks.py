@@ -22,6 +22,7 @@ def _run(cmd: list[str], run_dir: Path, *args: str) -> subprocess.CompletedProce
         f"run.name={run_dir.name}",
         "train.log_every=1",
         "train.warmup_steps=2",
+        "eval.every_checkpoint=false",
         *args,
     ]
     return subprocess.run(
