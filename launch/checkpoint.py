@@ -111,8 +111,8 @@ def save(engine, checkpoint_dir: Path, *, step: int, manifest: dict, rank_state:
     world.barrier()
     if world.get_rank() == 0:
         manifest = {**manifest, "step": step, "files": _file_sizes(directory)}
-        _write_atomically(directory / MANIFEST, json.dumps(manifest, indent=1))
-        _write_atomically(checkpoint_dir / "latest", tag(step))
+        write_atomically(directory / MANIFEST, json.dumps(manifest, indent=1))
+        write_atomically(checkpoint_dir / "latest", tag(step))
     world.barrier()
     return directory
 
@@ -134,7 +134,8 @@ def load(engine, checkpoint: Checkpoint) -> dict:
     return torch.load(checkpoint.path / f"trainer_rank_{rank}.pt", weights_only=False)
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file: readers see the old or the new."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -53,12 +52,6 @@ class TargetError(ValueError):
 
 
 # ---------------------------------------------------------------------- outputs
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def load_results(eval_dir: Path) -> list[dict]:
@@ -108,7 +101,7 @@ def write_outputs(results: dict, eval_dir: Path, tb_dir: Path, *, with_scalars: 
     path = eval_dir / f"step_{results['step']}.json"
     if path.is_file():
         results = merged(json.loads(path.read_text()), results)
-    _write_atomically(path, json.dumps(results, indent=1))
+    ckpt.write_atomically(path, json.dumps(results, indent=1))
     every = load_results(eval_dir)
     title = f"{results['scheme']}: perplexity by length ({eval_dir.parent.name})"
     curves = [curve_of(r, f"step {r['step']}") for r in every]

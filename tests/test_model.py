@@ -170,3 +170,20 @@ def test_bfloat16_models_keep_angles_distances_and_constants_exact(scheme):
             assert exact[key].dtype == half[key].dtype == torch.float32, key
             if scheme in ("rope", "alibi", "xpos"):  # the others read bfloat16 inputs or weights
                 assert torch.equal(exact[key], half[key]), key
+
+
+@pytest.mark.parametrize("scheme", ["hybrid", "path_alibi"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(scheme):
+    model = small_model(scheme)
+    tokens, doc_ids = torch.randint(0, 61, (2, 37)), packed_doc_ids()
+    results = []
+    for recompute in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = recompute
+        loss = model.loss(tokens[:, :-1], tokens[:, 1:], doc_ids[:, :-1])
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=1e-12)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
