@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -109,15 +110,40 @@ def init_world() -> World:
     )
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if `flag` is true on any (a collective: every rank must call it)."""
-    value = torch.tensor([float(flag)], device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
-
-
 def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
     """Element-wise mean over ranks (a collective)."""
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(tensor)
     return (tensor / torch.distributed.get_world_size()).tolist()
+
+
+@contextmanager
+def single_threaded_comm_start(device: torch.device) -> Iterator[None]:
+    """On the CPU: run the block (the engine's set-up) with one intra-op thread, then give every
+    gloo worker thread some work, then let this rank use its share of the cores. On CUDA: only
+    the block. Collective: every rank enters it.
+
+    torch's gloo worker threads take the intra-op thread count in force when they first
+    compute. With more than one, their OpenMP teams oversubscribe the cores, libgomp stops
+    spinning, and every op of a training step runs about 2x slower. Several concurrent
+    collectives per group, of tensors big enough to be copied in parallel, reach each thread.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    torch.set_num_threads(1)
+    yield
+    from torch.distributed import distributed_c10d as c10d
+
+    for group in list(c10d._world.pg_map):
+        if torch.distributed.get_backend(group) != "gloo":
+            continue
+        works = []
+        for _ in range(8):
+            chunk = torch.zeros(1 << 17)
+            gathered = torch.empty(torch.distributed.get_world_size(group) * chunk.numel())
+            works.append(torch.distributed.all_gather_into_tensor(gathered, chunk, group, True))
+            works.append(torch.distributed.all_reduce(chunk, group=group, async_op=True))
+        for work in works:
+            work.wait()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))

@@ -28,7 +28,13 @@ import yaml
 from data.manifest import DatasetError
 from launch import checkpoint as ckpt
 from launch.config import Config, ConfigError, load_config, to_yaml
-from launch.distributed import World, complete_environment, init_world, mean_over_ranks
+from launch.distributed import (
+    World,
+    complete_environment,
+    init_world,
+    mean_over_ranks,
+    single_threaded_comm_start,
+)
 from launch.engine import build_engine
 from launch.metrics import (
     Interval,
@@ -318,10 +324,9 @@ def main(argv: list[str], hooks: list[CheckpointHook] = ()) -> int:
             print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     world = init_world()
-    if world.device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
     try:
-        trainer = Trainer(cfg, world, resume, hooks)
+        with single_threaded_comm_start(world.device):
+            trainer = Trainer(cfg, world, resume, hooks)
     except (ConfigError, DatasetError, RunDirError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
