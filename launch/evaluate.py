@@ -245,10 +245,9 @@ def resolve(target: Path, *, step: int | None, every: bool) -> tuple[str, Path, 
         run_config = run_dir / "config.yaml"
         if run_config.is_file():
             yaml_text = run_config.read_text()
-        else:  # an export outside its run: its model and trained length, defaults otherwise
-            yaml_text = yaml.safe_dump(
-                {"model": meta["model"], "data": {"seq_len": meta["train_length"]}}
-            )
+        else:  # an export outside its run: its model, trained length and dataset
+            data = {"seq_len": meta["train_length"], "path": meta["data_path"]}
+            yaml_text = yaml.safe_dump({"model": meta["model"], "data": data})
             run_dir = target
 
         def load():

@@ -60,6 +60,7 @@ def export(checkpoint: ckpt.Checkpoint, out: Path) -> Path:
     meta = {
         "model": asdict(model.cfg),
         "train_length": config["data"]["seq_len"],
+        "data_path": config["data"]["path"],  # the dataset it was trained (and is evaluated) on
         "step": checkpoint.step,
         "tokens": checkpoint.manifest["tokens"],
         "source": str(checkpoint.path),

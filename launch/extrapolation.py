@@ -233,11 +233,13 @@ class Extrapolation:
         return validation_windows(self.cfg.data.path, length, count, self.cfg.eval.seed)
 
     def _describe(self, held_out: Tensor | None) -> dict | None:
-        """The text every length predicts: windows x (length + 1) tokens drawn with seed."""
+        """The text every length predicts: windows x (length + 1) tokens drawn with seed from
+        the val split of the dataset of that fingerprint."""
         if held_out is None:
             return None
         n, length = held_out.shape
-        return {"length": length - 1, "windows": n, "seed": self.cfg.eval.seed}
+        dataset = read_manifest(self.cfg.data.path)["fingerprint"]
+        return {"length": length - 1, "windows": n, "seed": self.cfg.eval.seed, "dataset": dataset}
 
     def _windows(self, held_out: Tensor | None, length: int) -> Tensor:
         """The held-out windows cut into consecutive windows of `length` (+ 1 target)."""
