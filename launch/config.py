@@ -242,19 +242,29 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def file_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[DictConfig, str]]:
+    """The YAML file's settings, after those of the file its `base:` names (relative to it)."""
+    if not path.is_file():
+        available = ", ".join(sorted(str(p) for p in Path("configs").glob("**/*.yaml")))
+        raise ConfigError(f"config file {path} not found; available: {available or 'none'}")
+    if path.resolve() in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
+        raise ConfigError(f"config files name each other as base: {chain}")
+    try:
+        raw = yaml.load(path.read_text(), Loader=ConfigLoader) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    base = raw.pop("base", None) if isinstance(raw, dict) else None
+    layers = [] if base is None else file_layers(path.parent / base, (*seen, path.resolve()))
+    return [*layers, (OmegaConf.create(raw), str(path))]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Schema defaults <- YAML file <- `key=value` overrides, validated."""
+    """Schema defaults <- YAML file (after its `base:` file, if it names one) <- `key=value`
+    overrides, validated."""
     merged = OmegaConf.structured(Config)
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            available = ", ".join(sorted(str(p) for p in Path("configs").glob("**/*.yaml")))
-            raise ConfigError(f"config file {path} not found; available: {available or 'none'}")
-        try:
-            layer = OmegaConf.create(yaml.load(path.read_text(), Loader=ConfigLoader) or {})
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        merged = _merge(merged, layer, str(path))
+    for layer, origin in file_layers(Path(path)) if path is not None else []:
+        merged = _merge(merged, layer, origin)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(

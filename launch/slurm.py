@@ -28,9 +28,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-import yaml
-
-from launch.config import Config, ConfigError, SlurmConfig, load_config, to_yaml
+from launch.config import Config, ConfigError, SlurmConfig, file_layers, load_config, to_yaml
 
 JOB_BODY = Path(__file__).with_name("slurm_job.sh")
 MAX_SIGNAL_LEAD_S = 65535  # SLURM's limit for --signal=...@<seconds>
@@ -127,8 +125,8 @@ def check_slurm(slurm: SlurmConfig) -> None:
 
 def require_slurm_section(config_path: Path, overrides: list[str]) -> None:
     """A training job needs the cluster's own settings, not the schema's placeholders."""
-    raw = yaml.safe_load(config_path.read_text()) or {}
-    if "slurm" in raw or any(item.startswith("slurm.") for item in overrides):
+    layers = [layer for layer, _ in file_layers(config_path)]
+    if any("slurm" in layer for layer in layers) or any(o.startswith("slurm.") for o in overrides):
         return
     raise SlurmError(
         f"{config_path} has no 'slurm' section: add one with your cluster's settings (nodes, "

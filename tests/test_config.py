@@ -94,3 +94,20 @@ def test_clock_times_stay_strings_in_files_and_overrides(tmp_path):
         "01:02",
     )
     assert load_config(config, ["slurm.time=1-00:30:00"]).slurm.time == "1-00:30:00"
+
+
+def test_a_config_builds_on_its_base(tmp_path):
+    (tmp_path / "study").mkdir()
+    (tmp_path / "base.yaml").write_text(
+        f"base: {TINY}\nrun:\n  dir: runs/study\ntrain:\n  lr: 1.0e-3\n"
+    )
+    (tmp_path / "study" / "rope.yaml").write_text("base: ../base.yaml\nmodel:\n  scheme: rope\n")
+    cfg = load_config(tmp_path / "study" / "rope.yaml", ["train.max_steps=7"])
+    assert (cfg.model.scheme, cfg.run.dir, cfg.train.lr) == ("rope", "runs/study", 1e-3)
+    assert (cfg.model.d_model, cfg.train.max_steps) == (128, 7)  # from tiny.yaml, overrides
+    (tmp_path / "base.yaml").write_text("base: study/rope.yaml\n")
+    with pytest.raises(ConfigError, match="name each other as base"):
+        load_config(tmp_path / "study" / "rope.yaml")
+    (tmp_path / "study" / "rope.yaml").write_text("base: ../nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"nowhere\.yaml not found"):
+        load_config(tmp_path / "study" / "rope.yaml")
