@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -304,6 +305,10 @@ def setup_logging(rank: int) -> None:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed calls torch.distributed's deprecated collectives at every step.
+    warnings.filterwarnings(
+        "ignore", r".*is deprecated\. Please use `torch\.distributed", FutureWarning
+    )
 
 
 def main(argv: list[str], hooks: list[CheckpointHook] = ()) -> int:
