@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/tiny.yaml
 ARGS ?=
 
-.PHONY: setup test data train eval compare tensorboard slurm bench-attention lint format clean-venv
+.PHONY: setup test data train eval compare study tensorboard slurm bench-attention lint format clean-venv
 
 setup: $(STAMP)
 
@@ -43,6 +43,11 @@ eval: setup
 # One plot and one table comparing the newest evaluations of RUNS (run directories).
 compare: setup
 	$(PY) -m launch.compare $(RUNS) $(ARGS)
+
+# The extrapolation study (docs/study.md): every configs/study run (about 80 minutes on 2 CPU
+# cores; finished runs are skipped), then docs/study/{results.md,summary.json,ppl_vs_length.png}.
+study: setup data
+	$(PY) -m launch.study configs/study --out docs/study
 
 # TensorBoard over every run in runs/ (PORT=6006).
 PORT ?= 6006

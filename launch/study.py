@@ -1,0 +1,209 @@
+"""The extrapolation study: `python -m launch.study [STUDY_DIR] [--out DIR]` (`make study`).
+
+Run from the repository root. Trains every config of STUDY_DIR (default configs/study: one
+per scheme, a second seed for some; `base.yaml` is their common base and is not a run) one
+after the other, each evaluated at its final checkpoint; a finished run is skipped and an
+interrupted one resumes. Then it writes into --out (default docs/study): `ppl_vs_length.png`
+(one curve per scheme, the mean over its seeds), `results.md` (the tables docs/study.md
+quotes) and `summary.json` (every number of those tables, the machine and the time taken).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from launch.compare import CompareError, newest_results
+from launch.config import ConfigError, load_config
+from launch.plots import Curve, ppl_vs_length
+
+
+def study_configs(study_dir: Path) -> list[Path]:
+    """The run configs of a study folder (every YAML file but its base)."""
+    configs = sorted(p for p in study_dir.glob("*.yaml") if p.name != "base.yaml")
+    if not configs:
+        raise ConfigError(f"{study_dir} holds no study config (*.yaml besides base.yaml)")
+    return configs
+
+
+def run_one(config: Path) -> float:
+    """Train (or resume, or find finished) one run, then make sure its final checkpoint is
+    evaluated; returns the seconds it took."""
+    cfg = load_config(config)
+    start = time.perf_counter()
+    python = [sys.executable, "-m"]
+    subprocess.run([*python, "launch.train", str(config)], check=True)
+    final = cfg.run_dir / "eval" / f"step_{cfg.train.max_steps}.json"
+    if not final.is_file():  # a run finished earlier without its evaluation
+        subprocess.run([*python, "launch.evaluate", str(cfg.run_dir)], check=True)
+    return time.perf_counter() - start
+
+
+def _mean_and_spread(values: list[float]) -> dict:
+    """Mean over seeds and the spread (half the range; 0 for one seed)."""
+    return {
+        "mean": statistics.fmean(values),
+        "spread": (max(values) - min(values)) / 2,
+        "seeds": len(values),
+    }
+
+
+def _head_summary(per_layer_head: list[list[float | None]]) -> float | None:
+    """The median over every layer and head (None where a head's value is undefined)."""
+    values = [v for layer in per_layer_head for v in layer if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarise(results: list[dict]) -> dict:
+    """Per scheme: perplexity by length (all positions and beyond L_train; mean and spread
+    over seeds), its ratio to the trained length's, and the first seed's diagnostics."""
+    schemes: dict[str, list[dict]] = {}
+    for r in results:
+        schemes.setdefault(r["scheme"], []).append(r)
+    summary = {}
+    for scheme, runs in schemes.items():
+        lengths = sorted(int(n) for n in runs[0]["ppl"])
+        trained = str(runs[0]["train_length"])
+        entry: dict = {"runs": [r["run"] for r in runs], "ppl": {}, "ppl_beyond": {}, "ratio": {}}
+        for n in map(str, lengths):
+            entry["ppl"][n] = _mean_and_spread([r["ppl"][n] for r in runs])
+            entry["ratio"][n] = statistics.fmean(r["ppl"][n] / r["ppl"][trained] for r in runs)
+            if n in runs[0]["ppl_beyond"]:
+                entry["ppl_beyond"][n] = _mean_and_spread([r["ppl_beyond"][n] for r in runs])
+        first = runs[0]
+        entry["mixing_window"] = {
+            n: {eps: _head_summary(v) for eps, v in by_eps.items()}
+            for n, by_eps in first.get("mixing_window", {}).items()
+        }
+        entry["far_mass"] = {n: _head_summary(v) for n, v in first.get("far_mass", {}).items()}
+        entry["unavailable"] = first.get("unavailable", {})
+        summary[scheme] = entry
+    return summary
+
+
+def _table(summary: dict, key: str, lengths: list[str]) -> str:
+    header = ["scheme", *[f"{n}" for n in lengths]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for scheme, entry in summary.items():
+        cells = []
+        for n in lengths:
+            value = entry[key].get(n)
+            if value is None:
+                cells.append("-")
+            elif value["seeds"] > 1:
+                cells.append(f"{value['mean']:.1f} ± {value['spread']:.1f}")
+            else:
+                cells.append(f"{value['mean']:.1f}")
+        lines.append("| " + " | ".join([scheme, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _diagnostics_table(summary: dict, lengths: list[str]) -> str:
+    header = ["scheme", *[f"{n}: window@0.01 / far mass" for n in lengths]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for scheme, entry in summary.items():
+        cells = []
+        for n in lengths:
+            window = entry["mixing_window"].get(n, {}).get("0.01")
+            far = entry["far_mass"].get(n)
+            cells.append(
+                "-" if window is None else f"{window:.0f} / {'-' if far is None else f'{far:.3f}'}"
+            )
+        lines.append("| " + " | ".join([scheme, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report(summary: dict, machine: dict) -> str:
+    """results.md: the perplexity tables and the diagnostics behind them."""
+    lengths = sorted({n for e in summary.values() for n in e["ppl"]}, key=int)
+    beyond = sorted({n for e in summary.values() for n in e["ppl_beyond"]}, key=int)
+    return "\n".join(
+        [
+            "# Extrapolation study: results",
+            "",
+            f"Written by `python -m launch.study` on {machine['machine']} in "
+            f"{machine['hours']:.2f} h. Perplexity on the same held-out text at every length; "
+            "mean ± spread (half the range) over seeds where a scheme has two.",
+            "",
+            "## Perplexity, all positions, by evaluation length",
+            "",
+            _table(summary, "ppl", lengths),
+            "## Perplexity of the positions beyond the trained length",
+            "",
+            _table(summary, "ppl_beyond", beyond),
+            "## Diagnostics (first seed; median over layers and heads)",
+            "",
+            "Mixing window: the fewest nearest keys holding 99% of the attention mass. Far "
+            "mass: the attention mass on keys beyond the trained length.",
+            "",
+            _diagnostics_table(summary, lengths),
+        ]
+    )
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.study",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("study_dir", nargs="?", type=Path, default=Path("configs/study"))
+    parser.add_argument("--out", type=Path, default=Path("docs/study"))
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: report on the runs as they are (e.g. a study run through SLURM)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        configs = study_configs(args.study_dir)
+        runs = [load_config(c).run_dir for c in configs]
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    seconds = {}
+    for i, config in enumerate([] if args.report_only else configs, 1):
+        print(f"[study {i}/{len(configs)}] {config}", flush=True)
+        seconds[config.stem] = run_one(config)
+    try:
+        results = [{**newest_results(run), "run": run.name} for run in runs]
+    except CompareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = summarise(results)
+    machine = {
+        "machine": f"{platform.node()}, {os.cpu_count()} CPU cores, {platform.platform()}",
+        "hours": sum(seconds.values()) / 3600,
+        "seconds_per_run": seconds,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    curves = [
+        Curve(
+            scheme,
+            {int(n): v["mean"] for n, v in entry["ppl"].items()},
+            {int(n): v["mean"] for n, v in entry["ppl_beyond"].items()},
+        )
+        for scheme, entry in summary.items()
+    ]
+    trained = results[0]["train_length"]
+    title = "extrapolation study: perplexity by length (mean over seeds)"
+    ppl_vs_length(curves, trained, title, ordered=False).savefig(
+        args.out / "ppl_vs_length.png", dpi=110
+    )
+    (args.out / "results.md").write_text(report(summary, machine))
+    (args.out / "summary.json").write_text(
+        json.dumps({"machine": machine, "schemes": summary}, indent=1)
+    )
+    print(f"wrote {args.out / 'results.md'}, summary.json and ppl_vs_length.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,70 @@
+"""The extrapolation study's configs and its summary (the runs themselves take `make study`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch.config import load_config, to_yaml
+from launch.study import report, study_configs, summarise
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMES = {
+    "rope", "alibi", "nope", "local", "kerple_log", "xpos", "accrot", "accrot_v",
+    "random_accrot", "path", "hybrid", "path_alibi",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("study", ["study", "study_gpu"])
+def test_study_runs_differ_only_in_scheme_name_and_seed(study):
+    configs = study_configs(ROOT / "configs" / study)
+    base = yaml.safe_load(to_yaml(load_config(ROOT / "configs" / study / "base.yaml")))
+    schemes, seeds = set(), {}
+    for path in configs:
+        cfg = load_config(path)
+        schemes.add(cfg.model.scheme)
+        seeds.setdefault(cfg.model.scheme, set()).add(cfg.run.seed)
+        resolved = yaml.safe_load(to_yaml(cfg))
+        for section in ("run", "model"):
+            for key in ("name", "seed", "scheme"):
+                resolved[section].pop(key, None)
+                base[section].pop(key, None)
+        assert resolved == base, path
+    assert schemes == SCHEMES
+    assert all(len(seeds[s]) >= 2 for s in ("rope", "accrot_v", "alibi", "hybrid"))
+    assert len({load_config(p).run_dir for p in configs}) == len(configs)
+
+
+def _result(scheme: str, run: str, ppl: dict[int, float]) -> dict:
+    heads = [[1.0, 3.0, 5.0], [2.0, None, 4.0]]  # [layer][head]; None: no key that far
+    return {
+        "scheme": scheme,
+        "run": run,
+        "train_length": 128,
+        "ppl": {str(n): v for n, v in ppl.items()},
+        "ppl_beyond": {str(n): 2 * v for n, v in ppl.items() if n > 128},
+        "mixing_window": {str(n): {"0.01": heads} for n in ppl},
+        "far_mass": {str(n): heads for n in ppl if n > 128},
+    }
+
+
+def test_summary_averages_seeds_and_takes_ratios_to_the_trained_length():
+    results = [
+        _result("rope", "rope", {128: 10.0, 256: 30.0}),
+        _result("rope", "rope_seed1", {128: 12.0, 256: 40.0}),
+        _result("alibi", "alibi", {128: 11.0, 256: 11.0}),
+    ]
+    summary = summarise(results)
+    assert summary["rope"]["runs"] == ["rope", "rope_seed1"]
+    assert summary["rope"]["ppl"]["256"] == {"mean": 35.0, "spread": 5.0, "seeds": 2}
+    assert summary["rope"]["ppl_beyond"]["256"]["mean"] == 70.0
+    assert summary["rope"]["ratio"]["256"] == pytest.approx((30 / 10 + 40 / 12) / 2)
+    assert summary["alibi"]["ratio"] == {"128": 1.0, "256": 1.0}
+    assert summary["alibi"]["mixing_window"]["256"]["0.01"] == 3.0  # median of 5 heads
+    markdown = report(summary, {"machine": "test", "hours": 1.0})
+    assert "| rope | 11.0 ± 1.0 | 35.0 ± 5.0 |" in markdown
+    assert "| alibi | 11.0 | 11.0 |" in markdown
+    json.dumps(summary)  # summary.json
