@@ -286,6 +286,7 @@ class Trainer:
                         metrics.log({"step": self.step, **results})
             return EXIT_OK
         finally:
+            self.loader.close()
             if metrics is not None:
                 metrics.close()
 

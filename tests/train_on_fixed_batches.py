@@ -45,6 +45,9 @@ class FixedBatches:
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
 
+    def close(self) -> None:
+        pass  # nothing to free: the batches are generated
+
 
 class _Vocab:
     def get_vocab_size(self) -> int:
