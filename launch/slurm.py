@@ -1,6 +1,8 @@
 """Training and evaluation as SLURM jobs: render the batch script, submit it, report on a run.
 
     python -m launch.slurm CONFIG.yaml [key=value ...] [--dry-run]     submit a training job
+    python -m launch.slurm --array CONFIG.yaml [CONFIG.yaml ...] [key=value ...] [--dry-run]
+                                                          one job array: a task per config
     python -m launch.slurm --eval RUN_DIR_OR_CHECKPOINT [key=value ...] [--dry-run]
                            [-- LAUNCH_EVALUATE_OPTIONS]                submit an evaluation job
     python -m launch.slurm --status RUN_DIR                            the run's jobs and steps
@@ -13,6 +15,14 @@ save a checkpoint and exit with EXIT_REQUEUE, and the script requeues the job, w
 from that checkpoint in the same run directory. `--dry-run` prints the script and submits
 nothing. The run directory keeps the job scripts, the resolved config each job trains with,
 the batch and per-rank logs (`logs/`) and the jobs' events (`slurm/`).
+
+A job array (`--array`, e.g. one config per position scheme) is one submission whose task i
+trains config i exactly as its own job would, in its own run directory; the overrides apply to
+every config, and the configs must share their `slurm` section. A task is known by the id
+squeue shows for it, "<array id>_<task>", in its run's records and events and when it requeues.
+The array's batch logs go to `slurm.output`, else `<the runs' common parent>/logs/array-%A_%a.out`
+(runs/study/logs/... when they share run.dir=runs/study); its job name is `slurm.job_name`, else
+that parent's name.
 """
 
 from __future__ import annotations
@@ -20,11 +30,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 
@@ -148,9 +160,11 @@ def _header(
     time: str,
     workdir: Path,
     output: str,
+    array_size: int | None = None,
 ) -> list[str]:
     options = [
         f"--job-name={job_name}",
+        *([f"--array=0-{array_size - 1}"] if array_size is not None else []),
         f"--nodes={nodes}",
         f"--ntasks-per-node={tasks}",
         *([f"--gpus-per-node={gpus}"] if gpus else []),
@@ -189,22 +203,74 @@ def _setup_block(slurm: SlurmConfig) -> str:
     return "\n" + "".join(line + "\n" for line in lines) + ("\n" if lines else "")
 
 
-def render_train_script(
-    cfg: Config, *, config_file: Path, workdir: Path, python: str = sys.executable
-) -> str:
-    """The batch script of a training job that trains the config saved at `config_file`."""
-    slurm = cfg.slurm
+@dataclass
+class TrainingRun:
+    """One config to train: the file given, what it resolved to, where it trains."""
+
+    source: Path
+    cfg: Config
+    run_dir: Path  # absolute
+    config_text: str  # the resolved config, saved for the job to read
+    config_file: Path  # where: <run_dir>/slurm/config-<digest>.yaml
+
+
+def training_run(config_path: Path, overrides: list[str], workdir: Path) -> TrainingRun:
+    """Resolve one config of a training job (a wrong key or value, or no slurm section, fails)."""
+    cfg = load_config(config_path, overrides)
+    require_slurm_section(config_path, overrides)
     run_dir = (workdir / cfg.run_dir).resolve()
+    config_text = to_yaml(cfg)
+    digest = hashlib.sha256(config_text.encode()).hexdigest()[:10]
+    config_file = run_dir / "slurm" / f"config-{digest}.yaml"
+    return TrainingRun(config_path, cfg, run_dir, config_text, config_file)
+
+
+def _bash_array(name: str, values: list[Path]) -> list[str]:
+    return [f"{name}=(", *(f"    {shlex.quote(str(value))}" for value in values), ")"]
+
+
+def _select_run(runs: list[TrainingRun], *, array: bool) -> list[str]:
+    """Bash lines defining RUN_DIR, CONFIG and JOB (the id squeue shows): the job's, or those
+    of the array task SLURM_ARRAY_TASK_ID."""
+    if not array:
+        return [
+            f"RUN_DIR={shlex.quote(str(runs[0].run_dir))}",
+            f"CONFIG={shlex.quote(str(runs[0].config_file))}",
+            "JOB=$SLURM_JOB_ID",
+        ]
+    last = len(runs) - 1
+    return [
+        "# Array task i trains config i in its own run directory.",
+        *_bash_array("RUN_DIRS", [run.run_dir for run in runs]),
+        *_bash_array("CONFIGS", [run.config_file for run in runs]),
+        'TASK=${SLURM_ARRAY_TASK_ID:?"not set: this script is a job array, for sbatch"}',
+        f'RUN_DIR=${{RUN_DIRS[TASK]:?"array task $TASK has no run (tasks 0-{last})"}}',
+        "CONFIG=${CONFIGS[TASK]}",
+        "JOB=${SLURM_ARRAY_JOB_ID}_$TASK  # SLURM_JOB_ID is another id, the task's own",
+    ]
+
+
+def _train_script(
+    runs: list[TrainingRun],
+    *,
+    array: bool,
+    job_name: str,
+    output: str,
+    workdir: Path,
+    python: str,
+) -> str:
+    slurm = runs[0].cfg.slurm
     tasks = tasks_per_node(slurm)
     header = _header(
         slurm,
-        job_name=slurm.job_name or cfg.run.name,
+        job_name=job_name,
         nodes=slurm.nodes,
         tasks=tasks,
         gpus=slurm.gpus_per_node,
         time=slurm.time,
         workdir=workdir,
-        output=batch_log(cfg, run_dir),
+        output=output,
+        array_size=len(runs) if array else None,
     )
     header.append(f"#SBATCH --signal=B:USR1@{slurm.signal_lead_s}")
     header += [f"#SBATCH {_sbatch_option(line)}" for line in slurm.extra_sbatch]
@@ -212,25 +278,94 @@ def render_train_script(
         "srun",
         f"--ntasks-per-node={tasks}",
         f"--cpus-per-task={slurm.cpus_per_task}",
-        f"--output={run_dir / 'logs' / 'rank-%t.log'}",
+        '"--output=$RUN_DIR/logs/rank-%t.log"',
         "--open-mode=append",
-        python,
+        shlex.quote(python),
         "-m",
         "launch.train",
-        str(config_file),
+        '"$CONFIG"',
     ]
+    what = f"job array of {len(runs)} runs" if array else f"job for {runs[0].run_dir}"
     lines = [
         "#!/bin/bash",
-        f"# rotalibi training job for {run_dir}: rendered by `python -m launch.slurm`.",
+        f"# rotalibi training {what}: rendered by `python -m launch.slurm`.",
         *header,
         "",
-        f"RUN_DIR={shlex.quote(str(run_dir))}",
-        f"TRAIN=({shlex.join(srun)})",
+        *_select_run(runs, array=array),
+        f"TRAIN=({' '.join(srun)})",
         "",
         # After the signal traps: a stop signal during slow setup lines is not lost.
         JOB_BODY.read_text().rstrip().replace("\n@SETUP@\n", _setup_block(slurm)),
     ]
     return "\n".join(lines) + "\n"
+
+
+def render_train_script(run: TrainingRun, *, workdir: Path, python: str = sys.executable) -> str:
+    """The batch script of a training job that trains `run`."""
+    return _train_script(
+        [run],
+        array=False,
+        job_name=run.cfg.slurm.job_name or run.cfg.run.name,
+        output=batch_log(run.cfg, run.run_dir),
+        workdir=workdir,
+        python=python,
+    )
+
+
+def array_parent(runs: list[TrainingRun]) -> Path:
+    """The run directories' common parent: it keeps the array's batch logs and names it."""
+    return Path(os.path.commonpath([run.run_dir.parent for run in runs]))
+
+
+def array_batch_log(runs: list[TrainingRun]) -> str:
+    return runs[0].cfg.slurm.output or str(array_parent(runs) / "logs" / "array-%A_%a.out")
+
+
+def render_array_script(
+    runs: list[TrainingRun], *, workdir: Path, python: str = sys.executable
+) -> str:
+    """The batch script of a job array whose task i trains `runs[i]`, as render_train_script's
+    job would (check_array first: one slurm section for all)."""
+    return _train_script(
+        runs,
+        array=True,
+        job_name=runs[0].cfg.slurm.job_name or array_parent(runs).name,
+        output=array_batch_log(runs),
+        workdir=workdir,
+        python=python,
+    )
+
+
+def check_array(runs: list[TrainingRun]) -> None:
+    """The configs of an array run as one job: one slurm section, and each its own run."""
+    first = runs[0].cfg.slurm
+    differing = [
+        f.name
+        for f in fields(SlurmConfig)
+        if any(getattr(run.cfg.slurm, f.name) != getattr(first, f.name) for run in runs)
+    ]
+    if differing:
+        details = [
+            f"'slurm.{key}': "
+            + ", ".join(f"{run.source} {getattr(run.cfg.slurm, key)!r}" for run in runs)
+            for key in differing
+        ]
+        raise SlurmError(
+            "the configs of a job array run as one job, so their slurm sections must be equal; "
+            "they differ in\n  - "
+            + "\n  - ".join(details)
+            + "\nput the slurm section in a base file they share, or give the key as an override "
+            f"(it applies to every config), e.g. slurm.{differing[0]}=..."
+        )
+    seen: dict[Path, Path] = {}
+    for run in runs:
+        if run.run_dir in seen:
+            raise SlurmError(
+                f"{seen[run.run_dir]} and {run.source} both train {run.run_dir} (run.dir/"
+                "run.name): their tasks would overwrite each other's checkpoints; give each "
+                "config its own run.name"
+            )
+        seen[run.run_dir] = run.source
 
 
 def render_eval_script(
@@ -307,10 +442,28 @@ def check_partition(partition: str | None) -> None:
         )
 
 
+def _array_task_ids(job: str) -> list[str]:
+    """squeue shows an array's tasks that have not started as one line, e.g. "12_[0-5,7:2%4]"
+    (ranges, steps, a limit on running tasks): the ids of those tasks ("12_0", ...)."""
+    match = re.fullmatch(r"(\d+)_\[([^\]%]+)(?:%\d+)?\]", job)
+    if match is None:
+        return [job]
+    array, spec = match.groups()
+    ids = []
+    for part in spec.split(","):
+        first, _, rest = part.partition("-")
+        last, _, step = rest.partition(":")
+        tasks = range(int(first), int(last or first) + 1, int(step or 1))
+        ids += [f"{array}_{task}" for task in tasks]
+    return ids
+
+
 def job_states() -> dict[str, str]:
-    """State of every job the controller still knows (finished ones for MinJobAge)."""
+    """State of every job (and array task, as "<array id>_<task>") the controller still knows
+    (finished ones for MinJobAge)."""
     out = _run(["squeue", "--noheader", "--states=all", "--format=%i|%T"])
-    return dict(line.split("|", 1) for line in out.splitlines() if "|" in line)
+    pairs = [line.split("|", 1) for line in out.splitlines() if "|" in line]
+    return {task: state for job, state in pairs for task in _array_task_ids(job)}
 
 
 def _jobs_file(run_dir: Path) -> Path:
@@ -337,12 +490,14 @@ def _refuse_second_training_job(run_dir: Path) -> None:
             )
 
 
-def submit(script: str, *, run_dir: Path, kind: str, detail: dict) -> str:
-    """Submit `script` with sbatch; record the job under run_dir/slurm; return its id."""
-    out = _run(["sbatch", "--parsable"], stdin=script)
-    job = out.strip().split(";")[0]
-    slurm_dir = run_dir / "slurm"
-    (slurm_dir / f"job-{job}.sh").write_text(script)
+def sbatch(script: str) -> str:
+    """Submit `script`; its job id (of a job array, the array's)."""
+    return _run(["sbatch", "--parsable"], stdin=script).strip().split(";")[0]
+
+
+def record_job(run_dir: Path, job: str, script: str, *, kind: str, detail: dict) -> None:
+    """Keep the job's script and a record of it (for --status) under run_dir/slurm."""
+    (run_dir / "slurm" / f"job-{job}.sh").write_text(script)
     record = {
         "job": job,
         "kind": kind,
@@ -352,7 +507,6 @@ def submit(script: str, *, run_dir: Path, kind: str, detail: dict) -> str:
     }
     with _jobs_file(run_dir).open("a") as f:
         f.write(json.dumps(record) + "\n")
-    return job
 
 
 def _prepare_dirs(run_dir: Path, output: str) -> None:
@@ -362,36 +516,51 @@ def _prepare_dirs(run_dir: Path, output: str) -> None:
             directory.mkdir(parents=True, exist_ok=True)
 
 
-# ---------------------------------------------------------------- the three commands
+# ---------------------------------------------------------------- the commands
 
 
-def submit_training(config_path: Path, overrides: list[str], *, dry_run: bool) -> int:
-    cfg = load_config(config_path, overrides)
-    require_slurm_section(config_path, overrides)
-    check_slurm(cfg.slurm)
+def submit_training(
+    config_paths: list[Path], overrides: list[str], *, dry_run: bool, array: bool = False
+) -> int:
+    """Submit a config as a training job, or several as a job array whose task i trains
+    config i; the overrides apply to every config. Every check runs before anything is
+    written or submitted."""
     workdir = Path.cwd()
-    run_dir = (workdir / cfg.run_dir).resolve()
-    config_text = to_yaml(cfg)
-    digest = hashlib.sha256(config_text.encode()).hexdigest()[:10]
-    config_file = run_dir / "slurm" / f"config-{digest}.yaml"
-    script = render_train_script(cfg, config_file=config_file, workdir=workdir)
+    runs = [training_run(path, overrides, workdir) for path in config_paths]
+    if array:
+        check_array(runs)
+    slurm = runs[0].cfg.slurm
+    check_slurm(slurm)
+    if array:
+        script, output = render_array_script(runs, workdir=workdir), array_batch_log(runs)
+    else:
+        script = render_train_script(runs[0], workdir=workdir)
+        output = batch_log(runs[0].cfg, runs[0].run_dir)
     if dry_run:
         print(script, end="")
         return 0
     _slurm_command("sbatch")  # before anything is written
-    check_partition(cfg.slurm.partition)
-    check_trainable(cfg)
-    _refuse_second_training_job(run_dir)
-    _prepare_dirs(run_dir, batch_log(cfg, run_dir))
-    config_file.write_text(config_text)
-    job = submit(
-        script,
-        run_dir=run_dir,
-        kind="train",
-        detail={"config": str(config_file.relative_to(run_dir)), "source": str(config_path)},
-    )
-    print(f"submitted training job {job}; run directory {run_dir}")
-    print(f"progress: python -m launch.slurm --status {run_dir}")
+    check_partition(slurm.partition)
+    for run in runs:
+        check_trainable(run.cfg)
+        _refuse_second_training_job(run.run_dir)
+    for run in runs:
+        _prepare_dirs(run.run_dir, output)
+        run.config_file.write_text(run.config_text)
+    job = sbatch(script)
+    ids = [f"{job}_{task}" for task in range(len(runs))] if array else [job]
+    for run, run_job in zip(runs, ids, strict=True):
+        config = str(run.config_file.relative_to(run.run_dir))
+        detail = {"config": config, "source": str(run.source)}
+        record_job(run.run_dir, run_job, script, kind="train", detail=detail)
+    if array:
+        print(f"submitted training job array {job} of {len(runs)} tasks; batch logs {output}")
+        for run, run_job in zip(runs, ids, strict=True):
+            print(f"  task {run_job}: {run.source}, run directory {run.run_dir}")
+        print("progress: python -m launch.slurm --status RUN_DIRECTORY")
+    else:
+        print(f"submitted training job {job}; run directory {runs[0].run_dir}")
+        print(f"progress: python -m launch.slurm --status {runs[0].run_dir}")
     return 0
 
 
@@ -441,12 +610,9 @@ def submit_evaluation(
     _slurm_command("sbatch")
     check_partition(cfg.slurm.partition)
     _prepare_dirs(run_dir, str(run_dir / "logs" / "eval"))
-    job = submit(
-        script,
-        run_dir=run_dir,
-        kind="eval",
-        detail={"target": str(target), "arguments": arguments},
-    )
+    job = sbatch(script)
+    detail = {"target": str(target), "arguments": arguments}
+    record_job(run_dir, job, script, kind="eval", detail=detail)
     print(f"submitted evaluation job {job} for {target}; run directory {run_dir}")
     return 0
 
@@ -510,11 +676,14 @@ def main(argv: list[str]) -> int:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("args", nargs="*", help="CONFIG.yaml then key=value overrides")
+    parser.add_argument(
+        "args", nargs="*", help="CONFIG.yaml (with --array: one or more) then key=value overrides"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the job script only")
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--eval", metavar="RUN_DIR_OR_CHECKPOINT", type=Path)
     what.add_argument("--status", metavar="RUN_DIR", type=Path)
+    what.add_argument("--array", action="store_true", help="submit the configs as one job array")
     options = []  # after `--`: launch.evaluate's own options
     if "--" in argv:
         argv, options = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
@@ -529,9 +698,17 @@ def main(argv: list[str]) -> int:
             return 0
         if args.eval is not None:
             return submit_evaluation(args.eval, args.args, options, dry_run=args.dry_run)
+        configs = [Path(a) for a in args.args if "=" not in a]
+        overrides = [a for a in args.args if "=" in a]
+        if args.array:
+            if not configs:
+                parser.error("--array needs configs, e.g. --array configs/study_gpu/*.yaml")
+            return submit_training(configs, overrides, dry_run=args.dry_run, array=True)
         if not args.args:
             parser.error("give a config (e.g. configs/7b.yaml), --eval TARGET or --status RUN_DIR")
-        return submit_training(Path(args.args[0]), args.args[1:], dry_run=args.dry_run)
+        if len(configs) > 1:
+            parser.error("several configs: submit them as one job array with --array")
+        return submit_training([Path(args.args[0])], args.args[1:], dry_run=args.dry_run)
     except (ConfigError, SlurmError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,8 +1,10 @@
-"""launch.slurm without a cluster: the rendered job scripts, their signal and requeue logic (run
-under stand-ins for srun and scontrol), the status report, and the errors for bad input."""
+"""launch.slurm without a cluster: the rendered job scripts (single jobs and job arrays), their
+signal and requeue logic (run under stand-ins for srun and scontrol), the status report, and the
+errors for bad input."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -16,7 +18,7 @@ import pytest
 import yaml
 
 from launch.config import load_config, to_yaml
-from launch.slurm import SlurmError, main, status, time_limit_seconds
+from launch.slurm import SlurmError, job_states, main, status, time_limit_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -61,6 +63,46 @@ def sbatch_options(script: str) -> list[str]:
     return [line.removeprefix("#SBATCH ") for line in script.splitlines() if "#SBATCH" in line]
 
 
+def job_body(script: str) -> str:
+    """The script from the shared job body on (launch/slurm_job.sh)."""
+    return script[script.index("\nEXIT_REQUEUE=") :]
+
+
+def selected_run(script: str, **env: str) -> subprocess.CompletedProcess:
+    """Run the lines before the job body in bash with SLURM's variables `env`; its stdout:
+    RUN_DIR, CONFIG, JOB and TRAIN's words, one a line, as the job would use them."""
+    prelude = script[: script.index("\nEXIT_REQUEUE=")]
+    show = 'printf "%s\\n" "$RUN_DIR" "$CONFIG" "$JOB" "${TRAIN[@]}"'
+    return subprocess.run(
+        ["bash", "-c", f"{prelude}\n{show}"],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def srun_words(run_dir: Path, config: Path, tasks: int, cpus: int) -> list[str]:
+    """The training command of a job: one task per GPU, rank logs under the run directory."""
+    return [
+        "srun",
+        f"--ntasks-per-node={tasks}",
+        f"--cpus-per-task={cpus}",
+        f"--output={run_dir}/logs/rank-%t.log",
+        "--open-mode=append",
+        sys.executable,
+        "-m",
+        "launch.train",
+        str(config),
+    ]
+
+
+def config_snapshot(run_dir: Path, config: Path, overrides: list[str]) -> Path:
+    """Where a job keeps the config it trains: named by the resolved config's digest."""
+    text = to_yaml(load_config(config, overrides))
+    return run_dir / "slurm" / f"config-{hashlib.sha256(text.encode()).hexdigest()[:10]}.yaml"
+
+
 def test_dry_run_4_nodes_x_8_gpus(tmp_path, capsys, monkeypatch):
     config = write_config(tmp_path / "big.yaml", CLUSTER_4X8)
     script = render([str(config), "train.max_steps=7"], tmp_path, capsys, monkeypatch)
@@ -97,27 +139,140 @@ def test_dry_run_4_nodes_x_8_gpus(tmp_path, capsys, monkeypatch):
         "export NCCL_SOCKET_IFNAME='^lo,docker0'",
     ):
         assert traps < lines.index(expected) < start
-    first_srun = next(i for i, line in enumerate(lines) if line.startswith("TRAIN=("))
-    # One task per GPU, rank logs under the run directory, the resolved config snapshot.
-    words = shlex.split(lines[first_srun].removeprefix("TRAIN=(").removesuffix(")"))
-    assert words[:5] == [
-        "srun",
-        "--ntasks-per-node=8",
-        "--cpus-per-task=12",
-        f"--output={run_dir}/logs/rank-%t.log",
-        "--open-mode=append",
+    # One task per GPU, rank logs under the run directory, the resolved config snapshot; the
+    # job is known by its id.
+    snapshot = config_snapshot(run_dir, config, ["train.max_steps=7"])
+    picked = selected_run(script, SLURM_JOB_ID="4242")
+    assert picked.stdout.splitlines() == [
+        str(run_dir),
+        str(snapshot),
+        "4242",
+        *srun_words(run_dir, snapshot, tasks=8, cpus=12),
     ]
-    assert words[5:8] == [sys.executable, "-m", "launch.train"]
-    snapshot = Path(words[8])
-    assert snapshot.parent == run_dir / "slurm" and snapshot.suffix == ".yaml"
-    assert not snapshot.exists()  # a dry run writes nothing
-    assert not run_dir.exists()
+    assert not run_dir.exists()  # a dry run writes nothing
     # The signal is trapped and forwarded, training runs in the background so the trap can
     # fire, and only the requeue exit code requeues.
     assert "trap 'forward_signal TERM' TERM" in script
     assert 'kill -USR1 "$train_pid"' in script
-    assert "EXIT_REQUEUE=75" in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
+    assert "EXIT_REQUEUE=75" in script and 'scontrol requeue "$JOB"' in script
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def write_study(directory: Path, schemes: list[str], slurm: dict) -> list[Path]:
+    """A study as configs/study_gpu lays it out: a base file (the tiny config with `slurm`) and
+    one config per scheme that builds on it and names its own run."""
+    base = write_config(directory / "base.yaml", {"run": {"dir": "runs/study_gpu"}, "slurm": slurm})
+    configs = []
+    for scheme in schemes:
+        config = directory / f"{scheme}.yaml"
+        config.write_text(
+            f"base: {base.name}\nrun:\n  name: {scheme}\nmodel:\n  scheme: {scheme}\n"
+        )
+        configs.append(config)
+    return configs
+
+
+def test_dry_run_array_of_3_configs_on_4_nodes_x_8_gpus(tmp_path, capsys, monkeypatch):
+    schemes = ["rope", "alibi", "hybrid"]
+    slurm = {**CLUSTER_4X8["slurm"], "job_name": None}  # default: the runs' parent directory
+    configs = write_study(tmp_path, schemes, slurm)
+    overrides = ["train.max_steps=7"]  # for every config
+    script = render(["--array", *map(str, configs), *overrides], tmp_path, capsys, monkeypatch)
+    runs = tmp_path / "runs" / "study_gpu"
+    assert sbatch_options(script) == [
+        "--job-name=study_gpu",
+        "--array=0-2",  # one task per config
+        "--nodes=4",
+        "--ntasks-per-node=8",
+        "--gpus-per-node=8",
+        "--cpus-per-task=12",
+        "--mem=480G",
+        "--time=1-12:00:00",
+        "--partition=gpu",
+        "--account=lm",
+        "--qos=high",
+        "--constraint=h100",
+        f"--chdir={tmp_path}",
+        f"--output={runs}/logs/array-%A_%a.out",  # the batch logs of all tasks, side by side
+        "--open-mode=append",
+        "--requeue",
+        "--signal=B:USR1@600",
+        "--exclusive",
+        "--mail-type=END",
+    ]
+    # Task i trains config i (the overrides applied) in its own run directory, exactly as that
+    # config's own job would, and is known by the id squeue shows for it.
+    for task, (scheme, config) in enumerate(zip(schemes, configs, strict=True)):
+        run_dir = runs / scheme
+        snapshot = config_snapshot(run_dir, config, overrides)
+        array_env = {"SLURM_ARRAY_JOB_ID": "500", "SLURM_ARRAY_TASK_ID": str(task)}
+        picked = selected_run(script, **array_env, SLURM_JOB_ID=str(501 + task))
+        assert picked.stdout.splitlines() == [
+            str(run_dir),
+            str(snapshot),
+            f"500_{task}",
+            *srun_words(run_dir, snapshot, tasks=8, cpus=12),
+        ]
+        own = render([str(config), *overrides], tmp_path, capsys, monkeypatch)
+        assert (
+            selected_run(own, SLURM_JOB_ID="7").stdout.splitlines()[3:]
+            == (picked.stdout.splitlines()[3:])
+        )
+    # One job body, the same as a single job's: traps, setup lines, requeue on exit 75.
+    assert job_body(script) == job_body(own)
+    assert script.count("EXIT_REQUEUE=75") == 1
+    lines = script.splitlines()
+    traps = lines.index("trap 'forward_signal USR1' USR1")
+    assert traps < lines.index("module load cuda/12.4") < lines.index('    "${TRAIN[@]}" &')
+    assert "trap 'forward_signal TERM' TERM" in script and 'scontrol requeue "$JOB"' in script
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+    # Outside an array, or as a task the array does not have, it stops at once.
+    outside = selected_run(script, SLURM_JOB_ID="9")
+    assert outside.returncode != 0 and "SLURM_ARRAY_TASK_ID: not set" in outside.stderr
+    beyond = selected_run(script, SLURM_ARRAY_JOB_ID="500", SLURM_ARRAY_TASK_ID="3")
+    assert beyond.returncode != 0 and "array task 3 has no run (tasks 0-2)" in beyond.stderr
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+
+def test_array_configs_must_share_the_slurm_section(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cpu = {"gpus_per_node": 0, "time": "10:00"}
+    a = write_config(tmp_path / "a.yaml", {"run": {"name": "a"}, "slurm": cpu})
+    b = write_config(tmp_path / "b.yaml", {"run": {"name": "b"}, "slurm": {**cpu, "time": "20:00"}})
+    c = write_config(tmp_path / "c.yaml", {"run": {"name": "c"}, "slurm": {**cpu, "qos": "low"}})
+    assert main(["--array", str(a), str(b), str(c)]) == 2
+    err = capsys.readouterr().err
+    assert "slurm sections must be equal" in err
+    assert f"'slurm.time': {a} '10:00', {b} '20:00', {c} '10:00'" in err
+    assert f"'slurm.qos': {a} None, {b} None, {c} 'low'" in err
+    assert "'slurm.gpus_per_node'" not in err  # only the keys that differ
+    assert not (tmp_path / "runs").exists()
+    # Overrides apply to every config: they can make the sections equal.
+    args = ["--array", str(a), str(b), str(c), "slurm.time=30:00", "slurm.qos=low", "--dry-run"]
+    assert main(args) == 0
+    assert "#SBATCH --time=30:00\n" in capsys.readouterr().out
+
+
+def test_array_configs_need_their_own_run_directories(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cpu = {"slurm": {"gpus_per_node": 0}}
+    a = write_config(tmp_path / "a.yaml", {"run": {"name": "same"}, **cpu})
+    b = write_config(tmp_path / "b.yaml", {"run": {"name": "other"}, **cpu})
+    c = write_config(tmp_path / "c.yaml", {"run": {"name": "same"}, **cpu})
+    assert main(["--array", str(a), str(b), str(c)]) == 2
+    err = capsys.readouterr().err
+    assert f"{a} and {c} both train {tmp_path / 'runs' / 'same'}" in err and "run.name" in err
+    # An override that names every config's run the same does it too.
+    assert main(["--array", str(a), str(b), "run.name=one", "--dry-run"]) == 2
+    assert f"{a} and {b} both train {tmp_path / 'runs' / 'one'}" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    # Several configs need --array, and --array needs configs.
+    with pytest.raises(SystemExit):
+        main([str(a), str(b), "--dry-run"])
+    assert "submit them as one job array with --array" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--array", "train.max_steps=3", "--dry-run"])
+    assert "--array needs configs" in capsys.readouterr().err
 
 
 def test_cpu_tasks_and_defaults(tmp_path, capsys, monkeypatch):
@@ -178,6 +333,21 @@ def test_time_limits_are_taken_as_written(tmp_path, capsys, monkeypatch):
     assert "--time=1:30:00" in sbatch_options(script)
 
 
+def test_slurm_section_of_the_base_file(tmp_path, capsys, monkeypatch):
+    slurm = {"gpus_per_node": 0, "tasks_per_node": 3, "time": "45:00", "partition": "cpu"}
+    base = write_config(tmp_path / "base.yaml", {"slurm": slurm})
+    config = tmp_path / "child.yaml"
+    config.write_text(f"base: {base.name}\nrun:\n  name: child\n")
+    options = sbatch_options(render([str(config)], tmp_path, capsys, monkeypatch))
+    for expected in ("--job-name=child", "--ntasks-per-node=3", "--time=45:00", "--partition=cpu"):
+        assert expected in options
+    # A base without one does not count.
+    (tmp_path / "bare.yaml").write_text(TINY.read_text())
+    config.write_text("base: bare.yaml\n")
+    assert main([str(config), "--dry-run"]) == 2
+    assert f"{config} has no 'slurm' section" in capsys.readouterr().err
+
+
 def test_config_without_slurm_section(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main([str(TINY)]) == 2
@@ -196,6 +366,12 @@ def test_no_slurm_on_this_machine(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "'sbatch' is not on PATH" in err and "--dry-run" in err
     assert not (tmp_path / "runs").exists()  # nothing half-written
+    other = write_config(
+        tmp_path / "other.yaml", {"run": {"name": "other"}, "slurm": {"gpus_per_node": 0}}
+    )
+    assert main(["--array", str(config), str(other)]) == 2
+    assert "'sbatch' is not on PATH" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_unknown_config_key_fails_before_slurm(tmp_path, capsys, monkeypatch):
@@ -270,20 +446,32 @@ def run_job_script(
     on_signal: int = 75,
     signal_when: str | None = None,
     signal_name: str = "USR1",
+    array_task: int | None = None,
 ):
     """Run the rendered training script with srun and scontrol replaced by stand-ins, sending
-    it `signal_name` once the file `signal_when` (in the stand-ins' directory) exists."""
+    it `signal_name` once the file `signal_when` (in the stand-ins' directory) exists; with
+    `array_task`, the script of an array of 3 configs (runs a, b, c) as that task of array 4240.
+    (exit code, stdout, scontrol's arguments, the run's events, srun's arguments)."""
     fake = tmp_path / "bin"
-    setup = {"setup": ['touch "$FAKE/setup.started"; sleep 0.5']}
-    config = write_config(tmp_path / "cpu.yaml", {"slurm": {"gpus_per_node": 0, **setup}})
+    slurm = {"gpus_per_node": 0, "setup": ['touch "$FAKE/setup.started"; sleep 0.5']}
+    if array_task is None:
+        config = write_config(tmp_path / "cpu.yaml", {"slurm": slurm})
+        args, run_dir, array_env = [str(config)], tmp_path / "runs" / "tiny", {}
+    else:
+        names = ["a", "b", "c"]
+        configs = [
+            write_config(tmp_path / f"{name}.yaml", {"run": {"name": name}, "slurm": slurm})
+            for name in names
+        ]
+        args, run_dir = ["--array", *map(str, configs)], tmp_path / "runs" / names[array_task]
+        array_env = {"SLURM_ARRAY_JOB_ID": "4240", "SLURM_ARRAY_TASK_ID": str(array_task)}
     script = tmp_path / "job.sh"
-    script.write_text(render([str(config)], tmp_path, capsys, monkeypatch))
+    script.write_text(render(args, tmp_path, capsys, monkeypatch))
     fake.mkdir()
     (fake / "srun").write_text(FAKE_SRUN)
     (fake / "scontrol").write_text('#!/bin/bash\necho "$@" >> "$FAKE/scontrol.args"\n')
     for tool in fake.iterdir():
         tool.chmod(0o755)
-    run_dir = tmp_path / "runs" / "tiny"
     env = {
         **os.environ,
         "PATH": f"{fake}:{os.environ['PATH']}",
@@ -294,6 +482,7 @@ def run_job_script(
         "SLURM_JOB_ID": "4242",
         "SLURM_JOB_NODELIST": "node[1-2]",
         "SLURM_RESTART_COUNT": "1",
+        **array_env,
     }
     job = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, text=True)
     if signal_when is not None:
@@ -305,8 +494,8 @@ def run_job_script(
     out, _ = job.communicate(timeout=60)
     scontrol = fake / "scontrol.args"
     events = [json.loads(line) for line in (run_dir / "slurm" / "events.jsonl").open()]
-    started = (fake / "srun.args").exists()
-    return job.returncode, out, scontrol.read_text() if scontrol.exists() else "", events, started
+    srun = (fake / "srun.args").read_text() if (fake / "srun.args").exists() else ""
+    return job.returncode, out, scontrol.read_text() if scontrol.exists() else "", events, srun
 
 
 @pytest.mark.parametrize("signal_name", ["USR1", "TERM"])
@@ -321,6 +510,25 @@ def test_job_script_forwards_signal_and_requeues(tmp_path, capsys, monkeypatch, 
     assert events[1]["signal"] == signal_name
     assert events[2]["code"] == 75 and events[2]["checkpoint"] == "step_3"
     assert "resumes from step_3" in out
+
+
+def test_array_task_trains_its_config_and_requeues_only_itself(tmp_path, capsys, monkeypatch):
+    code, out, scontrol, events, srun = run_job_script(
+        tmp_path, capsys, monkeypatch, signal_when="srun.started", array_task=1
+    )
+    run_dir = tmp_path / "runs" / "b"
+    # Task 1 trained the second config in its own run directory (the stand-in saved its
+    # checkpoint there, and the events live there), and no other run was touched.
+    assert f"--output={run_dir}/logs/rank-%t.log" in srun.split()
+    assert Path(srun.split()[-1]).parent == run_dir / "slurm"
+    assert not (tmp_path / "runs" / "a").exists() and not (tmp_path / "runs" / "c").exists()
+    # Requeued by the id squeue shows for the task (its SLURM_JOB_ID, 4242, is the one that
+    # could be the array's own id, which would requeue every task).
+    assert code == 0 and scontrol == "requeue 4240_1\n"
+    assert [e["event"] for e in events] == ["start", "signal", "exit", "requeue"]
+    assert all(e["job"] == "4240_1" and e["attempt"] == 1 for e in events)
+    assert events[2]["code"] == 75 and events[2]["checkpoint"] == "step_3"
+    assert "requeueing job 4240_1; it resumes from step_3" in out
 
 
 def test_signal_during_setup_requeues_without_training(tmp_path, capsys, monkeypatch):
@@ -391,3 +599,72 @@ def test_status_reports_jobs_and_attempts(tmp_path, monkeypatch):
     assert report[3] == "  attempt 1: from step_13, exit 0 at step_40, finished"
     assert report[4].split()[:3] == ["job", "9", "eval"]
     assert len(report) == 5
+
+
+FAKE_SLURM = {  # stand-ins for the SLURM client commands a submission uses
+    "sinfo": "echo debug",
+    "squeue": 'cat "$FAKE/squeue.out"',
+    "sbatch": 'cat > "$FAKE/sbatch.in"; echo 300',
+}
+
+
+def test_array_submission_checks_every_config_first(tmp_path, capsys, monkeypatch, stdlib_dataset):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, body in FAKE_SLURM.items():
+        (fake / name).write_text(f"#!/bin/bash\n{body}\n")
+        (fake / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE", str(fake))
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs"
+    slurm = {"gpus_per_node": 0, "partition": "debug"}
+    configs = [
+        write_config(
+            tmp_path / f"{name}.yaml",
+            {"run": {"name": name}, "data": {"path": str(stdlib_dataset)}, "slurm": slurm},
+        )
+        for name in ("a", "b", "c")
+    ]
+    args = ["--array", *map(str, configs), "train.max_steps=5"]
+    # The third config's dataset is missing: nothing is written or submitted, not even for the
+    # first two.
+    configs[2].write_text(configs[2].read_text().replace(str(stdlib_dataset), "nowhere"))
+    assert main(args) == 2
+    assert "nowhere is not a dataset" in capsys.readouterr().err
+    assert not runs.exists() and not (fake / "sbatch.in").exists()
+    configs[2].write_text(configs[2].read_text().replace("nowhere", str(stdlib_dataset)))
+
+    # A job (here: a task of another array, not started yet) still trains the second run.
+    (runs / "b" / "slurm").mkdir(parents=True)
+    record = {"job": "77_1", "kind": "train", "submitted": "t0", "config": "slurm/config-x.yaml"}
+    (runs / "b" / "slurm" / "jobs.jsonl").write_text(json.dumps(record) + "\n")
+    (fake / "squeue.out").write_text("77_[1-3,6-10:2%2]|PENDING\n77_0|RUNNING\n80|COMPLETED\n")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"job 77_1 is already training {runs / 'b'} (PENDING)" in err and "scancel 77_1" in err
+    assert not (runs / "a").exists() and not (fake / "sbatch.in").exists()
+    assert job_states() == {
+        **{f"77_{task}": "PENDING" for task in (1, 2, 3, 6, 8, 10)},
+        "77_0": "RUNNING",
+        "80": "COMPLETED",
+    }
+
+    # Once it has ended: one submission, each run records its task and keeps its config.
+    (fake / "squeue.out").write_text("77_1|COMPLETED\n")
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"submitted training job array 300 of 3 tasks; batch logs {runs}/logs/array-" in out
+    script = (fake / "sbatch.in").read_text()
+    assert "--array=0-2" in sbatch_options(script)
+    assert (runs / "logs").is_dir()  # sbatch would not create the batch logs' directory
+    for task, (name, config) in enumerate(zip("abc", configs, strict=True)):
+        run_dir = runs / name
+        jobs = [json.loads(line) for line in (run_dir / "slurm" / "jobs.jsonl").open()]
+        assert jobs[-1]["job"] == f"300_{task}" and jobs[-1]["source"] == str(config)
+        assert (run_dir / jobs[-1]["script"]).read_text() == script
+        snapshot = config_snapshot(run_dir, config, ["train.max_steps=5"])
+        assert jobs[-1]["config"] == str(snapshot.relative_to(run_dir))
+        assert load_config(snapshot) == load_config(config, ["train.max_steps=5"])
+        assert f"task 300_{task}: {config}, run directory {run_dir}" in out
+        assert (run_dir / "logs").is_dir()
