@@ -44,10 +44,11 @@ def ppl_vs_length(
             points = sorted(getattr(curve, key).items())
             if points:
                 xs, ys = zip(*points, strict=True)
-                color = f"C{i % 10}"
+                color = f"C{i}" if len(curves) <= 10 else colormaps["tab20"](i % 20)
                 if ordered and len(curves) > 1:
                     color = gradient(0.85 * i / (len(curves) - 1))  # the last one not yellow
-                ax.plot(xs, ys, marker="o", color=color, label=curve.label)
+                marker = "o" if ordered else "osD^v<>pPX*h"[i % 12]
+                ax.plot(xs, ys, marker=marker, color=color, label=curve.label)
         if train_length is not None:
             ax.axvline(
                 train_length, color="grey", linestyle="--", linewidth=1, label="trained length"
