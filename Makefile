@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/tiny.yaml
 ARGS ?=
 
-.PHONY: setup test data train eval compare study tensorboard slurm bench-attention lint format clean-venv
+.PHONY: setup test data train eval compare study tensorboard slurm slurm-array bench-attention lint format clean-venv
 
 setup: $(STAMP)
 
@@ -57,6 +57,11 @@ tensorboard: setup
 # Submit CONFIG as a SLURM training job (ARGS: key=value overrides, --dry-run); README "SLURM".
 slurm: setup
 	$(PY) -m launch.slurm $(CONFIG) $(ARGS)
+
+# Submit CONFIGS (a glob, e.g. CONFIGS="configs/study_gpu/*.yaml"; base.yaml files, the configs'
+# shared base, left out as launch.study does) as one SLURM job array, a task per config.
+slurm-array: setup
+	$(PY) -m launch.slurm --array $(filter-out %/base.yaml,$(wildcard $(CONFIGS))) $(ARGS)
 
 # Fused attention speed and memory against SDPA-flash and FlexAttention (CUDA only; ARGS: e.g.
 # --lengths 8192 --head-dims 128). Writes bench/results/attention-<device>-<time>.json.

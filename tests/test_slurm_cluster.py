@@ -1,6 +1,8 @@
 """launch.slurm against a real SLURM: tests/slurm_cluster.sh brings up a one-node cluster (root,
 Debian packages installed when missing); the tiny config trains as 2 CPU ranks of ZeRO-3 over
-gloo, and a run signalled mid-way is requeued and resumes to the losses of one that was not."""
+gloo, a run signalled mid-way is requeued and resumes to the losses of one that was not, and a
+job array trains each of its configs in its own run directory, requeueing only the task it
+signals."""
 
 from __future__ import annotations
 
@@ -230,3 +232,106 @@ def test_preempted_run_is_requeued_and_resumes_exactly(uninterrupted, stdlib_dat
     assert lines[1].split()[:4] == ["job", job, "train", "COMPLETED"]
     assert lines[2] == f"  attempt 0: from none, signalled (USR1), exit 75 at {saved}, requeued"
     assert lines[3] == f"  attempt 1: from {saved}, exit 0 at step_{MAX_STEPS}, finished"
+
+
+ARRAY_STEPS = 6
+
+
+def test_job_array_trains_each_config_in_its_own_run(cluster, stdlib_dataset, tmp_path):
+    """Two configs (the tiny one with rope, with alibi) as one job array of 1-CPU tasks; the
+    task that holds the array's own job id is signalled mid-way and requeued alone."""
+    schemes = ["rope", "alibi"]
+    configs = []
+    for scheme in schemes:
+        config = tmp_path / f"{scheme}.yaml"
+        config.write_text(f"base: {TINY}\nrun:\n  name: {scheme}\nmodel:\n  scheme: {scheme}\n")
+        configs.append(config)
+    run_dirs = [tmp_path / "runs" / scheme for scheme in schemes]
+    # Two loaders starting on one node at the same moment can pick the same shared-memory prefix
+    # in mosaicml-streaming (get_shm_prefix checks, then creates: FileExistsError); on this one
+    # node the second task starts training once the first has taken a step.
+    first_step = f"grep -qs loss {run_dirs[0] / 'metrics.jsonl'}"
+    stagger = f"until [[ $SLURM_ARRAY_TASK_ID == 0 ]] || {first_step}; do sleep 0.2; done"
+    overrides = [
+        f"run.dir={tmp_path / 'runs'}",
+        f"data.path={stdlib_dataset}",
+        "data.batch_size=4",
+        f"train.max_steps={ARRAY_STEPS}",
+        f"train.checkpoint_every={ARRAY_STEPS // 2}",
+        "train.log_every=1",
+        "train.warmup_steps=1",
+        "eval.every_checkpoint=false",
+        "slurm.gpus_per_node=0",
+        "slurm.tasks_per_node=1",
+        "slurm.cpus_per_task=1",
+        "slurm.time=20:00",
+        "slurm.signal_lead_s=60",
+        f"slurm.setup=['{stagger}']",
+    ]
+    done = launch_slurm(tmp_path, "--array", *map(str, configs), *overrides)
+    assert done.returncode == 0, done.stderr
+    array = re.search(r"submitted training job array (\d+) of 2 tasks", done.stdout).group(1)
+    tasks = [f"{array}_{task}" for task in range(len(schemes))]
+    # While the array lives, a job of its own for one of its runs is refused.
+    again = launch_slurm(tmp_path, str(configs[1]), *overrides)
+    assert again.returncode == 2 and f"job {tasks[1]} is already training" in again.stderr
+
+    # Signal the task that holds the array's job id (its SLURM_JOB_ID): requeueing that id
+    # would requeue every task of the array, so it must requeue by "<array>_<task>".
+    for task, run_dir in zip(tasks, run_dirs, strict=True):
+        wait_for(lambda t=task: job_field(t, "JobState") != "PENDING", f"{task} to start", run_dir)
+    held = next(i for i, task in enumerate(tasks) if job_field(task, "JobId") == array)
+    signalled, other = run_dirs[held], run_dirs[1 - held]
+
+    def stepped_or_ended() -> bool:
+        return bool(losses(signalled)) or job_field(tasks[held], "JobState") in ENDED
+
+    wait_for(stepped_or_ended, "the first step", signalled)
+    assert losses(signalled), logs(signalled)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", tasks[held]], check=True)
+    for task, run_dir in zip(tasks, run_dirs, strict=True):
+        assert wait_until_ended(task, run_dir) == "COMPLETED", logs(run_dir)
+    assert job_field(tasks[held], "Restarts") == "1"
+    assert job_field(tasks[1 - held], "Restarts") == "0"
+
+    seen = events(signalled)
+    assert [(e["attempt"], e["event"]) for e in seen] == [
+        (0, "start"),
+        (0, "signal"),
+        (0, "exit"),
+        (0, "requeue"),
+        (1, "start"),
+        (1, "exit"),
+    ]
+    saved = seen[2]["checkpoint"]
+    assert seen[2]["code"] == 75 and seen[4]["checkpoint"] == saved
+    assert [(e["attempt"], e["event"], e.get("code")) for e in events(other)] == [
+        (0, "start", None),
+        (0, "exit", 0),
+    ]
+    for task, scheme, run_dir in zip(tasks, schemes, run_dirs, strict=True):
+        # Each run: its own config, every step once, its checkpoints, its rank log; the
+        # events, records and status under the task's id.
+        assert all(e["job"] == task for e in events(run_dir))
+        assert f"scheme: {scheme}\n" in (run_dir / "config.yaml").read_text()
+        assert list(losses(run_dir)) == list(range(1, ARRAY_STEPS + 1))
+        latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+        assert latest == f"step_{ARRAY_STEPS}"
+        assert (run_dir / "checkpoints" / f"step_{ARRAY_STEPS // 2}" / "rotalibi.json").is_file()
+        assert {p.name for p in (run_dir / "logs").iterdir()} == {"rank-0.log"}
+        batch_log = tmp_path / "runs" / "logs" / f"array-{task}.out"
+        assert f"rotalibi: job {task} attempt 0 on" in batch_log.read_text()
+        report = launch_slurm(tmp_path, "--status", str(run_dir))
+        assert report.returncode == 0, report.stderr
+        lines = report.stdout.splitlines()
+        assert (
+            lines[0] == f"run {run_dir}: last logged step {ARRAY_STEPS}, latest checkpoint {latest}"
+        )
+        assert lines[1].split()[:4] == ["job", task, "train", "COMPLETED"]
+        if run_dir == signalled:
+            assert lines[2:] == [
+                f"  attempt 0: from none, signalled (USR1), exit 75 at {saved}, requeued",
+                f"  attempt 1: from {saved}, exit 0 at {latest}, finished",
+            ]
+        else:
+            assert lines[2:] == [f"  attempt 0: from none, exit 0 at {latest}, finished"]
