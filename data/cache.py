@@ -16,6 +16,8 @@ from __future__ import annotations
 import fcntl
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from multiprocessing.shared_memory import SharedMemory as BuiltinSharedMemory
 from pathlib import Path
 from typing import IO
@@ -98,3 +100,14 @@ def clean_stale_shared_memory(directory: Path) -> list[int]:
                 shm.close()
                 shm.unlink()
             cleaned.append(prefix)
+
+
+@contextmanager
+def streaming_setup_lock() -> Iterator[None]:
+    """Held by each node's local rank 0 while it sets up its StreamingDataset: streaming picks
+    its shared-memory prefix by checking for a free one and then creating it, so two jobs that
+    start together on one node could pick the same one (FileExistsError). The lock file is in
+    the node-local temporary directory, whatever data.cache_dir is."""
+    with open(Path(tempfile.gettempdir()) / "rotalibi-streaming-setup.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield

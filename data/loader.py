@@ -19,6 +19,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from streaming import Stream, StreamingDataset
 from streaming.base.storage import CloudDownloader
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.cache import CacheSlot, cache_root, claim_slot
+from data.cache import CacheSlot, cache_root, claim_slot, streaming_setup_lock
 from data.distributed import RankInfo, gather, init_process_group, rank_info
 from data.documents import RankDocuments
 from data.manifest import MANIFEST, DatasetError, parse_manifest, read_manifest
@@ -94,6 +95,26 @@ def resolve_streams(cfg: DataConfig) -> tuple[dict[str, Any], list[StreamSource]
     return main, sources
 
 
+def _streaming_dataset(sources: list[StreamSource], directory: Path, seed: int) -> StreamingDataset:
+    """The StreamingDataset of the streams, cached under `directory`: it supplies the shuffled
+    global order of documents, the proportions, checksums and reading; not its iteration."""
+    return StreamingDataset(
+        streams=[
+            Stream(remote=s.location, local=str(directory / f"stream-{i}"), proportion=s.proportion)
+            for i, s in enumerate(sources)
+        ],
+        split="train",
+        download_timeout=DOWNLOAD_TIMEOUT_S,
+        validate_hash="xxh64",
+        shuffle=True,
+        shuffle_algo="py1e",
+        shuffle_seed=seed,
+        shuffle_block_size=SHUFFLE_BLOCK,
+        num_canonical_nodes=1,  # one global order; the node split is data.documents'
+        batch_size=1,  # partitioning unit: documents (rows are packed later)
+    )
+
+
 def build_train_loader(
     data_cfg: DataConfig, *, seq_len: int, batch_size: int, seed: int
 ) -> TrainLoader:
@@ -117,23 +138,8 @@ def build_train_loader(
         # Every rank uses its node leader's slot, claimed (and cleaned) before anyone reads it.
         slots = gather(slot and str(slot.directory), info)
         directory = Path(slots[info.node * info.local_world_size])
-        dataset = StreamingDataset(
-            streams=[
-                Stream(
-                    remote=s.location, local=str(directory / f"stream-{i}"), proportion=s.proportion
-                )
-                for i, s in enumerate(sources)
-            ],
-            split="train",
-            download_timeout=DOWNLOAD_TIMEOUT_S,
-            validate_hash="xxh64",
-            shuffle=True,
-            shuffle_algo="py1e",
-            shuffle_seed=seed,
-            shuffle_block_size=SHUFFLE_BLOCK,
-            num_canonical_nodes=1,  # one global order; the node split is data.documents'
-            batch_size=1,  # partitioning unit: documents (rows are packed later)
-        )
+        with streaming_setup_lock() if info.local_rank == 0 else nullcontext():
+            dataset = _streaming_dataset(sources, directory, seed)
     except BaseException:
         if slot is not None:
             slot.release()

@@ -238,8 +238,9 @@ ARRAY_STEPS = 6
 
 
 def test_job_array_trains_each_config_in_its_own_run(cluster, stdlib_dataset, tmp_path):
-    """Two configs (the tiny one with rope, with alibi) as one job array of 1-CPU tasks; the
-    task that holds the array's own job id is signalled mid-way and requeued alone."""
+    """Two configs (the tiny one with rope, with alibi) as one job array of 1-CPU tasks that
+    start together on one node; the task that holds the array's own job id is signalled
+    mid-way and requeued alone."""
     schemes = ["rope", "alibi"]
     configs = []
     for scheme in schemes:
@@ -247,11 +248,6 @@ def test_job_array_trains_each_config_in_its_own_run(cluster, stdlib_dataset, tm
         config.write_text(f"base: {TINY}\nrun:\n  name: {scheme}\nmodel:\n  scheme: {scheme}\n")
         configs.append(config)
     run_dirs = [tmp_path / "runs" / scheme for scheme in schemes]
-    # Two loaders starting on one node at the same moment can pick the same shared-memory prefix
-    # in mosaicml-streaming (get_shm_prefix checks, then creates: FileExistsError); on this one
-    # node the second task starts training once the first has taken a step.
-    first_step = f"grep -qs loss {run_dirs[0] / 'metrics.jsonl'}"
-    stagger = f"until [[ $SLURM_ARRAY_TASK_ID == 0 ]] || {first_step}; do sleep 0.2; done"
     overrides = [
         f"run.dir={tmp_path / 'runs'}",
         f"data.path={stdlib_dataset}",
@@ -266,7 +262,6 @@ def test_job_array_trains_each_config_in_its_own_run(cluster, stdlib_dataset, tm
         "slurm.cpus_per_task=1",
         "slurm.time=20:00",
         "slurm.signal_lead_s=60",
-        f"slurm.setup=['{stagger}']",
     ]
     done = launch_slurm(tmp_path, "--array", *map(str, configs), *overrides)
     assert done.returncode == 0, done.stderr
