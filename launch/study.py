@@ -17,7 +17,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from launch.compare import CompareError, newest_results
@@ -33,17 +32,28 @@ def study_configs(study_dir: Path) -> list[Path]:
     return configs
 
 
-def run_one(config: Path) -> float:
+def run_one(config: Path) -> None:
     """Train (or resume, or find finished) one run, then make sure its final checkpoint is
-    evaluated; returns the seconds it took."""
+    evaluated."""
     cfg = load_config(config)
-    start = time.perf_counter()
     python = [sys.executable, "-m"]
     subprocess.run([*python, "launch.train", str(config)], check=True)
     final = cfg.run_dir / "eval" / f"step_{cfg.train.max_steps}.json"
     if not final.is_file():  # a run finished earlier without its evaluation
         subprocess.run([*python, "launch.evaluate", str(cfg.run_dir)], check=True)
-    return time.perf_counter() - start
+
+
+def recorded_seconds(run_dir: Path, evaluation: dict) -> float:
+    """The time a run spent training and evaluating, as its own files record it: each
+    metrics.jsonl training record covers its tokens at its tokens/s; the evaluation JSON
+    holds its seconds in total. (So a study resumed over finished runs still reports their time.)"""
+    seconds, tokens = 0.0, 0
+    with open(run_dir / "metrics.jsonl") as f:
+        for record in map(json.loads, f):
+            if "tokens_per_s" in record:
+                seconds += (record["tokens"] - tokens) / record["tokens_per_s"]
+                tokens = record["tokens"]
+    return seconds + evaluation["seconds"]["total"]
 
 
 def _mean_and_spread(values: list[float]) -> dict:
@@ -128,9 +138,10 @@ def report(summary: dict, machine: dict) -> str:
         [
             "# Extrapolation study: results",
             "",
-            f"Written by `python -m launch.study` on {machine['machine']} in "
-            f"{machine['hours']:.2f} h. Perplexity on the same held-out text at every length; "
-            "mean ± spread (half the range) over seeds where a scheme has two.",
+            f"Written by `python -m launch.study` on {machine['machine']}; the runs recorded "
+            f"{machine['hours']:.2f} h of training and evaluation. Perplexity on the same "
+            "held-out text at every length; mean ± spread (half the range) over seeds where a "
+            "scheme has two.",
             "",
             "## Perplexity, all positions, by evaluation length",
             "",
@@ -168,15 +179,15 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    seconds = {}
     for i, config in enumerate([] if args.report_only else configs, 1):
         print(f"[study {i}/{len(configs)}] {config}", flush=True)
-        seconds[config.stem] = run_one(config)
+        run_one(config)
     try:
         results = [{**newest_results(run), "run": run.name} for run in runs]
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    seconds = {run.name: recorded_seconds(run, r) for run, r in zip(runs, results, strict=True)}
     summary = summarise(results)
     machine = {
         "machine": f"{platform.node()}, {os.cpu_count()} CPU cores, {platform.platform()}",

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from launch.config import load_config, to_yaml
-from launch.study import report, study_configs, summarise
+from launch.study import recorded_seconds, report, study_configs, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMES = {
@@ -68,3 +68,15 @@ def test_summary_averages_seeds_and_takes_ratios_to_the_trained_length():
     assert "| rope | 11.0 ± 1.0 | 35.0 ± 5.0 |" in markdown
     assert "| alibi | 11.0 | 11.0 |" in markdown
     json.dumps(summary)  # summary.json
+
+
+def test_recorded_time_sums_each_interval_of_tokens_at_its_rate_and_the_evaluation(tmp_path):
+    records = [
+        {"step": 10, "tokens": 1000, "tokens_per_s": 500.0},
+        {"step": 10, "extrap/ppl@128": 9.0},  # an evaluation record: no time of its own
+        {"step": 20, "tokens": 4000, "tokens_per_s": 1000.0},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert recorded_seconds(tmp_path, {"seconds": {"128": 7.0, "total": 7.0}}) == pytest.approx(
+        1000 / 500 + 3000 / 1000 + 7
+    )
