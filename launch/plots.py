@@ -31,8 +31,9 @@ def ppl_vs_length(
 ) -> Figure:
     """Two panels, perplexity over all positions and over the positions beyond the trained
     length, against the length (log2 axis); a dashed line marks the trained length. Ordered
-    curves (checkpoints) get a colour gradient, unordered ones (runs) distinct colours."""
-    fig = Figure(figsize=(11, 4.6), layout="constrained")
+    curves (checkpoints) get a colour gradient, unordered ones (runs) distinct colour, marker
+    and line style pairs. One legend, beside the panels, so that no curve hides under it."""
+    fig = Figure(figsize=(12.5, 4.6), layout="constrained")
     panels = fig.subplots(1, 2)
     gradient = colormaps["viridis"]
     lengths = sorted({n for c in curves for n in (*c.ppl, *c.ppl_beyond)})
@@ -44,11 +45,11 @@ def ppl_vs_length(
             points = sorted(getattr(curve, key).items())
             if points:
                 xs, ys = zip(*points, strict=True)
-                color = f"C{i}" if len(curves) <= 10 else colormaps["tab20"](i % 20)
-                if ordered and len(curves) > 1:
-                    color = gradient(0.85 * i / (len(curves) - 1))  # the last one not yellow
-                marker = "o" if ordered else "osD^v<>pPX*h"[i % 12]
-                ax.plot(xs, ys, marker=marker, color=color, label=curve.label)
+                color, marker, line = f"C{i % 10}", "osD^v<>pPX*h"[i % 12], "-:"[i // 10 % 2]
+                if ordered:
+                    color = gradient(0.85 * i / max(len(curves) - 1, 1))  # the last not yellow
+                    marker, line = "o", "-"
+                ax.plot(xs, ys, marker=marker, linestyle=line, color=color, label=curve.label)
         if train_length is not None:
             ax.axvline(
                 train_length, color="grey", linestyle="--", linewidth=1, label="trained length"
@@ -67,6 +68,6 @@ def ppl_vs_length(
         ax.set_ylabel("perplexity")
         ax.set_title(what)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="small")
+    fig.legend(*panels[0].get_legend_handles_labels(), loc="outside right center")
     fig.suptitle(title)
     return fig
