@@ -57,11 +57,12 @@ def recorded_seconds(run_dir: Path, evaluation: dict) -> float:
 
 
 def _mean_and_spread(values: list[float]) -> dict:
-    """Mean over seeds and the spread (half the range; 0 for one seed)."""
+    """Mean over seeds, the spread (half the range; 0 for one seed) and each seed's value."""
     return {
         "mean": statistics.fmean(values),
         "spread": (max(values) - min(values)) / 2,
         "seeds": len(values),
+        "values": values,
     }
 
 
@@ -107,6 +108,8 @@ def _table(summary: dict, key: str, lengths: list[str]) -> str:
             value = entry[key].get(n)
             if value is None:
                 cells.append("-")
+            elif isinstance(value, float):
+                cells.append(f"{value:.2f}")
             elif value["seeds"] > 1:
                 cells.append(f"{value['mean']:.1f} ± {value['spread']:.1f}")
             else:
@@ -149,6 +152,9 @@ def report(summary: dict, machine: dict) -> str:
             "## Perplexity of the positions beyond the trained length",
             "",
             _table(summary, "ppl_beyond", beyond),
+            "## Perplexity relative to the trained length's (all positions; mean over seeds)",
+            "",
+            _table(summary, "ratio", lengths),
             "## Diagnostics (first seed; median over layers and heads)",
             "",
             "Mixing window: the fewest nearest keys holding 99% of the attention mass. Far "

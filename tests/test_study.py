@@ -59,7 +59,12 @@ def test_summary_averages_seeds_and_takes_ratios_to_the_trained_length():
     ]
     summary = summarise(results)
     assert summary["rope"]["runs"] == ["rope", "rope_seed1"]
-    assert summary["rope"]["ppl"]["256"] == {"mean": 35.0, "spread": 5.0, "seeds": 2}
+    assert summary["rope"]["ppl"]["256"] == {
+        "mean": 35.0,
+        "spread": 5.0,
+        "seeds": 2,
+        "values": [30.0, 40.0],
+    }
     assert summary["rope"]["ppl_beyond"]["256"]["mean"] == 70.0
     assert summary["rope"]["ratio"]["256"] == pytest.approx((30 / 10 + 40 / 12) / 2)
     assert summary["alibi"]["ratio"] == {"128": 1.0, "256": 1.0}
@@ -67,6 +72,7 @@ def test_summary_averages_seeds_and_takes_ratios_to_the_trained_length():
     markdown = report(summary, {"machine": "test", "hours": 1.0})
     assert "| rope | 11.0 ± 1.0 | 35.0 ± 5.0 |" in markdown
     assert "| alibi | 11.0 | 11.0 |" in markdown
+    assert "| rope | 1.00 | 3.17 |" in markdown  # the ratio table
     json.dumps(summary)  # summary.json
 
 
