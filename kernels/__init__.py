@@ -5,7 +5,8 @@ the Triton kernels of `kernels.hybrid` (imported on first use) for the schemes t
 rotations with or without the values, ALiBi or no bias, a sliding window, packed documents.
 Everywhere else (the CPU; xPos decay, PaTH transport and non-ALiBi bias tables on CUDA too) they
 run the blockwise PyTorch paths (`kernels.blockwise`, `kernels.path`, `kernels.angles`). No
-path materialises a T x T matrix.
+forward pass materialises a T x T matrix. Training memory is O(T x block) too, except PaTH's:
+its backward is autograd's, which keeps every step's probabilities (O(T^2) in all).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from kernels import angles as _angles
 from kernels.angles import document_positions, rotate
 from kernels.blockwise import blockwise_attention
 from kernels.path import path_attention
+from kernels.reference import check_mechanisms
 
 __all__ = [
     "AlibiTable",
@@ -118,6 +120,7 @@ def attention(
     doc_ids [B, T]: packed documents; no token attends across a boundary.
     block: the blockwise path's tile (the fused kernel picks its own).
     """
+    check_mechanisms(angles, decay, transport)
     if fused_serves(q, k, v, bias=bias, decay=decay, transport=transport):
         from kernels.hybrid import document_bounds, fused_attention
 
@@ -133,8 +136,6 @@ def attention(
             v = rotate(v, angles)
     common = dict(scale=scale, bias=bias, window=window, doc_ids=doc_ids, block=block)
     if transport is not None:
-        if decay is not None:
-            raise ValueError("PaTH transport and xPos decay do not combine")
         o = path_attention(q, k, v, *transport, **common)
     else:
         o = blockwise_attention(q, k, v, decay=decay, **common)

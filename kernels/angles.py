@@ -50,8 +50,9 @@ def accumulate_angles(delta: Tensor, doc_ids: Tensor | None = None) -> Tensor:
     if doc_ids is not None:
         # phi_t = S_t - S_{start-1}: subtract the running sum just before the document start,
         # offsets in float64 and chunk-local parts in the working dtype.
-        before = (document_starts(doc_ids) - 1).clamp(min=0)[..., None, None].expand(B, T, H, P)
-        inside = (document_starts(doc_ids) > 0)[..., None, None]
+        starts = document_starts(doc_ids)
+        before = (starts - 1).clamp(min=0)[..., None, None].expand(B, T, H, P)
+        inside = (starts > 0)[..., None, None]
         offsets = offsets - torch.where(inside, offsets.gather(1, before), 0.0)
         local = local - torch.where(inside, local.gather(1, before), 0.0)
     return offsets.remainder(TWO_PI).to(delta.dtype) + local

@@ -11,6 +11,8 @@ again, recomputing each step's probabilities, so training memory is O(T x block)
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -136,19 +138,28 @@ def _query_decay(q_factor: Tensor, decay: Tensor, s: int, block: int) -> Tensor:
     return q_factor * torch.exp(torch.cat((decay, decay)).to(q_factor.dtype) * (s * block))
 
 
+def step_scores(
+    sweep: DiagonalSweep, q: Tensor, k: Tensor, decay: Tensor | None, scale: float
+) -> Iterator[tuple[int, Tensor]]:
+    """(s, raw scores [B, H, G, n - s, block, block]) for every step of the sweep, xPos decay
+    included (bias and masks are `sweep.logits`'s)."""
+    qb, kb = sweep.query_blocks(q, scale), sweep.blocks(k)
+    if decay is not None:
+        q_factor, k_factor = _decay_factors(decay, sweep.block, sweep.dtype)
+        kb = kb * k_factor
+    for s in sweep.steps():
+        qs = qb[:, :, :, s:]
+        if decay is not None:
+            qs = qs * _query_decay(q_factor, decay, s, sweep.block)
+        yield s, torch.einsum("bhgcid,bhcjd->bhgcij", qs, kb[:, :, : sweep.n - s])
+
+
 class _BlockwiseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, decay, doc_ids, scale, window, block):
         sweep = DiagonalSweep(q, k, block=block, doc_ids=doc_ids, bias=bias, window=window)
-        qb, kb, vb = sweep.query_blocks(q, scale), sweep.blocks(k), sweep.blocks(v)
-        if decay is not None:
-            q_factor, k_factor = _decay_factors(decay, block, sweep.dtype)
-            kb = kb * k_factor
-        for s in sweep.steps():
-            qs = qb[:, :, :, s:]
-            if decay is not None:
-                qs = qs * _query_decay(q_factor, decay, s, block)
-            scores = torch.einsum("bhgcid,bhcjd->bhgcij", qs, kb[:, :, : sweep.n - s])
+        vb = sweep.blocks(v)
+        for s, scores in step_scores(sweep, q, k, decay, scale):
             sweep.fold(s, scores, vb[:, :, : sweep.n - s])
         out = sweep.unblock(sweep.output()).to(q.dtype)
         ctx.save_for_backward(q, k, v, bias, decay, doc_ids, out, sweep.log_sum_exp())

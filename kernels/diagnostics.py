@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from kernels.angles import rotate
-from kernels.blockwise import DiagonalSweep, _decay_factors, _query_decay, exp_or_zero
+from kernels.blockwise import DiagonalSweep, exp_or_zero, step_scores
 
 PATH_UNSUPPORTED = (
     "PaTH's logits come from the Householder transport inside kernels.path.path_attention, "
@@ -32,20 +32,6 @@ class AttentionStatistics:
     mass: Tensor  # [HQ, T] float64: attention mass at distance n, summed over queries
     entropy: Tensor  # [HQ] float64: attention entropy (nats), summed over queries
     queries: int  # how many queries the sums run over (B x T)
-
-
-def _step_scores(sweep: DiagonalSweep, q: Tensor, k: Tensor, decay: Tensor | None, scale: float):
-    """(s, raw scores [B, H, G, n - s, block, block]) for every step, as the blockwise forward
-    computes them (xPos decay included)."""
-    qb, kb = sweep.query_blocks(q, scale), sweep.blocks(k)
-    if decay is not None:
-        q_factor, k_factor = _decay_factors(decay, sweep.block, sweep.dtype)
-        kb = kb * k_factor
-    for s in sweep.steps():
-        qs = qb[:, :, :, s:]
-        if decay is not None:
-            qs = qs * _query_decay(q_factor, decay, s, sweep.block)
-        yield s, torch.einsum("bhgcid,bhcjd->bhgcij", qs, kb[:, :, : sweep.n - s])
 
 
 def attention_statistics(
@@ -78,7 +64,7 @@ def attention_statistics(
     # Sweep 1: each row's log-sum-exp. Zero-width values make `fold` keep only max and sum.
     sweep = DiagonalSweep(q[..., :0], k, **common)
     nothing = sweep.blocks(k[..., :0])
-    for s, scores in _step_scores(sweep, q, k, decay, scale):
+    for s, scores in step_scores(sweep, q, k, decay, scale):
         sweep.fold(s, scores, nothing[:, :, : sweep.n - s])
     lse = sweep.log_sum_exp()  # [B, H, G, n, block]
 
@@ -91,7 +77,7 @@ def attention_statistics(
     padded = sweep.n * block - T  # padding query rows at the end of the last block
     mass = torch.zeros(H, G, T, dtype=torch.float64, device=q.device)
     entropy = torch.zeros(H, G, dtype=torch.float64, device=q.device)
-    for s, scores in _step_scores(sweep, q, k, decay, scale):
+    for s, scores in step_scores(sweep, q, k, decay, scale):
         logits = sweep.logits(s, scores)
         row_lse = lse[..., s:, :, None]
         probs = exp_or_zero(logits - row_lse)

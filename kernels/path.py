@@ -43,7 +43,8 @@ def path_attention(
     doc_ids: Tensor | None = None,
     block: int = 64,
 ) -> Tensor:
-    """PaTH attention with O(T x block) forward memory (its backward is autograd's).
+    """PaTH attention with O(T x block) forward memory. Its backward is autograd's, which keeps
+    every step's probabilities: O(T^2) memory when training.
 
     q [B, T, HQ, D]; k, v, w [B, T, H, D] (w unit-norm); beta [B, T, H] in (0, 2).
     bias, window and doc_ids as in `blockwise_attention`. Returns [B, T, HQ, D].

@@ -46,6 +46,12 @@ def _householder_path(w: Tensor, beta: Tensor) -> Tensor:
     return torch.stack([torch.stack(row) for row in rows])
 
 
+def check_mechanisms(angles: Tensor | None, decay: Tensor | None, transport) -> None:
+    """PaTH's transport replaces the rotations and xPos's decay: no scheme combines them."""
+    if transport is not None and (angles is not None or decay is not None):
+        raise ValueError("PaTH transport does not combine with rotation angles or xPos decay")
+
+
 def reference_attention(
     q: Tensor,
     k: Tensor,
@@ -64,6 +70,7 @@ def reference_attention(
 
     Arguments as in `kernels.attention`; angles are the accumulated phi [B, T, H, D/2].
     """
+    check_mechanisms(angles, decay, transport)
     B, T, HQ, D = q.shape
     G = HQ // k.shape[2]
     k, v = k.repeat_interleave(G, dim=2), v.repeat_interleave(G, dim=2)

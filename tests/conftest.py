@@ -3,6 +3,7 @@ small prepared dataset for the tests that train."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -49,6 +50,21 @@ def small_model(scheme: str, *, perturb: float = 0.3, seed: int = 0, **overrides
         for p in model.parameters():
             p.add_(perturb * torch.randn_like(p))
     return model
+
+
+def wrapped(x: torch.Tensor) -> torch.Tensor:
+    """Angles x mod 2 pi mapped to (-pi, pi]: the error of an angle, whatever its turns."""
+    return torch.remainder(x + math.pi, 2 * math.pi) - math.pi
+
+
+def near_and_far_pairs(length: int, count: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query and key positions (i, j): half of the pairs anywhere, half within 64 tokens."""
+    i = torch.randint(0, length, (count,))
+    half = count // 2
+    j = torch.cat(
+        (torch.randint(0, length, (half,)), (i[half:] - torch.randint(0, 64, (half,))).clamp(0))
+    )
+    return i, j
 
 
 def packed_doc_ids() -> torch.Tensor:

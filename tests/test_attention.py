@@ -81,6 +81,17 @@ def test_window_skips_far_blocks_and_masks_exactly():
     torch.testing.assert_close(out, v, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("other", ["angles", "decay"])
+def test_path_transport_refuses_rotations_and_decay(other):
+    """No scheme combines them, and reference and fast path would not agree on the order."""
+    q, k, v, w = torch.randn(4, 1, 6, 1, 4, dtype=torch.float64)
+    extra = {"angles": torch.rand(1, 6, 1, 2), "decay": torch.rand(2)}[other]
+    arguments = {"transport": (w, torch.rand(1, 6, 1)), other: extra}
+    for attend in (kernels.attention, reference_attention):
+        with pytest.raises(ValueError, match="PaTH transport does not combine"):
+            attend(q, k, v, **arguments)
+
+
 def _rotation_matrix(phi: torch.Tensor) -> torch.Tensor:
     """The dense d x d matrix of R(phi) in the half-split layout."""
     P = phi.numel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from conftest import near_and_far_pairs, wrapped
 
 from kernels import accumulate_angles
 from kernels.reference import reference_angles
@@ -12,27 +13,19 @@ from kernels.reference import reference_angles
 T = 131072
 
 
-def _wrapped(x: torch.Tensor) -> torch.Tensor:
-    """x mod 2 pi mapped to (-pi, pi]."""
-    return torch.remainder(x + math.pi, 2 * math.pi) - math.pi
-
-
 def test_relative_angles_within_1e4_rad_at_131072():
     torch.manual_seed(0)
     delta = torch.rand(1, T, 2, 8) * math.pi  # U(0, pi), float32
     phi = accumulate_angles(delta).double()
     exact = delta.double().cumsum(dim=1)
-    assert _wrapped(phi - exact).abs().max() < 2e-5
+    assert wrapped(phi - exact).abs().max() < 2e-5
     # Relative angles between near and far pairs, the quantity attention sees.
-    i = torch.randint(0, T, (4096,))
-    j = torch.cat(
-        (torch.randint(0, T, (2048,)), (i[2048:] - torch.randint(0, 64, (2048,))).clamp(min=0))
-    )
-    relative_error = _wrapped((phi[:, i] - phi[:, j]) - (exact[:, i] - exact[:, j]))
+    i, j = near_and_far_pairs(T)
+    relative_error = wrapped((phi[:, i] - phi[:, j]) - (exact[:, i] - exact[:, j]))
     assert relative_error.abs().max() < 1e-4
     # A plain float32 running sum, what the contract rules out, is far worse.
     naive = delta.cumsum(dim=1).double()
-    assert _wrapped(naive - exact).abs().max() > 1e-3
+    assert wrapped(naive - exact).abs().max() > 1e-3
 
 
 def test_restarts_at_document_boundaries():
@@ -41,7 +34,7 @@ def test_restarts_at_document_boundaries():
     delta = torch.rand(2, 71, 3, 4, dtype=torch.float64) * math.pi
     phi = accumulate_angles(delta, doc_ids)
     torch.testing.assert_close(
-        _wrapped(phi - reference_angles(delta, doc_ids)), torch.zeros_like(phi), rtol=0, atol=1e-12
+        wrapped(phi - reference_angles(delta, doc_ids)), torch.zeros_like(phi), rtol=0, atol=1e-12
     )
 
 
@@ -52,7 +45,7 @@ def test_restarts_keep_precision_at_131072():
     phi = accumulate_angles(delta, doc_ids).double()
     exact = delta.double().cumsum(dim=1)
     exact[:, 100_003:] -= exact[:, 100_002]
-    assert _wrapped(phi - exact).abs().max() < 2e-5
+    assert wrapped(phi - exact).abs().max() < 2e-5
 
 
 def test_gradient_is_the_reverse_prefix_sum():
@@ -61,3 +54,15 @@ def test_gradient_is_the_reverse_prefix_sum():
     (accumulate_angles(delta) * upstream).sum().backward()
     reverse_cumsum = upstream.flip(1).cumsum(1).flip(1)
     torch.testing.assert_close(delta.grad, reverse_cumsum)
+
+
+def test_gradient_restarts_at_document_boundaries():
+    """Each increment's gradient sums the upstream gradient over its own document's rest only."""
+    torch.manual_seed(3)
+    doc_ids = torch.tensor([[0] * 7 + [1] * 40 + [2] * 3 + [3] * 21, [5] * 71])
+    delta = torch.rand(2, 71, 2, 3, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 71, 2, 3, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(accumulate_angles(delta, doc_ids), delta, upstream)
+    leaf = delta.detach().requires_grad_()
+    (expected,) = torch.autograd.grad(reference_angles(leaf, doc_ids), leaf, upstream)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=1e-12)

@@ -864,8 +864,8 @@ def fused_attention(
     (`kernels.hybrid.documents`) or None. Differentiable in q, k, v and angles.
     """
     _check_inputs(q, k, v, angles, alibi_slopes, window, starts, ends)
-    if angles is not None and angles.dtype != torch.float64:
-        angles = angles.float()
+    if angles is not None:  # the kernels read pairs at unit stride
+        angles = (angles if angles.dtype == torch.float64 else angles.float()).contiguous()
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.detach().float().contiguous()
     if starts is not None:

@@ -148,4 +148,6 @@ def scan_angles(delta: Tensor, starts: Tensor | None = None, ends: Tensor | None
     """
     if (starts is None) != (ends is None):
         raise ValueError("scan_angles needs both document starts and ends, or neither")
+    if starts is not None:  # the kernel reads them at unit stride along T
+        starts, ends = starts.contiguous(), ends.contiguous()
     return _AngleScan.apply(delta, starts, ends)
