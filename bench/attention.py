@@ -266,9 +266,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    bad = [d for d in args.head_dims if d not in (32, 64, 128)]
+    from kernels.hybrid.attention import HEAD_DIMS
+
+    bad = [d for d in args.head_dims if d not in HEAD_DIMS]
     if bad:
-        print(f"--head-dims {bad}: the fused kernel has head dims 32, 64, 128", file=sys.stderr)
+        print(f"--head-dims {bad}: the fused kernel has head dims {HEAD_DIMS}", file=sys.stderr)
         return 2
     out = args.out or RESULTS / (
         "attention-"

@@ -40,21 +40,21 @@ def plain_loop(config: str, steps: int, warmup: int) -> float:
     groups = parameter_groups(model, cfg.train.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg))
-    batches = iter(
-        build_train_loader(
-            cfg.data, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, seed=0
-        )
+    loader = build_train_loader(
+        cfg.data, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, seed=0
     )
-    for step in range(warmup + steps):
-        if step == warmup:
-            start = time.perf_counter()
-        batch = next(batches)
-        loss = cross_entropy(model(batch["tokens"], batch["doc_ids"]), batch["targets"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
+    with loader:
+        batches = iter(loader)
+        for step in range(warmup + steps):
+            if step == warmup:
+                start = time.perf_counter()
+            batch = next(batches)
+            loss = cross_entropy(model(batch["tokens"], batch["doc_ids"]), batch["targets"])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
     seconds = time.perf_counter() - start
     return steps * cfg.data.batch_size * cfg.data.seq_len / seconds
 
