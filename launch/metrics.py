@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from launch.checkpoint import write_atomically
+
 log = logging.getLogger("rotalibi")
 
 # Dense bf16 peak TFLOP/s of common accelerators, per device (SXM parts).
@@ -87,6 +89,14 @@ class Interval:
         }
 
 
+def _parsed(line: str) -> dict | None:
+    """A metrics.jsonl record; None for a line a killed run left unfinished."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
 class MetricsLogger:
     """Rank 0's sinks. `log` appends a record to metrics.jsonl and writes TensorBoard scalars
     under `train/` (or the record's own `group/name` keys)."""
@@ -95,14 +105,14 @@ class MetricsLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         # Records past the step resumed from (written after its checkpoint by a run that then
-        # died) are dropped, so the history stays one continuous run.
+        # died), and a line cut short by the kill, are dropped: one continuous history.
         path = run_dir / "metrics.jsonl"
         kept = [
             line
             for line in (path.read_text().splitlines() if path.exists() else [])
-            if json.loads(line)["step"] <= start_step
+            if (record := _parsed(line)) is not None and record["step"] <= start_step
         ]
-        path.write_text("".join(line + "\n" for line in kept))
+        write_atomically(path, "".join(line + "\n" for line in kept))
         self.jsonl = path.open("a")
         self.tensorboard = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
         self.progress = tqdm(

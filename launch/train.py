@@ -149,9 +149,12 @@ class Trainer:
             cfg.data, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, seed=cfg.run.seed
         )
         self.step, self.tokens, self.skipped = 0, 0, 0
+        torch.manual_seed(cfg.run.seed + 1000 * world.rank)  # a resumed run restores its own
+        # A checkpoint saved on a stop signal at a checkpoint step owes its hooks (evaluation).
+        self.hooks_owed = False
         if resume is not None:
             self._restore(resume)
-        torch.manual_seed(cfg.run.seed + 1000 * world.rank + self.step)
+            self.hooks_owed = resume.manifest.get("hooks_owed", False)
         self.tokens_per_step = (
             cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum * world.world_size
         )
@@ -173,11 +176,13 @@ class Trainer:
         self.skipped = checkpoint.manifest["skipped_steps"]
         log.info("resumed from %s (step %d)", checkpoint.path, self.step)
 
-    def save(self) -> Path:
-        """A collective checkpoint of the current step, then the older ones pruned."""
+    def save(self, *, hooks_owed: bool = False) -> Path:
+        """A collective checkpoint of the current step, then the older ones pruned. hooks_owed:
+        the checkpoint hooks did not run; the run resumed from it runs them first."""
         manifest = {
             "tokens": self.tokens,
             "skipped_steps": self.skipped,
+            "hooks_owed": hooks_owed,
             "world_size": self.world.world_size,
             "config": to_yaml(self.cfg),
         }
@@ -192,6 +197,14 @@ class Trainer:
         if self.world.is_main:
             ckpt.prune(self.checkpoint_dir, self.cfg.train.keep_checkpoints)
         return path
+
+    def _run_hooks(self, metrics: MetricsLogger | None) -> None:
+        """The checkpoint hooks of the current step; their scalars go to the metrics."""
+        results = {}
+        for hook in self.hooks:
+            results.update(hook(self, self.step))
+        if metrics is not None and results:
+            metrics.log({"step": self.step, **results})
 
     def _train_step(self, batches) -> StepResult:
         """One optimizer step over `grad_accum` micro-batches."""
@@ -240,6 +253,9 @@ class Trainer:
             )
         batches, interval, bad_in_row = iter(self.loader), Interval(), 0
         try:
+            if self.hooks_owed:
+                log.info("running the hooks of step %d, deferred by a stop signal", self.step)
+                self._run_hooks(metrics)
             while self.step < cfg.train.max_steps:
                 step_start = time.perf_counter()
                 result = self._train_step(batches)
@@ -271,19 +287,16 @@ class Trainer:
                     if self.step % cfg.train.log_every == 0 or last:
                         metrics.log(self._record(interval, result.lr, step_start))
                         interval = Interval()
-                if signalled:
-                    path = self.save()
+                checkpoint_step = self.step % cfg.train.checkpoint_every == 0 or last
+                if signalled:  # no time for the hooks: the resumed run owes them
+                    path = self.save(hooks_owed=checkpoint_step and bool(self.hooks))
                     log.warning(
                         "stop signal: saved %s; exit %d asks for a requeue", path, EXIT_REQUEUE
                     )
                     return EXIT_REQUEUE
-                if self.step % cfg.train.checkpoint_every == 0 or last:
+                if checkpoint_step:
                     self.save()
-                    results = {}
-                    for hook in self.hooks:
-                        results.update(hook(self, self.step))
-                    if metrics is not None and results:
-                        metrics.log({"step": self.step, **results})
+                    self._run_hooks(metrics)
             return EXIT_OK
         finally:
             self.loader.close()
@@ -312,7 +325,7 @@ def setup_logging(rank: int) -> None:
     )
 
 
-def main(argv: list[str], hooks: list[CheckpointHook] = ()) -> int:
+def main(argv: list[str]) -> int:
     stop = StopFlag()  # first: a signal during start-up is acted on at the first step
     complete_environment()
     rank = int(os.environ["RANK"])
@@ -321,10 +334,11 @@ def main(argv: list[str], hooks: list[CheckpointHook] = ()) -> int:
         cfg = load_config(*parse_args(argv))
         check_dataset(cfg)
         resume = resume_point(cfg)  # a foreign run directory stops here, before any work
+        hooks = []
         if cfg.eval.every_checkpoint:
             from launch.evaluate import evaluation_hook
 
-            hooks = [*hooks, evaluation_hook(cfg)]
+            hooks.append(evaluation_hook(cfg))
     except (ConfigError, DatasetError, RunDirError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)

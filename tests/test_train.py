@@ -132,6 +132,39 @@ def test_sigterm_saves_exits_75_and_resumes_to_the_same_losses(
     assert _losses(run_dir) == _losses(uninterrupted)
 
 
+def test_a_signal_on_a_checkpoint_step_defers_its_evaluation_to_the_resumed_run(
+    stdlib_dataset, tmp_path
+):
+    """Every step is a checkpoint step: the signalled one is saved without its evaluation,
+    which the next start runs before it trains on; no step's evaluation is lost."""
+    run_dir, steps = tmp_path / "deferred", 6
+    args = _args(
+        run_dir,
+        stdlib_dataset,
+        f"train.max_steps={steps}",
+        "train.checkpoint_every=1",
+        "train.keep_checkpoints=10",
+        "eval.every_checkpoint=true",
+        "eval.lengths=[128]",
+        "eval.windows=1",
+    )
+    procs = _start(args)
+    _interrupt(procs, run_dir, victim=0, after_step=2)
+    [(code, err)] = _finish(procs)
+    assert code == EXIT_REQUEUE, err[-3000:]
+    saved = int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step_"))
+    evaluated = sorted(int(p.stem.removeprefix("step_")) for p in (run_dir / "eval").glob("*.json"))
+    assert evaluated == list(range(1, saved))
+
+    [(code, err)] = _finish(_start(args))
+    assert code == 0, err[-3000:]
+    assert f"running the hooks of step {saved}, deferred by a stop signal" in err
+    evaluated = sorted(int(p.stem.removeprefix("step_")) for p in (run_dir / "eval").glob("*.json"))
+    assert evaluated == list(range(1, steps + 1))
+    logged = [r["step"] for r in _records(run_dir) if "extrap/ppl@128" in r]
+    assert logged == list(range(1, steps + 1))
+
+
 def test_two_ranks_resume_exactly_when_one_rank_is_signalled(stdlib_dataset, tmp_path):
     """torchrun for the uninterrupted run; srun-like processes for the interrupted one, where
     only rank 1 gets SIGTERM and both ranks must still save and exit together."""

@@ -13,7 +13,7 @@ from launch import checkpoint as ckpt
 from launch.config import ConfigError, load_config
 from launch.distributed import complete_environment, expand_nodelist
 from launch.engine import deepspeed_config, lr_multiplier, parameter_groups
-from launch.metrics import training_flops_per_token
+from launch.metrics import MetricsLogger, training_flops_per_token
 from model import ModelConfig, Transformer
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
@@ -163,3 +163,18 @@ def test_rng_state_round_trip():
     ckpt.restore_rng_state(state)
     again = (torch.rand(3), random.random())
     assert torch.equal(first[0], again[0]) and first[1] == again[1]
+
+
+def test_resumed_metrics_keep_the_steps_up_to_the_checkpoint_and_drop_a_torn_line(tmp_path):
+    """A run killed mid-write leaves records past its checkpoint and a cut line; both go."""
+    lines = [json.dumps({"step": s, "loss": 1 / s}) for s in (1, 2, 3)] + ['{"step": 4, "lo']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+    logger = MetricsLogger(tmp_path, start_step=2, max_steps=5)
+    logger.log({"step": 3, "loss": 0.25})
+    logger.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records == [
+        {"step": 1, "loss": 1.0},
+        {"step": 2, "loss": 0.5},
+        {"step": 3, "loss": 0.25},
+    ]
