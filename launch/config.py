@@ -42,7 +42,7 @@ for first in "+-0123456789":  # checked before the int and float resolvers
 class RunConfig:
     name: str = "tiny"
     dir: str = "runs"  # the run directory is <dir>/<name>
-    seed: int = 0
+    seed: int = field(default=0, metadata={"min": 0})
 
 
 @dataclass
@@ -80,7 +80,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     max_bad_steps: int = field(default=5, metadata={"min": 1})  # non-finite steps in a row
     # Per-device peak TFLOP/s for MFU; None: a known GPU's datasheet, or measured on the CPU.
-    peak_tflops: float | None = field(default=None, metadata={"min": 0.0})
+    peak_tflops: float | None = None
 
 
 @dataclass
@@ -92,7 +92,8 @@ class EvalConfig:
     # Held-out windows of the longest length; shorter lengths cut the same text into more.
     windows: int = field(default=2, metadata={"min": 1})
     every_checkpoint: bool = True
-    seed: int = 0  # draws the windows and the passkeys: keep it fixed so that runs compare
+    # Draws the windows and the passkeys: keep it fixed so that runs compare.
+    seed: int = field(default=0, metadata={"min": 0})
     batch_tokens: int = field(default=8192, metadata={"min": 1})  # tokens per forward pass
     # Attention diagnostics (on the text of the first `diagnostic_windows` windows) and passkey
     # retrieval run at these lengths; None means the evaluation lengths up to 16 x data.seq_len.
@@ -109,7 +110,7 @@ class EvalConfig:
         problems = []
         if not all(0 < eps < 1 for eps in self.mixing_eps) or not self.mixing_eps:
             problems.append(f"'eval.mixing_eps' is {self.mixing_eps}; give numbers in (0, 1)")
-        if not all(0 <= depth <= 1 for depth in self.passkey_depths):
+        if not self.passkey_depths or not all(0 <= d <= 1 for d in self.passkey_depths):
             problems.append(
                 f"'eval.passkey_depths' is {self.passkey_depths}; give numbers in [0, 1]"
             )
@@ -230,6 +231,19 @@ def _check_values(obj: Any, prefix: str = "") -> list[str]:
     return problems
 
 
+EVALUATION_OVERRIDABLE = ("eval.", "data.path=", "model.attn_block=", "deepspeed.precision=")
+
+
+def check_evaluation_overrides(overrides: list[str]) -> None:
+    """An evaluation changes how it measures, never the model a checkpoint holds."""
+    bad = [o for o in overrides if not o.startswith(EVALUATION_OVERRIDABLE)]
+    if bad:
+        raise ConfigError(
+            f"cannot override {', '.join(bad)} at evaluation: only eval.*, data.path, "
+            "model.attn_block and deepspeed.precision change; the rest is the checkpoint's"
+        )
+
+
 def validate(cfg: Config) -> Config:
     """Raise ConfigError listing every problem of a merged config."""
     problems = _check_values(cfg) + cfg.model.check()
@@ -237,6 +251,11 @@ def validate(cfg: Config) -> Config:
         problems.append(f"'eval.lengths' is {cfg.eval.lengths}; every length must be >= 2")
     if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
         problems.append(f"'train.betas' is {cfg.train.betas}; give two numbers in [0, 1)")
+    if cfg.train.peak_tflops is not None and cfg.train.peak_tflops <= 0:
+        problems.append(
+            f"'train.peak_tflops' is {cfg.train.peak_tflops}; give the device's peak TFLOP/s "
+            "(> 0), or null to look it up or measure it"
+        )
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     return cfg
@@ -271,8 +290,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
                 f"override {item!r} is not of the form key=value (e.g. model.scheme=rope)"
             )
         key, _, text = item.partition("=")
+        try:
+            value = yaml.load(text, Loader=ConfigLoader)
+        except yaml.YAMLError as e:
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML "
+                f"({getattr(e, 'problem', e)}); e.g. eval.lengths=[128,256]"
+            ) from None
         layer = OmegaConf.create()
-        OmegaConf.update(layer, key.strip(), yaml.load(text, Loader=ConfigLoader), merge=True)
+        OmegaConf.update(layer, key.strip(), value, merge=True)
         merged = _merge(merged, layer, f"override {item!r}")
     return validate(OmegaConf.to_object(merged))
 

@@ -32,7 +32,7 @@ import yaml
 from data.manifest import DatasetError
 from data.tokenizer import load_tokenizer
 from launch import checkpoint as ckpt
-from launch.config import Config, ConfigError, load_config
+from launch.config import Config, ConfigError, check_evaluation_overrides, load_config
 from launch.distributed import World
 from launch.engine import precision
 from launch.extrapolation import Extrapolation, plan_lengths, scalars
@@ -43,8 +43,6 @@ if TYPE_CHECKING:
     from launch.train import Trainer
 
 log = logging.getLogger("rotalibi")
-
-OVERRIDABLE = ("eval.", "data.path=", "model.attn_block=", "deepspeed.precision=")
 
 
 class TargetError(ValueError):
@@ -183,12 +181,7 @@ class Target:
 def _config(yaml_text: str, origin: str, overrides: list[str], device: torch.device) -> Config:
     """The run's config (YAML text) with the evaluation's overrides, checked against the
     evaluation's needs before any model is loaded."""
-    bad = [o for o in overrides if not o.startswith(OVERRIDABLE)]
-    if bad:
-        raise ConfigError(
-            f"cannot override {', '.join(bad)} at evaluation: only eval.*, data.path, "
-            "model.attn_block and deepspeed.precision change; the rest is the checkpoint's"
-        )
+    check_evaluation_overrides(overrides)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"
         path.write_text(yaml_text)
@@ -315,7 +308,7 @@ def main(argv: list[str]) -> int:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: this machine has no CUDA device; use --device cpu")
         yaml_text, run_dir, targets = resolve(args.target, step=args.step, every=args.all)
-        cfg = _config(yaml_text, str(run_dir / "config.yaml"), args.overrides, device)
+        cfg = _config(yaml_text, f"the config of {args.target}", args.overrides, device)
         block = (
             cfg.model.attn_block
             if any(o.startswith("model.attn_block=") for o in args.overrides)

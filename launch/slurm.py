@@ -40,7 +40,15 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 
-from launch.config import Config, ConfigError, SlurmConfig, file_layers, load_config, to_yaml
+from launch.config import (
+    Config,
+    ConfigError,
+    SlurmConfig,
+    check_evaluation_overrides,
+    file_layers,
+    load_config,
+    to_yaml,
+)
 
 JOB_BODY = Path(__file__).with_name("slurm_job.sh")
 MAX_SIGNAL_LEAD_S = 65535  # SLURM's limit for --signal=...@<seconds>
@@ -471,9 +479,14 @@ def _jobs_file(run_dir: Path) -> Path:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a JSON-lines file, less a last line that a killed writer cut short."""
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def _refuse_second_training_job(run_dir: Path) -> None:
@@ -598,9 +611,11 @@ def submit_evaluation(
     workdir = Path.cwd()
     target = target.resolve()
     run_dir = find_run_dir(target)
-    cfg = load_config(run_dir / "config.yaml", overrides)  # a wrong key fails here, not queued
+    evaluation_overrides = [o for o in overrides if not o.startswith("slurm.")]
+    check_evaluation_overrides(evaluation_overrides)  # a wrong key fails here, not queued
+    cfg = load_config(run_dir / "config.yaml", overrides)
     check_slurm(cfg.slurm)
-    arguments = [o for o in overrides if not o.startswith("slurm.")] + options
+    arguments = evaluation_overrides + options
     script = render_eval_script(
         cfg, target=target, run_dir=run_dir, arguments=arguments, workdir=workdir
     )
@@ -618,11 +633,8 @@ def submit_evaluation(
 
 
 def _last_step(run_dir: Path) -> int | None:
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        return None
-    lines = [line for line in metrics.read_text().splitlines() if line.strip()]
-    return json.loads(lines[-1])["step"] if lines else None
+    records = _read_jsonl(run_dir / "metrics.jsonl")
+    return records[-1]["step"] if records else None
 
 
 def _describe_attempt(events: list[dict]) -> str:

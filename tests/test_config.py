@@ -54,6 +54,10 @@ def test_overrides_apply_with_types():
         ("eval.lengths=[128,x]", ["eval.lengths[1]", "'x'"]),
         ("deepspeed.zero_stage=4", ["deepspeed.zero_stage", "1, 2, 3"]),
         ("run.seed", ["key=value"]),
+        ("eval.lengths=[128,", ["eval.lengths=[128,", "not valid YAML"]),
+        ("train.peak_tflops=0", ["train.peak_tflops", "> 0"]),
+        ("eval.seed=-1", ["eval.seed", ">= 0"]),
+        ("eval.passkey_depths=[]", ["eval.passkey_depths", "[0, 1]"]),
     ],
 )
 def test_bad_key_or_value_names_key_value_and_choices(override, expected):

@@ -421,6 +421,8 @@ def test_eval_job_rendering(tmp_path, capsys, monkeypatch):
     assert "neither a run directory nor a checkpoint" in capsys.readouterr().err
     assert main(["--eval", str(run_dir), "eval.lenghts=[5]", "--dry-run"]) == 2
     assert "unknown config key 'eval.lenghts'" in capsys.readouterr().err
+    assert main(["--eval", str(run_dir), "model.n_layers=4", "--dry-run"]) == 2  # a valid key
+    assert "cannot override model.n_layers=4 at evaluation" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- the job logic, run for real
