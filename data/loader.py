@@ -91,6 +91,12 @@ def resolve_streams(cfg: DataConfig) -> tuple[dict[str, Any], list[StreamSource]
                 f"data.streams[{i}] ({stream.path}) was tokenized with another tokenizer than "
                 f"data.path ({cfg.path}); prepare it with --tokenizer {cfg.path}/tokenizer.json"
             )
+        if manifest["eos_id"] != main["eos_id"]:
+            raise DatasetError(
+                f"data.streams[{i}] ({stream.path}) ends documents with token {manifest['eos_id']}"
+                f" and data.path ({cfg.path}) with {main['eos_id']}; prepare it again without "
+                "--eos-token, or with data.path's"
+            )
         sources.append(StreamSource(location, stream.proportion, manifest))
     return main, sources
 

@@ -68,10 +68,12 @@ def prepare(
         raise DatasetError("give --vocab-size (train a tokenizer) or --tokenizer FILE, not both")
     if not 0 <= val_fraction < 1:
         raise DatasetError(f"--val-fraction {val_fraction} must be in [0, 1)")
+    if vocab_size is None and tokenizer_file is None:
+        vocab_size = DEFAULT_VOCAB_SIZE
     output = Path(output)
     files = resolve_inputs(inputs)
     options = {
-        "vocab_size": vocab_size or (None if tokenizer_file else DEFAULT_VOCAB_SIZE),
+        "vocab_size": vocab_size,
         "tokenizer_sha256": _sha256(Path(tokenizer_file)) if tokenizer_file else None,
         "eos_token": eos_token,
         "val_fraction": val_fraction,
@@ -280,6 +282,10 @@ def _install(
     try:
         staging.rename(output)  # atomic; replaces an empty directory
     except OSError:
+        if replaced is not None and not output.exists():  # the old dataset back, not lost
+            replaced.rename(output)
+            replaced = None
+            raise
         # Another build of the same output finished first: fine if it is this dataset.
         if _current_dataset(output, manifest["fingerprint"], overwrite=False) is None:
             raise

@@ -19,9 +19,7 @@ TOKENIZER_FILE = "tokenizer.json"
 MIN_VOCAB_SIZE = 257  # the 256 byte tokens plus EOS
 
 
-def train_tokenizer(
-    documents: Iterable[str], vocab_size: int, length: int | None = None
-) -> Tokenizer:
+def train_tokenizer(documents: Iterable[str], vocab_size: int) -> Tokenizer:
     """A byte-level BPE tokenizer with `vocab_size` tokens (EOS included) learned on documents."""
     if vocab_size < MIN_VOCAB_SIZE:
         raise DatasetError(
@@ -37,7 +35,7 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(documents, trainer, length=length)
+    tokenizer.train_from_iterator(documents, trainer)
     return tokenizer
 
 

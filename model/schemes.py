@@ -29,7 +29,7 @@ class SchemeSpec:
 
     rotation: str | None = None  # "rope" | "learned" | "random": source of the angles
     rotate_values: bool = False
-    bias: str | None = None  # a key of BIASES
+    bias: str | None = None  # a DistanceBias kind
     window: bool = False
     decay: bool = False  # xPos
     transport: bool = False  # PaTH
@@ -140,9 +140,6 @@ class DistanceBias(Float64Constants):
         r2 = (2 * torch.sigmoid(self.r2)).to(n.dtype).view_as(m)
         # n^r2 with a finite gradient at n = 0.
         return -r1 * torch.where(n > 0, n.clamp(min=1) ** r2, torch.zeros_like(n))
-
-
-BIASES = ("alibi", "kerple_log", "kerple_power", "sandwich", "type1", "type2")
 
 
 class PositionScheme(Float64Constants):

@@ -196,8 +196,19 @@ def test_mixture_errors(dataset, tmp_path):
     for i in range(20):
         (tmp_path / "c" / f"{i}.txt").write_text(f"own tokenizer {i}")
     prepare([str(tmp_path / "c")], other, vocab_size=280, val_fraction=0.2, progress=False)
+    other_eos = tmp_path / "other_eos"
+    tokenizer = dataset / "tokenizer.json"
+    prepare(
+        [str(tmp_path / "c")],
+        other_eos,
+        tokenizer_file=tokenizer,
+        eos_token="a",
+        val_fraction=0.2,
+        progress=False,
+    )
     bad = [
         ([StreamConfig(str(dataset), 1.0), StreamConfig(str(other), 1.0)], "another tokenizer"),
+        ([StreamConfig(str(dataset), 1.0), StreamConfig(str(other_eos), 1.0)], "ends documents"),
         (
             [StreamConfig(str(dataset), 1.0), StreamConfig(str(dataset))],
             "every stream a proportion",

@@ -93,6 +93,29 @@ def test_output_holding_another_dataset_is_refused_then_replaced_on_request(data
     with pytest.raises(DatasetError, match=r"already holds a different dataset.*--overwrite"):
         prepare([str(corpus / "real")], out, vocab_size=300, progress=False)
     assert read_manifest(out) == read_manifest(path)  # untouched
+
+    # Installing the new dataset fails (a full disk, say): the old one stays in place.
+    rename = Path.rename
+
+    def failing_install(self, target):
+        if ".partial-" in self.name:
+            raise OSError(28, "No space left on device")
+        return rename(self, target)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Path, "rename", failing_install)
+        with pytest.raises(OSError, match="No space left"):
+            prepare(
+                [str(corpus / "real")],
+                out,
+                vocab_size=300,
+                val_fraction=0.3,
+                progress=False,
+                overwrite=True,
+            )
+    assert read_manifest(out) == read_manifest(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
     manifest = prepare(
         [str(corpus / "real")],
         out,
@@ -174,8 +197,9 @@ def test_abandoned_build_of_a_killed_run_is_removed(dataset, tmp_path):
 def test_bad_options_are_clear_errors(dataset, tmp_path):
     path, _ = dataset
     real = [str(path.parent / "corpus" / "real")]
-    with pytest.raises(DatasetError, match="at least 257"):
-        prepare(real, tmp_path / "a", vocab_size=100, progress=False)
+    for too_small in (100, 0):  # 0 too: not taken for "no size given"
+        with pytest.raises(DatasetError, match="at least 257"):
+            prepare(real, tmp_path / "a", vocab_size=too_small, progress=False)
     with pytest.raises(DatasetError, match=r"must be in \[0, 1\)"):
         prepare(real, tmp_path / "a", val_fraction=1.0, progress=False)
     with pytest.raises(DatasetError, match="no document fell into the val split"):
