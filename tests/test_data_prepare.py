@@ -94,6 +94,16 @@ def test_output_holding_another_dataset_is_refused_then_replaced_on_request(data
         prepare([str(corpus / "real")], out, vocab_size=300, progress=False)
     assert read_manifest(out) == read_manifest(path)  # untouched
 
+    def replace():
+        return prepare(
+            [str(corpus / "real")],
+            out,
+            vocab_size=300,
+            val_fraction=0.3,
+            progress=False,
+            overwrite=True,
+        )
+
     # Installing the new dataset fails (a full disk, say): the old one stays in place.
     rename = Path.rename
 
@@ -105,25 +115,11 @@ def test_output_holding_another_dataset_is_refused_then_replaced_on_request(data
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Path, "rename", failing_install)
         with pytest.raises(OSError, match="No space left"):
-            prepare(
-                [str(corpus / "real")],
-                out,
-                vocab_size=300,
-                val_fraction=0.3,
-                progress=False,
-                overwrite=True,
-            )
+            replace()
     assert read_manifest(out) == read_manifest(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
-    manifest = prepare(
-        [str(corpus / "real")],
-        out,
-        vocab_size=300,
-        val_fraction=0.3,
-        progress=False,
-        overwrite=True,
-    )
+    manifest = replace()
     assert read_manifest(out) == manifest and manifest["vocab_size"] == 300
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing left beside it
 
