@@ -73,19 +73,24 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 def resume_point(cfg: Config) -> ckpt.Checkpoint | None:
     """The newest complete checkpoint of the run directory, checked against this config: a
-    different model is an error (another run's checkpoints), other changes are logged."""
+    different model is an error (another run's checkpoints), other changes are logged (so is
+    model.attn_block, the CPU attention's tile: the same model computed in other blocks)."""
     found = ckpt.find_checkpoints(cfg.run_dir / "checkpoints")
     if not found:
         return None
     latest = found[-1]
     saved, now = yaml.safe_load(latest.manifest["config"]), yaml.safe_load(to_yaml(cfg))
-    model_changes = _differences(saved["model"], now["model"], "model.")
+    model_changes = [
+        d
+        for d in _differences(saved["model"], now["model"], "model.")
+        if not d.startswith("model.attn_block:")
+    ]
     if model_changes:
         raise RunDirError(
             f"{cfg.run_dir} holds checkpoints of a different model ({'; '.join(model_changes)}). "
             "Pick another run.name (or run.dir), or delete that directory to start over."
         )
-    other = [d for d in _differences(saved, now) if not d.startswith("model.")]
+    other = [d for d in _differences(saved, now) if d not in model_changes]
     if other:
         log.warning("resuming %s with a changed config: %s", latest.path, "; ".join(other))
     return latest

@@ -226,3 +226,6 @@ def test_bad_input_stops_before_any_work(uninterrupted, stdlib_dataset, tmp_path
     [(code, err)] = _finish(_start(_args(foreign, stdlib_dataset, "model.scheme=rope")))
     assert code == EXIT_BAD_INPUT
     assert "holds checkpoints of a different model (model.scheme: 'hybrid' -> 'rope')" in err
+    # The CPU attention's tile is not the model: a changed one resumes, with a warning.
+    [(code, err)] = _finish(_start(_args(foreign, stdlib_dataset, "model.attn_block=32")))
+    assert code == 0 and "changed config: model.attn_block: 64 -> 32" in err, err[-3000:]
