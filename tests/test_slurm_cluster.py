@@ -22,6 +22,16 @@ TINY = ROOT / "configs" / "tiny.yaml"
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
 MAX_STEPS, BATCH, SEQ_LEN, RANKS = 30, 8, 128, 2
 
+# The job log of a run signalled once: it saved, exited, was requeued and finished.
+REQUEUED_ONCE = [
+    (0, "start"),
+    (0, "signal"),
+    (0, "exit"),
+    (0, "requeue"),
+    (1, "start"),
+    (1, "exit"),
+]
+
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
@@ -200,14 +210,7 @@ def test_preempted_run_is_requeued_and_resumes_exactly(uninterrupted, stdlib_dat
     assert job_field(job, "Restarts") == "1"  # requeued once, same job id
 
     seen = events(run_dir)
-    assert [(e["attempt"], e["event"]) for e in seen] == [
-        (0, "start"),
-        (0, "signal"),
-        (0, "exit"),
-        (0, "requeue"),
-        (1, "start"),
-        (1, "exit"),
-    ]
+    assert [(e["attempt"], e["event"]) for e in seen] == REQUEUED_ONCE
     saved = seen[2]["checkpoint"]  # the checkpoint written on the signal
     assert seen[2]["code"] == 75 and 4 <= int(saved.removeprefix("step_")) < MAX_STEPS
     assert seen[4]["checkpoint"] == saved  # the second attempt starts from it
@@ -290,14 +293,7 @@ def test_job_array_trains_each_config_in_its_own_run(cluster, stdlib_dataset, tm
     assert job_field(tasks[1 - held], "Restarts") == "0"
 
     seen = events(signalled)
-    assert [(e["attempt"], e["event"]) for e in seen] == [
-        (0, "start"),
-        (0, "signal"),
-        (0, "exit"),
-        (0, "requeue"),
-        (1, "start"),
-        (1, "exit"),
-    ]
+    assert [(e["attempt"], e["event"]) for e in seen] == REQUEUED_ONCE
     saved = seen[2]["checkpoint"]
     assert seen[2]["code"] == 75 and seen[4]["checkpoint"] == saved
     assert [(e["attempt"], e["event"], e.get("code")) for e in events(other)] == [
