@@ -9,6 +9,7 @@ prints the resolved config.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import sys
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -204,6 +205,11 @@ def _merge(base: DictConfig, layer: DictConfig, origin: str) -> DictConfig:
     except ConfigKeyError as e:
         raise _unknown_key(e.full_key) from None
     except ValidationError as e:
+        if not e.full_key:  # a section given a plain value, e.g. train=5
+            section = next(iter(layer), "?")
+            raise ConfigError(
+                f"{origin}: '{section}' is a section; set its keys ({section}.KEY=VALUE)"
+            ) from None
         value = OmegaConf.select(layer, e.full_key.split("[")[0], default="?")
         raise ConfigError(
             f"{origin}: bad value for '{e.full_key}': {str(e.msg).splitlines()[0]} (got {value!r})"
@@ -212,13 +218,29 @@ def _merge(base: DictConfig, layer: DictConfig, origin: str) -> DictConfig:
         raise ConfigError(f"{origin}: {str(e).splitlines()[0]}") from None
 
 
+def _floats(value: Any) -> list[float]:
+    """The floats in a value (itself, or inside a list, dict or stream section)."""
+    if isinstance(value, float):
+        return [value]
+    if is_dataclass(value):
+        value = [getattr(value, f.name) for f in fields(value)]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return [x for item in value for x in _floats(item)]
+    return []
+
+
 def _check_values(obj: Any, prefix: str = "") -> list[str]:
-    """Problems with `choices`, `min` and `max` metadata of the schema's fields."""
+    """Problems with `choices`, `min` and `max` metadata of the schema's fields, and any
+    non-finite float (NaN passes every comparison)."""
     problems = []
     for f in fields(obj):
         value, key, meta = getattr(obj, f.name), prefix + f.name, f.metadata
         if is_dataclass(value):
             problems += _check_values(value, key + ".")
+        elif not all(math.isfinite(x) for x in _floats(value)):
+            problems.append(f"'{key}' is {value!r}; give finite numbers (no .nan or .inf)")
         elif value is None:
             continue
         elif "choices" in meta and value not in meta["choices"]:
@@ -244,11 +266,31 @@ def check_evaluation_overrides(overrides: list[str]) -> None:
         )
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*")
+RUN_NAME_RULE = (
+    "letters, digits and . _ - (not first in a part), '/' between parts: a path inside "
+    "run.dir (not empty, absolute or with '..')"
+)
+
+
+def run_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a run.name (it names a directory under run.dir and a SLURM job)."""
+    if RUN_NAME.fullmatch(name):
+        return None
+    return f"'run.name' is {name!r}; use {RUN_NAME_RULE}"
+
+
 def validate(cfg: Config) -> Config:
     """Raise ConfigError listing every problem of a merged config."""
     problems = _check_values(cfg) + cfg.model.check()
-    if cfg.eval.lengths is not None and any(n < 2 for n in cfg.eval.lengths):
-        problems.append(f"'eval.lengths' is {cfg.eval.lengths}; every length must be >= 2")
+    if (problem := run_name_problem(cfg.run.name)) is not None:
+        problems.append(problem)
+    if cfg.eval.lengths is not None and (
+        not cfg.eval.lengths or any(n < 2 for n in cfg.eval.lengths)
+    ):
+        problems.append(
+            f"'eval.lengths' is {cfg.eval.lengths}; give lengths >= 2 (null: the default ones)"
+        )
     if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
         problems.append(f"'train.betas' is {cfg.train.betas}; give two numbers in [0, 1)")
     if cfg.train.peak_tflops is not None and cfg.train.peak_tflops <= 0:
@@ -273,9 +315,32 @@ def file_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[DictConfi
         raw = yaml.load(path.read_text(), Loader=ConfigLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    base = raw.pop("base", None) if isinstance(raw, dict) else None
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path} holds a {type(raw).__name__}, not a mapping of sections (run:, model:, ...)"
+        )
+    _refuse_interpolations(raw, str(path))
+    base = raw.pop("base", None)
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' is {base!r}; give one YAML file's path, relative to it")
     layers = [] if base is None else file_layers(path.parent / base, (*seen, path.resolve()))
     return [*layers, (OmegaConf.create(raw), str(path))]
+
+
+def _refuse_interpolations(value: Any, origin: str) -> None:
+    """OmegaConf would resolve `${...}` (environment variables, other keys, resolvers): a config
+    says what it means in plain values."""
+    if isinstance(value, dict):
+        for item in value.values():
+            _refuse_interpolations(item, origin)
+    elif isinstance(value, list):
+        for item in value:
+            _refuse_interpolations(item, origin)
+    elif isinstance(value, str) and "${" in value:
+        raise ConfigError(
+            f"{origin}: {value!r} is an interpolation (${{...}}), which configs do not take; "
+            "write the value itself"
+        )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -297,6 +362,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
                 f"override {item!r}: the value is not valid YAML "
                 f"({getattr(e, 'problem', e)}); e.g. eval.lengths=[128,256]"
             ) from None
+        _refuse_interpolations(value, f"override {item!r}")
         layer = OmegaConf.create()
         OmegaConf.update(layer, key.strip(), value, merge=True)
         merged = _merge(merged, layer, f"override {item!r}")

@@ -108,6 +108,46 @@ def _sbatch_option(line: str) -> str:
     return line.strip().removeprefix("#SBATCH").strip()
 
 
+# What may reach the batch script: a value with a newline would add a shell line, one with a
+# space another sbatch option. Each field takes a strict character set, stated in the error.
+NAME = (r"[A-Za-z0-9._-]+", "letters, digits and . _ -")
+PATH = (r"[A-Za-z0-9._/%+=@,:~-]+", "letters, digits and . _ / % + = @ , : ~ -, no spaces")
+SBATCH_VALUE = r"[A-Za-z0-9._/%+=@,:~&|*\[\]()!-]+"
+SCRIPT_FIELDS = {
+    "partition": (r"[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*", "letters, digits, . _ -, and commas"),
+    "account": NAME,
+    "qos": NAME,
+    "job_name": NAME,
+    "constraint": (SBATCH_VALUE, "features and the operators & | , * [ ] ( ) !, no spaces"),
+    "mem": (r"[0-9]+[KMGT]?", "a number and an optional unit K, M, G or T, e.g. 480G"),
+    "output": PATH,
+}  # fmt: skip
+SBATCH_OPTION = (
+    rf"--[A-Za-z][A-Za-z0-9-]*(={SBATCH_VALUE})?",
+    "a long sbatch option, --name or --name=value, the value without spaces or quotes "
+    "(e.g. --exclusive, --gres=gpu:8)",
+)
+
+
+def script_value_problem(what: str, value: str, rule: tuple[str, str]) -> str | None:
+    """Why `value` may not be written into a batch script as `what`; None when it may."""
+    pattern, description = rule
+    if re.fullmatch(pattern, value):
+        return None
+    return f"{what} is {value!r}; it goes into the batch script, so use {description}"
+
+
+def check_script_paths(**paths: Path) -> None:
+    """Paths written into the batch script (working directory, run directories, targets)."""
+    problems = [
+        problem
+        for what, path in paths.items()
+        if (problem := script_value_problem(what.replace("_", " "), str(path), PATH))
+    ]
+    if problems:
+        raise SlurmError("; ".join(problems))
+
+
 def check_slurm(slurm: SlurmConfig) -> None:
     """Raise SlurmError listing every problem of a slurm section that sbatch would trip over."""
     problems = []
@@ -134,11 +174,21 @@ def check_slurm(slurm: SlurmConfig) -> None:
     for key in slurm.env:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(key)):
             problems.append(f"'slurm.env' key {key!r} is not a valid environment variable name")
+    for key, rule in SCRIPT_FIELDS.items():
+        value = getattr(slurm, key)
+        if value is not None and (
+            problem := script_value_problem(f"'slurm.{key}'", str(value), rule)
+        ):
+            problems.append(problem)
     for line in slurm.extra_sbatch:
         if not _sbatch_option(line).startswith("-"):
             problems.append(
                 f"'slurm.extra_sbatch' entry {line!r} is not an sbatch option (e.g. --exclusive)"
             )
+        elif problem := script_value_problem(
+            "'slurm.extra_sbatch' entry", _sbatch_option(line), SBATCH_OPTION
+        ):
+            problems.append(problem)
     if problems:
         raise SlurmError("invalid slurm section:\n  - " + "\n  - ".join(problems))
 
@@ -544,6 +594,9 @@ def submit_training(
         check_array(runs)
     slurm = runs[0].cfg.slurm
     check_slurm(slurm)
+    check_script_paths(working_directory=workdir)
+    for run in runs:
+        check_script_paths(run_directory=run.run_dir)
     if array:
         script, output = render_array_script(runs, workdir=workdir), array_batch_log(runs)
     else:
@@ -581,7 +634,8 @@ def check_trainable(cfg: Config) -> None:
     """What launch.train checks first (dataset, a run directory of another model), checked now:
     a job would otherwise wait in the queue only to stop at once."""
     from data.manifest import DatasetError
-    from launch.train import RunDirError, check_dataset, resume_point
+    from launch.rundir import RunDirError
+    from launch.train import check_dataset, resume_point
 
     try:
         check_dataset(cfg)
@@ -615,6 +669,7 @@ def submit_evaluation(
     check_evaluation_overrides(evaluation_overrides)  # a wrong key fails here, not queued
     cfg = load_config(run_dir / "config.yaml", overrides)
     check_slurm(cfg.slurm)
+    check_script_paths(working_directory=workdir, evaluation_target=target)
     arguments = evaluation_overrides + options
     script = render_eval_script(
         cfg, target=target, run_dir=run_dir, arguments=arguments, workdir=workdir

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,17 @@ def test_overrides_apply_with_types():
         ("train.peak_tflops=0", ["train.peak_tflops", "> 0"]),
         ("eval.seed=-1", ["eval.seed", ">= 0"]),
         ("eval.passkey_depths=[]", ["eval.passkey_depths", "[0, 1]"]),
+        ("eval.lengths=[]", ["eval.lengths", "null: the default ones"]),
+        ("train.lr=.nan", ["'train.lr' is nan", "finite"]),
+        ("train.lr=.inf", ["'train.lr' is inf", "finite"]),
+        ("train.peak_tflops=-.inf", ["'train.peak_tflops' is -inf", "finite"]),
+        ("data.streams=[{path: a, proportion: .nan}]", ["'data.streams'", "finite"]),
+        ("train=5", ["'train' is a section", "train.KEY=VALUE"]),
+        ("run.name=''", ["'run.name' is ''", "not empty"]),
+        ("run.name=/etc/x", ["'run.name' is '/etc/x'", "absolute"]),
+        ("run.name=../../outside", ["'run.name' is '../../outside'", "'..'"]),
+        ("run.name=a/../../b", ["'run.name' is 'a/../../b'"]),
+        ("run.name=${oc.env:HOME}", ["interpolation", "write the value itself"]),
     ],
 )
 def test_bad_key_or_value_names_key_value_and_choices(override, expected):
@@ -78,6 +90,22 @@ def test_missing_or_broken_yaml(tmp_path):
     unknown.write_text("model:\n  heads: 4\n")
     with pytest.raises(ConfigError, match=r"unknown config key 'model\.heads'.*model\.n_heads"):
         load_config(unknown)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("- 1\n- 2\n", "holds a list, not a mapping of sections"),
+        ("base: [1]\n", "'base' is [1]; give one YAML file's path"),
+        ("run:\n  name: ${oc.env:HOME}\n", "interpolation"),
+        ("train:\n  lr: .nan\n", "'train.lr' is nan"),
+    ],
+)
+def test_malformed_config_files_are_one_line_errors(tmp_path, text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(path)
 
 
 def test_cli_prints_resolved_config_or_error(capsys):

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -670,3 +671,54 @@ def test_array_submission_checks_every_config_first(tmp_path, capsys, monkeypatc
         assert load_config(snapshot) == load_config(config, ["train.max_steps=5"])
         assert f"task 300_{task}: {config}, run directory {run_dir}" in out
         assert (run_dir / "logs").is_dir()
+
+
+INJECTED = '"x\\ntouch /tmp/rotalibi-injected\\n#"'  # YAML's \n escapes: two newlines
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        f"run.name={INJECTED}",
+        "run.name='a b'",  # would break --output
+        *(
+            f"slurm.{key}={INJECTED}"
+            for key in ("partition", "account", "qos", "constraint", "mem", "job_name", "output")
+        ),
+        f'slurm.extra_sbatch=["--exclusive{INJECTED[1:]}]',
+        "slurm.extra_sbatch=['--mail-user=a b']",
+        "slurm.partition='gpu --exclusive'",  # another sbatch option
+        "slurm.mem='4G;reboot'",
+    ],
+)
+def test_no_config_value_reaches_the_batch_script_unchecked(
+    override, tmp_path, capsys, monkeypatch
+):
+    """Every value written into the #SBATCH header or a comment takes a strict character set:
+    a newline would add a shell line, a space another sbatch option."""
+    monkeypatch.chdir(tmp_path)
+    assert main([str(TINY), "slurm.time=10:00", override, "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "touch" not in captured.out
+    assert "goes into the batch script, so use" in captured.err or "'run.name' is" in captured.err
+
+
+def test_paths_in_the_batch_script_are_checked(tmp_path, capsys, monkeypatch):
+    run_dir = make_run_dir(tmp_path, ["slurm.gpus_per_node=0"])
+    odd = tmp_path / "x\ntouch p\n#"
+    shutil.copytree(run_dir, odd)
+    assert main(["--eval", str(odd), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "evaluation target is" in err and "goes into the batch script" in err
+    spaced = tmp_path / "a b"
+    spaced.mkdir()
+    monkeypatch.chdir(spaced)  # the job's --chdir
+    assert main([str(TINY), "slurm.time=10:00", "--dry-run"]) == 2
+    assert "working directory is" in capsys.readouterr().err
+    # The values that are fine render as they are.
+    monkeypatch.chdir(tmp_path)
+    good = ["slurm.constraint='h100&ib'", "slurm.extra_sbatch=['--gres=gpu:8', '--exclusive']"]
+    options = sbatch_options(
+        render([str(TINY), "slurm.time=10:00", *good], tmp_path, capsys, monkeypatch)
+    )
+    assert "--constraint=h100&ib" in options and "--gres=gpu:8" in options
