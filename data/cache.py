@@ -9,12 +9,23 @@ lock held while the loader lives (a concurrent job on the same node takes the ne
 unlinks shared memory that still names the slot: with the lock held, its owner is dead. This is
 the streaming FAQ's clean-up, limited to our own slot: `streaming.base.util.
 clean_stale_shared_memory()` would also unlink the live shared memory of other jobs.
+
+On a shared node nothing in a world-writable place is trusted. The default cache lives in a
+private directory, `<tmp>/rotalibi-<uid>` (mode 0700, owned by us; a planted one is refused and
+replaced by a fresh private directory), as does the set-up lock; a data.cache_dir must belong to
+us and be writable by us alone. Streaming trusts whatever index.json and shard files a cache
+directory holds, so before use every cached file is checked against the source's index (its
+bytes, and each shard's xxh64): anything else is evicted. Other users' shared memory is skipped.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
+import logging
 import os
+import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,15 +35,92 @@ from typing import IO
 
 import numpy as np
 from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, LOCALS, SHM_TO_CLEAN
+from streaming.base.hashing import get_hash
 from streaming.base.shared import SharedMemory
 from streaming.base.shared.prefix import _get_path
 
+from data.manifest import DatasetError
+
+log = logging.getLogger(__name__)
+
 LOCK_FILE = ".lock"
+INDEX = "index.json"
+HASH = "xxh64"  # what data.prepare writes for every shard file
+
+
+def _private_problem(directory: Path, *, strict_mode: bool) -> str | None:
+    """Why `directory` is not a private directory of ours (None if it is)."""
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode):
+        return "it is not a directory (a link or a file)"
+    if info.st_uid != os.getuid():
+        return f"it belongs to uid {info.st_uid}, not to you (uid {os.getuid()})"
+    if info.st_mode & (0o077 if strict_mode else 0o022):
+        return f"its mode {stat.S_IMODE(info.st_mode):o} lets other users in"
+    return None
+
+
+def private_tmp_dir() -> Path:
+    """This user's node-local private directory, <tmp>/rotalibi-<uid> (mode 0700). One that
+    someone else made (or opened up) is not used: a fresh private directory replaces it."""
+    directory = Path(tempfile.gettempdir()) / f"rotalibi-{os.getuid()}"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    problem = _private_problem(directory, strict_mode=True)
+    if problem is None:
+        return directory
+    fresh = Path(tempfile.mkdtemp(prefix=f"rotalibi-{os.getuid()}-"))
+    log.warning("not using %s: %s; using %s instead", directory, problem, fresh)
+    return fresh
 
 
 def cache_root(cache_dir: str | None) -> Path:
-    """The cache's root: data.cache_dir, else <tmp>/rotalibi-streaming (node-local)."""
-    return Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "rotalibi-streaming"
+    """The cache's root: data.cache_dir (ours, writable by us alone), else the private
+    <tmp>/rotalibi-<uid>/streaming (node-local)."""
+    if not cache_dir:
+        root = private_tmp_dir() / "streaming"
+        root.mkdir(mode=0o700, exist_ok=True)
+        return root
+    root = Path(cache_dir)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    problem = _private_problem(root, strict_mode=False)
+    if problem is not None:
+        raise DatasetError(
+            f"data.cache_dir {root} cannot hold a trusted cache: {problem}; use a directory "
+            "of your own that only you can write (or leave data.cache_dir unset)"
+        )
+    return root
+
+
+def _split_files(index: dict) -> dict[str, str]:
+    """Every file a split's index names (raw and compressed shards): its expected xxh64."""
+    return {
+        info["basename"]: info.get("hashes", {}).get(HASH, "")
+        for shard in index["shards"]
+        for info in (shard.get("raw_data"), shard.get("zip_data"))
+        if info
+    }
+
+
+def verify_cached_split(local: Path, source_index: bytes) -> list[str]:
+    """Make the cached split directory `local` hold only what the source's index.json (its
+    bytes) describes: another index, files the index does not name and shard files whose xxh64
+    differs are deleted. Returns the files evicted."""
+    if not local.is_dir():
+        return []
+    cached_index = local / INDEX
+    if cached_index.is_file() and cached_index.read_bytes() != source_index:
+        shutil.rmtree(local)
+        return [f"{INDEX} (another dataset's index)"]
+    expected = _split_files(json.loads(source_index))
+    evicted = []
+    for path in sorted(local.rglob("*")):
+        name = str(path.relative_to(local))
+        if path.is_dir() or name == INDEX:
+            continue
+        if name not in expected or get_hash(HASH, path.read_bytes()) != expected[name]:
+            path.unlink()
+            evicted.append(name)
+    return evicted
 
 
 class CacheSlot:
@@ -66,11 +154,14 @@ def claim_slot(key_dir: Path) -> CacheSlot:
 
 
 def _registered_locals(prefix: int) -> list[str] | None:
-    """The local directories streaming registered under `prefix`; None when nothing is."""
+    """The local directories streaming registered under `prefix`; None when nothing is, [] when
+    another user's shared memory holds it (not ours to read or clean)."""
     try:
         shm = SharedMemory(_get_path(prefix, LOCALS), create=False, auto_cleanup=False)
     except FileNotFoundError:
         return None
+    except PermissionError:
+        return []
     data = bytes(shm.buf)
     shm.cleanup()
     size = int(np.frombuffer(data[:4], np.int32)[0])
@@ -95,7 +186,7 @@ def clean_stale_shared_memory(directory: Path) -> list[int]:
             for name in SHM_TO_CLEAN:
                 try:
                     shm = BuiltinSharedMemory(_get_path(prefix, name))
-                except FileNotFoundError:
+                except (FileNotFoundError, PermissionError):
                     continue
                 shm.close()
                 shm.unlink()
@@ -107,7 +198,8 @@ def streaming_setup_lock() -> Iterator[None]:
     """Held by each node's local rank 0 while it sets up its StreamingDataset: streaming picks
     its shared-memory prefix by checking for a free one and then creating it, so two jobs that
     start together on one node could pick the same one (FileExistsError). The lock file is in
-    the node-local temporary directory, whatever data.cache_dir is."""
-    with open(Path(tempfile.gettempdir()) / "rotalibi-streaming-setup.lock", "a") as lock:
+    this user's node-local private directory, whatever data.cache_dir is (a lock in a shared
+    place could be held by anyone)."""
+    with open(private_tmp_dir() / "streaming-setup.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         yield

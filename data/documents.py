@@ -101,9 +101,11 @@ class RankDocuments:
             reader = self.dataset.shards[shard]
             stream = self.dataset.streams[int(self.dataset.stream_per_shard[shard])]
             name = reader.file_pairs[0][1] or reader.file_pairs[0][0]
+            reader.evict()  # a bad copy must not be served again from the cache
             raise DatasetError(
                 f"cannot read shard {name.basename} of {stream.remote}/{stream.split}: {e}. The "
-                f"dataset is corrupted or incomplete: rebuild it ({BUILD_HINT}) or copy it again"
+                f"cached copy in {stream.local} is evicted. The dataset is corrupted or "
+                f"incomplete: rebuild it ({BUILD_HINT}) or copy it again"
             ) from e
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -29,13 +30,23 @@ from streaming import Stream, StreamingDataset
 from streaming.base.storage import CloudDownloader
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.cache import CacheSlot, cache_root, claim_slot, streaming_setup_lock
+from data.cache import (
+    INDEX,
+    CacheSlot,
+    cache_root,
+    claim_slot,
+    streaming_setup_lock,
+    verify_cached_split,
+)
 from data.distributed import RankInfo, gather, init_process_group, rank_info
 from data.documents import RankDocuments
 from data.manifest import MANIFEST, DatasetError, parse_manifest, read_manifest
 from data.packing import PackedStream, Position, make_batch
 from launch.config import DataConfig
 
+log = logging.getLogger(__name__)
+
+SPLIT = "train"
 STATE_VERSION = 1
 SHUFFLE_BLOCK = 1 << 18  # py1e shuffle window, in documents
 DOWNLOAD_TIMEOUT_S = 300
@@ -54,17 +65,40 @@ def _is_remote(path: str) -> bool:
     return "://" in path
 
 
+def _fetch(location: str, name: str) -> bytes:
+    """The bytes of file `name` of the dataset at `location` (a local path or a remote URL)."""
+    if not _is_remote(location):
+        try:
+            return (Path(location) / name).read_bytes()
+        except OSError as e:
+            raise DatasetError(f"cannot read {location}/{name}: {e.strerror or e}") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "download")
+        try:
+            CloudDownloader.direct_download(f"{location}/{name}", local, DOWNLOAD_TIMEOUT_S)
+            return Path(local).read_bytes()
+        except Exception as e:  # each remote client raises its own errors
+            raise DatasetError(f"cannot fetch {location}/{name}: {e}") from e
+
+
 def _stream_manifest(location: str) -> dict[str, Any]:
     if not _is_remote(location):
         return read_manifest(location)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, MANIFEST)
-        try:
-            CloudDownloader.direct_download(f"{location}/{MANIFEST}", local, DOWNLOAD_TIMEOUT_S)
-            raw = Path(local).read_bytes()
-        except Exception as e:  # each remote client raises its own errors
-            raise DatasetError(f"cannot fetch {location}/{MANIFEST}: {e}") from e
-    return parse_manifest(raw, f"{location}/{MANIFEST}")
+    return parse_manifest(_fetch(location, MANIFEST), f"{location}/{MANIFEST}")
+
+
+def _verify_cache(sources: list[StreamSource], directory: Path) -> None:
+    """Evict from the cache slot `directory` whatever its streams' sources do not vouch for."""
+    for i, source in enumerate(sources):
+        local = directory / f"stream-{i}" / SPLIT
+        evicted = verify_cached_split(local, _fetch(source.location, f"{SPLIT}/{INDEX}"))
+        if evicted:
+            log.warning(
+                "evicted from the cache %s what %s does not hold: %s",
+                local,
+                source.location,
+                ", ".join(evicted),
+            )
 
 
 def resolve_streams(cfg: DataConfig) -> tuple[dict[str, Any], list[StreamSource]]:
@@ -109,7 +143,7 @@ def _streaming_dataset(sources: list[StreamSource], directory: Path, seed: int) 
             Stream(remote=s.location, local=str(directory / f"stream-{i}"), proportion=s.proportion)
             for i, s in enumerate(sources)
         ],
-        split="train",
+        split=SPLIT,
         download_timeout=DOWNLOAD_TIMEOUT_S,
         validate_hash="xxh64",
         shuffle=True,
@@ -141,6 +175,7 @@ def build_train_loader(
     try:
         if info.local_rank == 0:
             slot = claim_slot(cache_root(data_cfg.cache_dir) / key)
+            _verify_cache(sources, slot.directory)
         # Every rank uses its node leader's slot, claimed (and cleaned) before anyone reads it.
         slots = gather(slot and str(slot.directory), info)
         directory = Path(slots[info.node * info.local_world_size])
@@ -168,6 +203,7 @@ def build_train_loader(
         boundaries=data_cfg.packing == "boundaries",
         num_workers=data_cfg.num_workers,
         eos_id=main["eos_id"],
+        tokenizer_sha256=main["tokenizer_sha256"],
         identity={"streams": key, "seed": seed},
         slot=slot,
     )
@@ -218,12 +254,14 @@ class TrainLoader:
         boundaries: bool,
         num_workers: int,
         eos_id: int,
+        tokenizer_sha256: str,
         identity: dict[str, Any],
         slot: CacheSlot | None,
     ):
         self.documents = documents
         self.seq_len, self.batch_size, self.boundaries = seq_len, batch_size, boundaries
         self.num_workers, self.eos_id = num_workers, eos_id
+        self.tokenizer_sha256 = tokenizer_sha256  # of the dataset's tokenizer.json
         self._identity = {
             "rank": documents.rank.rank,
             "world_size": documents.rank.world_size,

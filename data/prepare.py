@@ -12,9 +12,10 @@ else uint32), in DIR/train or DIR/val by a hash of its text (a stable split). Sh
 compressed with xxh64 checksums.
 
 The dataset is built in a hidden temporary directory beside DIR and renamed into place when
-complete, so no half-written dataset is ever found at DIR. Re-running with the same inputs and
-options finds DIR up to date and does nothing; different ones stop with an error unless
---overwrite (which only ever replaces a dataset).
+complete, so no half-written dataset is ever found at DIR (a build stopped by a signal removes
+it). Re-running with the same inputs and options finds DIR up to date and does nothing;
+different ones stop with an error unless --overwrite (which only ever replaces a dataset). DIR
+may not lie inside an input directory, whose files it would become.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -39,6 +41,7 @@ from data.manifest import FORMAT, MANIFEST, SPLITS, DatasetError, read_manifest,
 from data.sources import file_digest, read_documents, resolve_inputs
 from data.tokenizer import (
     EOS_TOKEN,
+    MIN_VOCAB_SIZE,
     TOKENIZER_FILE,
     eos_id,
     read_tokenizer_file,
@@ -46,6 +49,8 @@ from data.tokenizer import (
 )
 
 DEFAULT_VOCAB_SIZE = 32768
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
+MAX_VOCAB_SIZE = 1 << 20  # the tokenizer trainer allocates by the vocabulary size asked for
 ENCODE_BATCH_CHARS = 4 << 20  # text handed to the tokenizer at once (encoded in parallel)
 
 
@@ -70,8 +75,12 @@ def prepare(
         raise DatasetError(f"--val-fraction {val_fraction} must be in [0, 1)")
     if vocab_size is None and tokenizer_file is None:
         vocab_size = DEFAULT_VOCAB_SIZE
+    _check_shard_size(shard_size)
     output = Path(output)
     files = resolve_inputs(inputs)
+    _check_output_outside_inputs(output, inputs, files)
+    if vocab_size is not None:
+        _check_vocab_size(vocab_size, files)
     options = {
         "vocab_size": vocab_size,
         "tokenizer_sha256": _sha256(Path(tokenizer_file)) if tokenizer_file else None,
@@ -92,13 +101,16 @@ def prepare(
     output.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_builds(output)
     host = socket.gethostname()
+    # A stop signal waits until the clean-up below is armed: never a partial build left behind.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     staging = Path(
         tempfile.mkdtemp(prefix=f".{output.name}.partial-{host}-{os.getpid()}-", dir=output.parent)
     )
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the dataset private
     try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the dataset private
         start = time.perf_counter()
         manifest = _build(files, staging, tokenizer_file, options, fingerprint, progress)
         seconds = time.perf_counter() - start
@@ -109,6 +121,52 @@ def prepare(
     rate = f"{tokens / seconds:,.0f} tokens/s"
     print(f"wrote {output} ({_summary(manifest)}) in {seconds:.1f}s, {rate}", file=sys.stderr)
     return manifest
+
+
+def _check_shard_size(shard_size: str | int) -> None:
+    from streaming.base.util import bytes_to_int
+
+    try:
+        valid = bytes_to_int(shard_size) > 0
+    except (ValueError, TypeError):
+        valid = False
+    if not valid:
+        raise DatasetError(
+            f"--shard-size {shard_size!r} is not a size: give bytes or a number with a unit, "
+            "e.g. 64mb"
+        )
+
+
+def _check_vocab_size(vocab_size: int, files: list[Path]) -> None:
+    """A vocabulary the corpus can fill (every token beyond the bytes and EOS is a merge of two
+    adjacent ones), and at most MAX_VOCAB_SIZE."""
+    corpus_bytes = sum(f.stat().st_size for f in files if f.is_file())  # a bad one fails later
+    limit = min(MAX_VOCAB_SIZE, MIN_VOCAB_SIZE + corpus_bytes)
+    if vocab_size > limit:
+        why = (
+            f"the maximum is {MAX_VOCAB_SIZE:,}"
+            if limit == MAX_VOCAB_SIZE
+            else f"{corpus_bytes:,} bytes of input give at most {limit:,} tokens"
+        )
+        raise DatasetError(f"--vocab-size {vocab_size:,} is too large: {why}")
+
+
+def _check_output_outside_inputs(output: Path, inputs: Sequence[str], files: list[Path]) -> None:
+    """The dataset must not be built inside a directory it reads (nor read its own files)."""
+    target = output.resolve()
+    for given in inputs:
+        path = Path(given)
+        if path.is_dir() and target.is_relative_to(path.resolve()):
+            raise DatasetError(
+                f"--output {output} is inside the input directory {given}, whose files it "
+                "would become; choose an --output outside the inputs"
+            )
+    inside = [f for f in files if f.resolve().is_relative_to(target)]
+    if inside:
+        raise DatasetError(
+            f"input {inside[0]} is inside --output {output}: the dataset would read its own "
+            "files; choose an --output outside the inputs"
+        )
 
 
 def _summary(manifest: dict[str, Any]) -> str:
@@ -296,6 +354,10 @@ def _install(
     return manifest
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m data.prepare",
@@ -319,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace a different dataset")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    for stop in STOP_SIGNALS - {signal.SIGINT}:  # unwind (as Ctrl-C does), removing the build
+        signal.signal(stop, _exit_on_signal)
     try:
         prepare(
             args.input,

@@ -9,8 +9,10 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import pytest
 import torch
 from data_helpers import build_dataset, read_split, run_ranks, stream_of
 
+from data.cache import cache_root
 from data.distributed import rank_info
 from data.loader import build_train_loader
 from data.manifest import DatasetError, read_manifest
@@ -308,7 +311,9 @@ def test_bad_state_and_bad_setups_are_clear_errors(cfg, dataset, tmp_path, monke
         build_train_loader(cfg, **SHAPE)
 
 
-def test_corrupted_shard_is_a_clear_error(dataset, tmp_path):
+def test_a_corrupted_shard_is_a_clear_error_and_leaves_the_cache(dataset, tmp_path):
+    """A shard that fails its checksum is evicted from the cache, so that the repaired dataset
+    is read afresh (a cached bad copy would fail every later run)."""
     copy = tmp_path / "ds"
     shutil.copytree(dataset, copy)
     for shard in (copy / "train").glob("*.zstd"):
@@ -318,9 +323,139 @@ def test_corrupted_shard_is_a_clear_error(dataset, tmp_path):
     cfg = DataConfig(path=str(copy), cache_dir=str(tmp_path / "cache"))
     with (
         build_train_loader(cfg, **SHAPE) as loader,
-        pytest.raises(DatasetError, match=r"cannot read shard shard\.\d+\.mds\.zstd .*corrupted"),
+        pytest.raises(
+            DatasetError, match=r"cannot read shard shard\.\d+\.mds\.zstd .*corrupted"
+        ) as err,
     ):
         take(loader, 1)
+    assert "cached copy in" in str(err.value) and "is evicted" in str(err.value)
+    cached = [p.name for p in (tmp_path / "cache").rglob("shard.*")]
+    shutil.rmtree(copy)
+    shutil.copytree(dataset, copy)  # repaired
+    with build_train_loader(cfg, **SHAPE) as loader:
+        repaired = take(loader, 5)
+    with build_train_loader(
+        DataConfig(path=str(dataset), cache_dir=str(tmp_path / "fresh")), **SHAPE
+    ) as loader:
+        assert_same_batches(repaired, take(loader, 5))
+    assert cached == []
+
+
+def _cached_split(cache: Path) -> Path:
+    [split] = cache.glob("*/slot-0/stream-0/train")
+    return split
+
+
+def test_a_planted_cache_is_evicted_not_trained_on(dataset, tmp_path, tmp_path_factory, caplog):
+    """Streaming trusts a cache directory's index.json and shards: another dataset's index and
+    shards planted there, or a shard altered in place, are found and evicted before use."""
+    cfg = DataConfig(path=str(dataset), cache_dir=str(tmp_path / "cache"))
+    with build_train_loader(cfg, **SHAPE) as loader:
+        expected = take(loader, 40)
+    split = _cached_split(tmp_path / "cache")
+    other, _ = build_dataset(tmp_path_factory, name="planted", seed=7, val_fraction=0.5)
+    shutil.rmtree(split)
+    shutil.copytree(other / "train", split)  # a whole other dataset, index and shards
+    with caplog.at_level("WARNING"), build_train_loader(cfg, **SHAPE) as loader:
+        assert_same_batches(take(loader, 40), expected)
+    assert "another dataset's index" in caplog.text
+
+    # One cached shard altered in place (its index intact): its xxh64 no longer matches.
+    raw = sorted(split.glob("shard.*.mds"))[0]
+    data = bytearray(raw.read_bytes())
+    data[-3] ^= 0x01  # a token of the last document
+    raw.write_bytes(bytes(data))
+    caplog.clear()
+    with caplog.at_level("WARNING"), build_train_loader(cfg, **SHAPE) as loader:
+        assert_same_batches(take(loader, 40), expected)
+    assert f"evicted from the cache {split}" in caplog.text and raw.name in caplog.text
+
+
+def test_the_cache_is_private_to_its_user(dataset, tmp_path, monkeypatch, caplog):
+    """The default cache is <tmp>/rotalibi-<uid> (mode 0700); one planted by another user (or
+    a link, or opened to others) is not used; a data.cache_dir must be ours alone."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    private = tmp_path / f"rotalibi-{os.getuid()}"
+    assert cache_root(None) == private / "streaming"
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    os.rmdir(private / "streaming")
+    for plant, problem in [
+        (lambda: os.chown(private, 12345, 12345), "belongs to uid 12345"),
+        (lambda: private.chmod(0o777), "lets other users in"),
+        (lambda: (private.rmdir(), private.symlink_to(tmp_path)), "not a directory"),
+    ]:
+        plant()
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            root = cache_root(None)
+        assert root.parent != private and root.parent.name.startswith(f"rotalibi-{os.getuid()}-")
+        assert problem in caplog.text
+        if private.is_symlink():
+            break
+        os.chown(private, os.getuid(), os.getgid())
+        private.chmod(0o700)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chown(shared, 12345, 12345)
+    with pytest.raises(DatasetError, match="cannot hold a trusted cache: it belongs to uid 12345"):
+        cache_root(str(shared))
+
+
+def test_other_users_leftovers_do_not_stop_a_run(dataset, tmp_path):
+    """As an unprivileged user (forked, setuid nobody): another user's private directory
+    name, streaming shared memory and file locks on the node are stepped around."""
+    public = Path(tempfile.mkdtemp(prefix="rotalibi-test-", dir="/tmp"))
+    try:
+        public.chmod(0o1777)  # like /tmp
+        data = public / "dataset"
+        shutil.copytree(dataset, data)
+        for path in [data, *data.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        planted = public / "rotalibi-65534"
+        planted.mkdir(mode=0o700)
+        os.chown(planted, 12345, 12345)
+        prefix = next(p for p in itertools.count() if not Path(f"/dev/shm/{p:06}_locals").exists())
+        segments = [Path(f"/dev/shm/{prefix:06}_{name}") for name in ("locals", "barrier")]
+        for path in segments:
+            path.write_bytes(b"\0" * 64)
+            path.chmod(0o600)
+            os.chown(path, 12345, 12345)
+        with build_train_loader(
+            DataConfig(path=str(dataset), cache_dir=str(tmp_path / "c")), **SHAPE
+        ) as loader:
+            expected = take(loader, 3)  # also imports everything the child needs
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover (the child reports through the pipe)
+            code = 1
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                tempfile.tempdir = str(public)
+                with build_train_loader(DataConfig(path=str(data)), **SHAPE) as loader:
+                    batches = take(loader, 3)
+                os.write(
+                    write,
+                    b"same"
+                    if all(
+                        torch.equal(a["tokens"], b["tokens"])
+                        for a, b in zip(batches, expected, strict=True)
+                    )
+                    else b"different",
+                )
+                code = 0
+            except BaseException as e:
+                os.write(write, repr(e).encode()[:4000])
+            finally:
+                os._exit(code)
+        os.close(write)
+        report = os.read(read, 4096).decode()
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0 and report == "same", report
+    finally:
+        for path in segments:
+            path.unlink(missing_ok=True)
+        shutil.rmtree(public)
 
 
 def test_local_world_size_is_derived_when_the_launcher_omits_it(monkeypatch, caplog):

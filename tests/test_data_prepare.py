@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -16,6 +20,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from data.default_corpus import EXCLUDED_DIRS, default_corpus_files
 from data.manifest import DatasetError, read_manifest
 from data.prepare import main, prepare
+from data.sources import resolve_inputs
 from data.tokenizer import EOS_TOKEN, decode_document, load_tokenizer
 
 
@@ -272,3 +277,56 @@ def test_default_corpus_is_the_stdlib_sources_in_a_fixed_order():
     assert relative == sorted(relative) and "textwrap.py" in relative
     assert not any(EXCLUDED_DIRS.intersection(r.split("/")[:-1]) for r in relative)
     assert default_corpus_files() == files
+
+
+def test_sizes_that_cannot_work_are_refused_before_any_work(dataset, tmp_path):
+    path, _ = dataset
+    real = [str(path.parent / "corpus" / "real")]
+    corpus_bytes = sum(f.stat().st_size for f in resolve_inputs(real))
+    for huge in (10**9, 10**20):  # a 70 GB allocation; an overflow in the tokenizer
+        with pytest.raises(DatasetError, match=rf"--vocab-size {huge:,} is too large"):
+            prepare(real, tmp_path / "a", vocab_size=huge, progress=False)
+    with pytest.raises(DatasetError, match=f"{corpus_bytes:,} bytes of input give at most"):
+        prepare(real, tmp_path / "a", vocab_size=257 + corpus_bytes + 1, progress=False)
+    big = tmp_path / "big.txt"  # 2 MiB (sparse): enough bytes for any vocabulary
+    with big.open("wb") as f:
+        f.truncate(2**21)
+    with pytest.raises(DatasetError, match="the maximum is 1,048,576"):
+        prepare([str(big)], tmp_path / "a", vocab_size=2**20 + 1, progress=False)
+    with pytest.raises(DatasetError, match="--shard-size 'abc' is not a size"):
+        prepare(real, tmp_path / "a", vocab_size=300, shard_size="abc", progress=False)
+    assert main(["--input", *real, "--output", str(tmp_path / "a"), "--shard-size", "abc"]) == 2
+    assert not (tmp_path / "a").exists()
+
+
+def test_an_output_inside_an_input_is_refused(dataset, tmp_path):
+    path, _ = dataset
+    corpus = tmp_path / "corpus"
+    shutil.copytree(path.parent / "corpus" / "real", corpus)
+    with pytest.raises(DatasetError, match="inside the input directory"):
+        prepare([str(corpus)], corpus / "ds", vocab_size=300, val_fraction=0.3, progress=False)
+    # A glob that did not match the dataset when it was built would read it on a rebuild.
+    pattern = str(corpus / "**")
+    prepare([str(corpus / "*.py")], corpus / "ds", vocab_size=300, val_fraction=0.3, progress=False)
+    with pytest.raises(DatasetError, match=r"is inside --output .*ds: the dataset would read"):
+        prepare([pattern], corpus / "ds", vocab_size=300, overwrite=True, progress=False)
+    assert read_manifest(corpus / "ds")["input_files"] == len(list(corpus.glob("*.py")))
+
+
+def test_a_signal_mid_build_leaves_no_partial_directory(tmp_path):
+    stdlib = Path(os.__file__).parent
+    inputs = [str(stdlib / package / "*.py") for package in ("email", "json", "logging", "asyncio")]
+    out = tmp_path / "out"
+    build = subprocess.Popen(
+        [sys.executable, "-m", "data.prepare", "--input", *inputs, "--output", str(out)],
+        cwd=Path(__file__).resolve().parents[1],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.partial-*")):
+        assert build.poll() is None and time.monotonic() < deadline, build.stderr.read()
+        time.sleep(0.01)
+    build.send_signal(signal.SIGTERM)
+    assert build.wait(timeout=60) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
