@@ -1,16 +1,19 @@
 """Checkpoints of a run: `RUN/checkpoints/step_<N>/`, saved collectively, resumed exactly.
 
 A checkpoint is DeepSpeed's files (ZeRO partitions of weights and optimizer state, the LR
-schedule), one `trainer_rank_<r>.pt` per rank (its data-loader position and RNG states), and
-last a manifest `rotalibi.json` written by rank 0 once every rank has finished: step, tokens
-seen, world size, the resolved config, and the size of every file. Only a checkpoint whose
-manifest exists and whose files all have their recorded sizes is ever resumed from, so one
-killed mid-save, or truncated afterwards, is skipped with a warning. `latest` names the newest
-complete one.
+schedule), one `trainer_rank_<r>.pt` per rank (its data-loader position and RNG states, as
+tensors and plain values: loaded with `weights_only=True`, never unpickled), and last a
+manifest `rotalibi.json` written by rank 0 once every rank has finished: step, tokens seen,
+world size, the resolved config, whether every weight is finite, and the size and sha256 of
+every file (the ranks hash a share each). A checkpoint whose manifest is missing or malformed,
+or one of whose files is missing or has another size, is incomplete (killed mid-save, truncated)
+and skipped with a warning; `verify` also compares the content hashes, before a checkpoint is
+resumed, evaluated or exported. `latest` names the newest complete one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -38,46 +41,92 @@ def tag(step: int) -> str:
     return f"step_{step}"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved (disk full, not writable): one line, with the path."""
+
+
 def rng_state() -> dict:
+    """Every RNG's state as tensors and plain values (loadable with weights_only=True)."""
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": [version, list(internal), gauss],
+        "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached_gaussian],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
 
 
 def restore_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state(
+        ("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian)
+    )
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _file_sizes(directory: Path) -> dict[str, int]:
-    return {
-        str(p.relative_to(directory)): p.stat().st_size
+def _files(directory: Path) -> list[str]:
+    return [
+        str(p.relative_to(directory))
         for p in sorted(directory.rglob("*"))
         if p.is_file() and p.name != MANIFEST
-    }
+    ]
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest_shape_problem(manifest: object) -> str | None:
+    """Why a parsed manifest is not one of ours (valid JSON of the wrong shape)."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("step"), int):
+        return "malformed manifest (no step)"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+        isinstance(entry, dict)
+        and isinstance(entry.get("bytes"), int)
+        and isinstance(entry.get("sha256"), str)
+        for entry in files.values()
+    ):
+        return "malformed manifest (files without their bytes and sha256)"
+    return None
 
 
 def _problem(directory: Path) -> str | None:
-    """Why `directory` is not a complete checkpoint, or None if it is."""
+    """Why `directory` is not a complete checkpoint (by its files' sizes), or None if it is."""
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         return "no manifest: the save did not finish"
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         return f"unreadable manifest ({e})"
-    present = _file_sizes(directory)
-    for name, size in manifest["files"].items():
-        if name not in present:
+    if (problem := _manifest_shape_problem(manifest)) is not None:
+        return problem
+    for name, entry in manifest["files"].items():
+        path = directory / name
+        if not path.is_file():
             return f"{name} is missing"
-        if present[name] != size:
-            return f"{name} has {present[name]} bytes, {size} when saved"
+        if (size := path.stat().st_size) != entry["bytes"]:
+            return f"{name} has {size} bytes, {entry['bytes']} when saved"
+    return None
+
+
+def verify(checkpoint: Checkpoint, rank: int = 0, world_size: int = 1) -> str | None:
+    """Why the content of `checkpoint` is not what was saved (a file whose sha256 differs), or
+    None; a rank of `world_size` checks every world_size-th file."""
+    names = sorted(checkpoint.manifest["files"])[rank::world_size]
+    for name in names:
+        if sha256(checkpoint.path / name) != checkpoint.manifest["files"][name]["sha256"]:
+            return f"{name} is not the file that was saved (its sha256 differs)"
     return None
 
 
@@ -98,22 +147,88 @@ def find_checkpoints(checkpoint_dir: Path, *, warn: bool = True) -> list[Checkpo
     return sorted(found, key=lambda c: c.step)
 
 
+def free_space(path: Path) -> str:
+    """The free space of the file system holding `path` (or its nearest existing parent)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:,.0f} MiB free"
+    except OSError:
+        return "free space unknown"
+
+
+def weights_finite(engine) -> bool:
+    """Whether every weight this rank holds is finite (its ZeRO-3 partition, or the whole)."""
+    return all(
+        bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in engine.module.parameters()
+    )
+
+
+def _all_ranks(ok: bool, device: torch.device) -> bool:
+    flag = torch.tensor([float(ok)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _failure(rank: int, error: Exception, directory: Path) -> str:
+    """What went wrong on this rank, with the free space at that moment (a full disk shows)."""
+    what = getattr(error, "strerror", None) or str(error).splitlines()[0]
+    return f"rank {rank}: {what}; {free_space(directory)}"
+
+
+def _unless_every_rank_saved(failure: str | None, directory: Path, device: torch.device) -> None:
+    """Collective: when any rank failed to write, rank 0 removes the partial save (its space is
+    what the logs need now) and every rank raises CheckpointError."""
+    if _all_ranks(failure is None, device):
+        return
+    if torch.distributed.get_rank() == 0:
+        shutil.rmtree(directory, ignore_errors=True)
+    raise CheckpointError(
+        f"cannot save checkpoint {directory} ({failure or 'another rank failed'}): the partial "
+        "save is removed; the run stops at its last complete checkpoint"
+    )
+
+
+def last_good(checkpoint_dir: Path) -> Checkpoint | None:
+    """The newest complete checkpoint whose weights are all finite."""
+    found = [c for c in find_checkpoints(checkpoint_dir, warn=False) if c.manifest["finite"]]
+    return found[-1] if found else None
+
+
 def save(engine, checkpoint_dir: Path, *, step: int, manifest: dict, rank_state: dict) -> Path:
-    """Save collectively (every rank calls this); returns the checkpoint's directory."""
+    """Save collectively (every rank calls this); returns the checkpoint's directory.
+    CheckpointError on every rank when any rank could not write its files (disk full)."""
     world = torch.distributed
+    rank, world_size = world.get_rank(), world.get_world_size()
     directory = checkpoint_dir / tag(step)
-    if world.get_rank() == 0 and directory.exists():
+    if rank == 0 and directory.exists():
         shutil.rmtree(directory)  # an earlier, incomplete save of the same step
     world.barrier()
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag(step), save_latest=False)
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.save(rank_state, directory / f"trainer_rank_{world.get_rank()}.pt")
-    world.barrier()
-    if world.get_rank() == 0:
-        manifest = {**manifest, "step": step, "files": _file_sizes(directory)}
-        write_atomically(directory / MANIFEST, json.dumps(manifest, indent=1))
-        write_atomically(checkpoint_dir / "latest", tag(step))
-    world.barrier()
+    failure = None
+    try:
+        engine.save_checkpoint(str(checkpoint_dir), tag=tag(step), save_latest=False)
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save(rank_state, directory / f"trainer_rank_{rank}.pt")
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        failure = _failure(rank, e, directory)
+    _unless_every_rank_saved(failure, directory, engine.device)
+    finite = _all_ranks(weights_finite(engine), engine.device)
+    names = _files(directory)[rank::world_size]  # every file is written: hash a share each
+    shares: list = [None] * world_size
+    world.all_gather_object(shares, {name: sha256(directory / name) for name in names})
+    if rank == 0:
+        hashes = {name: digest for share in shares for name, digest in share.items()}
+        files = {
+            name: {"bytes": (directory / name).stat().st_size, "sha256": hashes[name]}
+            for name in sorted(hashes)
+        }
+        manifest = {**manifest, "step": step, "finite": finite, "files": files}
+        try:
+            write_atomically(directory / MANIFEST, json.dumps(manifest, indent=1))
+            write_atomically(checkpoint_dir / "latest", tag(step))
+        except OSError as e:
+            failure = _failure(rank, e, directory)
+    _unless_every_rank_saved(failure, directory, engine.device)
     return directory
 
 
@@ -131,7 +246,7 @@ def load(engine, checkpoint: Checkpoint) -> dict:
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load {checkpoint.path}")
     rank = torch.distributed.get_rank()
-    return torch.load(checkpoint.path / f"trainer_rank_{rank}.pt", weights_only=False)
+    return torch.load(checkpoint.path / f"trainer_rank_{rank}.pt", weights_only=True)
 
 
 def write_atomically(path: Path, text: str) -> None:

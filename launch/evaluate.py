@@ -5,13 +5,16 @@
     python -m launch.evaluate runs/tiny/checkpoints/step_200 a checkpoint directory
     python -m launch.evaluate runs/tiny/export/step_300      an export (launch.export)
         [eval.lengths=[128,1024] eval.windows=4 data.path=... ...] [--out DIR] [--device cuda]
+        [--force]
 
 One process, on CUDA when there is a GPU, else the CPU; no DeepSpeed engine. Overrides take
 `eval.*`, `data.path`, `model.attn_block` and `deepspeed.precision` keys on top of the run's
 config (an export outside a run starts from the schema's defaults). Writes, like the
 evaluation inside training (`checkpoint_hook`), `eval/step_<N>.json`, `eval/ppl_vs_length.png`
 and TensorBoard scalars and image, into the run directory (or --out). launch/extrapolation.py
-says what is measured.
+says what is measured. A checkpoint is evaluated only if its files are the ones saved (sha256),
+on a dataset of the tokenizer it was trained with; a finite perplexity already recorded is never
+replaced by a non-finite one (a corrupted model) unless --force.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import tempfile
 from collections.abc import Callable
@@ -29,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 import yaml
 
-from data.manifest import DatasetError
+from data.manifest import DatasetError, read_manifest
 from data.tokenizer import load_tokenizer
 from launch import checkpoint as ckpt
 from launch.config import Config, ConfigError, check_evaluation_overrides, load_config
@@ -46,7 +50,11 @@ log = logging.getLogger("rotalibi")
 
 
 class TargetError(ValueError):
-    """The evaluation target is not a run, a checkpoint or an export."""
+    """The evaluation target is not a run, a checkpoint or an export (or not intact)."""
+
+
+class ResultsError(ValueError):
+    """A new evaluation would destroy a recorded result."""
 
 
 # ---------------------------------------------------------------------- outputs
@@ -89,16 +97,40 @@ def merged(old: dict, new: dict) -> dict:
     return result
 
 
-def write_outputs(results: dict, eval_dir: Path, tb_dir: Path, *, with_scalars: bool) -> Path:
+def _lost_finite_results(old: dict, new: dict) -> list[str]:
+    """The lengths whose finite perplexity in `old` is not finite in `new`."""
+
+    def finite(value: object) -> bool:
+        return isinstance(value, float | int) and math.isfinite(value)
+
+    return [
+        length
+        for length, ppl in old.get("ppl", {}).items()
+        if finite(ppl) and length in new["ppl"] and not finite(new["ppl"][length])
+    ]
+
+
+def write_outputs(
+    results: dict, eval_dir: Path, tb_dir: Path, *, with_scalars: bool, force: bool = False
+) -> Path:
     """step_<N>.json (merged into an earlier one of the same checkpoint), the plot over every
     checkpoint evaluated so far, and TensorBoard's image `extrap/ppl_vs_length` (and, with
-    `with_scalars`, the scalars). Returns the JSON's path."""
+    `with_scalars`, the scalars). Returns the JSON's path. ResultsError, before anything is
+    written, when a recorded finite perplexity would become non-finite (unless `force`)."""
     from torch.utils.tensorboard import SummaryWriter
 
     eval_dir.mkdir(parents=True, exist_ok=True)
     path = eval_dir / f"step_{results['step']}.json"
     if path.is_file():
-        results = merged(json.loads(path.read_text()), results)
+        old = json.loads(path.read_text())
+        results = merged(old, results)
+        lost = _lost_finite_results(old, results)
+        if lost and not force:
+            raise ResultsError(
+                f"{path} holds finite perplexities at lengths {', '.join(lost)} and this "
+                "evaluation's are not finite (a corrupted or diverged model?); kept the old "
+                "results: pass --force to replace them"
+            )
     ckpt.write_atomically(path, json.dumps(results, indent=1))
     every = load_results(eval_dir)
     title = f"{results['scheme']}: perplexity by length ({eval_dir.parent.name})"
@@ -171,11 +203,25 @@ def checkpoint_hook(trainer: Trainer, step: int) -> dict:
 
 @dataclass(frozen=True)
 class Target:
-    """One model to evaluate: its step, and how to build it (model, train length, tokens)."""
+    """One model to evaluate: its step, how to build it (model, train length, tokens), and the
+    sha256 of the tokenizer it was trained with."""
 
     step: int
     source: Path
     load: Callable[[], tuple[Transformer, int, int | None]]
+    tokenizer_sha256: str
+
+
+def check_tokenizer(target: Target, data_path: str) -> None:
+    """The held-out text must be tokenized as the model was trained: same tokenizer, by content
+    (another tokenizer of the same size gives nonsense, not an error)."""
+    found = read_manifest(data_path)["tokenizer_sha256"]
+    if found != target.tokenizer_sha256:
+        raise ConfigError(
+            f"{target.source} was trained with tokenizer sha256 {target.tokenizer_sha256[:12]}…, "
+            f"but data.path={data_path} has {found[:12]}…: evaluate on a dataset prepared with "
+            "the model's tokenizer"
+        )
 
 
 def _config(yaml_text: str, origin: str, overrides: list[str], device: torch.device) -> Config:
@@ -208,7 +254,7 @@ def _checkpoint_target(checkpoint: ckpt.Checkpoint) -> Target:
         model, config = model_from_checkpoint(checkpoint)
         return model, config["data"]["seq_len"], checkpoint.manifest["tokens"]
 
-    return Target(checkpoint.step, checkpoint.path, load)
+    return Target(checkpoint.step, checkpoint.path, load, checkpoint.manifest["tokenizer_sha256"])
 
 
 def resolve(target: Path, *, step: int | None, every: bool) -> tuple[str, Path, list[Target]]:
@@ -234,6 +280,11 @@ def resolve(target: Path, *, step: int | None, every: bool) -> tuple[str, Path, 
         from launch.export import load_exported
 
         meta = json.loads((target / "config.json").read_text())
+        if "tokenizer_sha256" not in meta:
+            raise TargetError(
+                f"{target} was exported by an older rotalibi (no tokenizer sha256 to check the "
+                "evaluation's dataset against); export it again with launch.export"
+            )
         run_dir = target.parent.parent
         run_config = run_dir / "config.yaml"
         if run_config.is_file():
@@ -247,7 +298,7 @@ def resolve(target: Path, *, step: int | None, every: bool) -> tuple[str, Path, 
             model, meta = load_exported(target)
             return model, meta["train_length"], meta.get("tokens")
 
-        return yaml_text, run_dir, [Target(meta["step"], target, load)]
+        return yaml_text, run_dir, [Target(meta["step"], target, load, meta["tokenizer_sha256"])]
     if (target / "checkpoints").is_dir() or (target / "config.yaml").is_file():  # a run
         from launch.export import pick_checkpoint
 
@@ -265,10 +316,16 @@ def resolve(target: Path, *, step: int | None, every: bool) -> tuple[str, Path, 
 
 
 def evaluate(
-    target: Target, cfg: Config, device: torch.device, out: Path, attn_block: int | None = None
+    target: Target,
+    cfg: Config,
+    device: torch.device,
+    out: Path,
+    attn_block: int | None = None,
+    force: bool = False,
 ) -> dict:
     """Evaluate one target in this process and write its outputs under `out` (attn_block: the
-    blockwise attention's tile, if not the checkpoint's)."""
+    blockwise attention's tile, if not the checkpoint's; force: replace finite results by
+    non-finite ones)."""
     model, train_length, tokens = target.load()
     if attn_block is not None:
         model.cfg.attn_block = attn_block
@@ -281,7 +338,7 @@ def evaluate(
     results = Extrapolation(model, cfg, world, train_length=train_length).run(
         step=target.step, tokens=tokens
     )
-    path = write_outputs(results, out / "eval", out / "tb", with_scalars=True)
+    path = write_outputs(results, out / "eval", out / "tb", with_scalars=True, force=force)
     log.info("wrote %s and %s", path, path.parent / "ppl_vs_length.png")
     return results
 
@@ -299,6 +356,9 @@ def main(argv: list[str]) -> int:
     which.add_argument("--all", action="store_true", help="every checkpoint of a run")
     parser.add_argument("--out", type=Path, help="write eval/ and tb/ here (default: the run)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
+    parser.add_argument(
+        "--force", action="store_true", help="replace finite results by non-finite ones"
+    )
     args = parser.parse_intermixed_args(argv)  # options may follow the overrides
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from launch.export import ExportError
@@ -315,8 +375,10 @@ def main(argv: list[str]) -> int:
             else None
         )
         for target in targets:
-            evaluate(target, cfg, device, args.out or run_dir, block)
-    except (TargetError, ExportError, ConfigError, DatasetError) as e:
+            check_tokenizer(target, cfg.data.path)
+        for target in targets:
+            evaluate(target, cfg, device, args.out or run_dir, block, args.force)
+    except (TargetError, ExportError, ConfigError, DatasetError, ResultsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

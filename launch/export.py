@@ -1,8 +1,9 @@
 """Consolidated weights of a checkpoint: `python -m launch.export RUN_DIR [--step N] [--out DIR]`.
 
-Gathers the ZeRO partitions with DeepSpeed's zero_to_fp32 API (on the CPU, no process group),
-then writes `model.safetensors` and `config.json` (the model config, the trained length, the
-step) into `RUN_DIR/export/step_<N>/` unless --out names another directory.
+Checks the checkpoint's files against their sha256, gathers the ZeRO partitions with DeepSpeed's
+zero_to_fp32 API (on the CPU, no process group), then writes `model.safetensors` and
+`config.json` (the model config, the trained length, the step, the tokenizer's sha256) into
+`RUN_DIR/export/step_<N>/` unless --out names another directory.
 `load_exported(DIR)` gives the model back.
 """
 
@@ -43,6 +44,9 @@ def model_from_checkpoint(checkpoint: ckpt.Checkpoint) -> tuple[Transformer, dic
     """The consolidated float32 model of a checkpoint, and the run's config as a dict."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    problem = ckpt.verify(checkpoint)
+    if problem is not None:
+        raise ExportError(f"checkpoint {checkpoint.path} is corrupted: {problem}")
     config = yaml.safe_load(checkpoint.manifest["config"])
     model = Transformer(ModelConfig(**config["model"]), train_length=config["data"]["seq_len"])
     state = get_fp32_state_dict_from_zero_checkpoint(
@@ -63,6 +67,7 @@ def export(checkpoint: ckpt.Checkpoint, out: Path) -> Path:
         "data_path": config["data"]["path"],  # the dataset it was trained (and is evaluated) on
         "step": checkpoint.step,
         "tokens": checkpoint.manifest["tokens"],
+        "tokenizer_sha256": checkpoint.manifest["tokenizer_sha256"],
         "source": str(checkpoint.path),
     }
     (out / "config.json").write_text(json.dumps(meta, indent=1))
@@ -88,10 +93,10 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         checkpoint = pick_checkpoint(args.run_dir, args.step)
+        out = export(checkpoint, args.out or args.run_dir / "export" / checkpoint.path.name)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = export(checkpoint, args.out or args.run_dir / "export" / checkpoint.path.name)
     print(f"exported {checkpoint.path} to {out}")
     return 0
 

@@ -5,9 +5,11 @@ launch/distributed.py). The run directory `<run.dir>/<run.name>/` holds `config.
 `checkpoints/`, `tb/`, `metrics.jsonl` and `eval/`. Starting a run whose directory holds a
 complete checkpoint resumes from the newest one, exactly.
 
-Exit codes: 0 finished; 2 bad input (config, dataset, run directory), before any step;
-3 stopped after `train.max_bad_steps` non-finite steps in a row; 75 (EX_TEMPFAIL) saved a
-checkpoint on SIGTERM or SIGUSR1 and asks to be requeued; 1 anything else.
+Exit codes: 0 finished; 2 bad input (config, dataset, run directory in use or not writable),
+before any step; 3 stopped after `train.max_bad_steps` non-finite steps in a row; 75
+(EX_TEMPFAIL) saved a checkpoint on SIGTERM or SIGUSR1 and asks to be requeued; 130 saved a
+checkpoint on Ctrl-C (SIGINT; a second one aborts at once); 1 anything else (a checkpoint that
+could not be written says so in one line).
 """
 
 from __future__ import annotations
@@ -44,19 +46,17 @@ from launch.metrics import (
     peak_tflops,
     training_flops_per_token,
 )
+from launch.rundir import RunDirError, RunLock, probe_writable
 from model import Transformer
 from model.transformer import cross_entropy
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_REQUEUE = 0, 1, 2, 3, 75
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 log = logging.getLogger("rotalibi")
 
 # Called at every checkpoint with (trainer, step); what it returns joins that step's metrics.
 CheckpointHook = Callable[["Trainer", int], dict]
-
-
-class RunDirError(ValueError):
-    """The run directory cannot be used for this config."""
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -117,14 +117,20 @@ class StepResult:
 
 
 class StopFlag:
-    """Set by SIGTERM or SIGUSR1; training acts on it at the next step boundary."""
+    """Set by SIGTERM, SIGUSR1 or a first Ctrl-C (SIGINT); training acts on it at the next step
+    boundary. A second Ctrl-C aborts at once."""
 
     def __init__(self):
         self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.signal == signal.SIGINT:
+                os.write(2, b"second Ctrl-C: aborting without saving\n")
+                os._exit(EXIT_INTERRUPTED)
+            os.write(2, b"Ctrl-C: saving a checkpoint after this step (Ctrl-C again aborts)\n")
         self.signal = signum
 
     @property
@@ -157,15 +163,37 @@ class Trainer:
         torch.manual_seed(cfg.run.seed + 1000 * world.rank)  # a resumed run restores its own
         # A checkpoint saved on a stop signal at a checkpoint step owes its hooks (evaluation).
         self.hooks_owed = False
+        resume = self._verified(resume)
         if resume is not None:
             self._restore(resume)
-            self.hooks_owed = resume.manifest.get("hooks_owed", False)
+            self.hooks_owed = resume.manifest["hooks_owed"]
         self.tokens_per_step = (
             cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum * world.world_size
         )
         window = self.model.blocks[0].attn.position.window
         self.flops_per_token = training_flops_per_token(self.model, cfg.data.seq_len, window)
         self.peak_tflops = peak_tflops(cfg.train.peak_tflops, world.device)
+
+    def _verified(self, newest: ckpt.Checkpoint | None) -> ckpt.Checkpoint | None:
+        """The newest checkpoint up to `newest` whose weights are finite and whose files are
+        the ones saved (sha256; the ranks check a share each). Collective."""
+        if newest is None:
+            return None
+        found = ckpt.find_checkpoints(self.checkpoint_dir, warn=False)
+        for checkpoint in reversed([c for c in found if c.step <= newest.step]):
+            problem = None
+            if not checkpoint.manifest["finite"]:
+                problem = "its weights are not finite"
+            else:
+                problems: list = [None] * self.world.world_size
+                mine = ckpt.verify(checkpoint, self.world.rank, self.world.world_size)
+                torch.distributed.all_gather_object(problems, mine)
+                problem = next((p for p in problems if p is not None), None)
+            if problem is None:
+                return checkpoint
+            log.warning("skipping checkpoint %s: %s", checkpoint.path, problem)
+        log.warning("no checkpoint of %s can be resumed: training from the start", self.run_dir)
+        return None
 
     def _restore(self, checkpoint: ckpt.Checkpoint) -> None:
         saved_world = checkpoint.manifest["world_size"]
@@ -190,6 +218,7 @@ class Trainer:
             "hooks_owed": hooks_owed,
             "world_size": self.world.world_size,
             "config": to_yaml(self.cfg),
+            "tokenizer_sha256": self.loader.tokenizer_sha256,
         }
         rank_state = {"loader": self.loader.state_dict(), "rng": ckpt.rng_state()}
         path = ckpt.save(
@@ -265,9 +294,10 @@ class Trainer:
                 step_start = time.perf_counter()
                 result = self._train_step(batches)
                 # One collective per step: the mean loss, and whether any rank skipped or
-                # was signalled, so that every rank takes the same decision.
-                loss, skipped, signalled = mean_over_ranks(
-                    [result.loss, float(not result.applied), float(stop.raised)], world.device
+                # was signalled (by Ctrl-C), so that every rank takes the same decision.
+                flags = [not result.applied, stop.raised, stop.signal == signal.SIGINT]
+                loss, skipped, signalled, interrupted = mean_over_ranks(
+                    [result.loss, *map(float, flags)], world.device
                 )
                 self.step += 1
                 self.tokens += self.tokens_per_step
@@ -278,12 +308,12 @@ class Trainer:
                     self.skipped += 1
                     log.warning("step %d: non-finite loss or gradient, skipped", self.step)
                 if bad_in_row >= cfg.train.max_bad_steps:
-                    found = ckpt.find_checkpoints(self.checkpoint_dir, warn=False)
+                    good = ckpt.last_good(self.checkpoint_dir)
                     log.error(
                         "%d non-finite steps in a row: stopping. The last good checkpoint is %s; "
                         "restart from it with a lower train.lr or a smaller train.grad_clip.",
                         bad_in_row,
-                        found[-1].path if found else "none (no checkpoint was saved yet)",
+                        good.path if good else "none (no checkpoint with finite weights)",
                     )
                     return EXIT_DIVERGED
                 last = self.step == cfg.train.max_steps
@@ -295,6 +325,9 @@ class Trainer:
                 checkpoint_step = self.step % cfg.train.checkpoint_every == 0 or last
                 if signalled:  # no time for the hooks: the resumed run owes them
                     path = self.save(hooks_owed=checkpoint_step and bool(self.hooks))
+                    if interrupted:
+                        log.warning("Ctrl-C: saved %s; run again to resume", path)
+                        return EXIT_INTERRUPTED
                     log.warning(
                         "stop signal: saved %s; exit %d asks for a requeue", path, EXIT_REQUEUE
                     )
@@ -330,6 +363,32 @@ def setup_logging(rank: int) -> None:
     )
 
 
+def _failed(error: Exception, rank: int, code: int) -> int:
+    """Report `error` in one line (from rank 0) and return the exit code."""
+    if rank == 0:
+        print(f"error: {error}", file=sys.stderr)
+    return code
+
+
+def lock_run_dir(run_dir: Path, world: World) -> RunLock | None:
+    """Collective: rank 0 locks the run directory and checks that checkpoints/ is writable;
+    RunDirError on every rank if it could not. Rank 0's lock, None on the others."""
+    lock = problem = None
+    if world.is_main:
+        try:
+            lock = RunLock.acquire(run_dir)
+            probe_writable(run_dir / "checkpoints")
+        except RunDirError as e:
+            if lock is not None:
+                lock.release()
+            problem = str(e)
+    shared = [problem]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    if shared[0] is not None:
+        raise RunDirError(shared[0])
+    return lock
+
+
 def main(argv: list[str]) -> int:
     stop = StopFlag()  # first: a signal during start-up is acted on at the first step
     complete_environment()
@@ -345,21 +404,27 @@ def main(argv: list[str]) -> int:
 
             hooks.append(evaluation_hook(cfg))
     except (ConfigError, DatasetError, RunDirError) as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _failed(e, rank, EXIT_BAD_INPUT)
     world = init_world()
     try:
-        with single_threaded_comm_start(world.device):
-            trainer = Trainer(cfg, world, resume, hooks)
-    except (ConfigError, DatasetError, RunDirError) as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if world.is_main:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.run_dir / "config.yaml").write_text(to_yaml(cfg))
-    return trainer.run(stop)
+        lock = lock_run_dir(cfg.run_dir, world)
+    except RunDirError as e:
+        return _failed(e, rank, EXIT_BAD_INPUT)
+    try:
+        try:
+            with single_threaded_comm_start(world.device):
+                trainer = Trainer(cfg, world, resume, hooks)
+        except (ConfigError, DatasetError, RunDirError) as e:
+            return _failed(e, rank, EXIT_BAD_INPUT)
+        if world.is_main:
+            (cfg.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        try:
+            return trainer.run(stop)
+        except ckpt.CheckpointError as e:
+            return _failed(e, rank, EXIT_FAILED)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

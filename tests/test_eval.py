@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_model
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from data.manifest import read_manifest
+from data.prepare import prepare
 from data.tokenizer import load_tokenizer
 from data.validation import validation_windows
 from launch import compare, evaluate, export
@@ -295,6 +297,54 @@ def test_bad_targets_and_overrides_stop_with_the_fix(trained_run, tmp_path, caps
     assert "'eval.diagnostic_lengths' has [100]" in stray
 
 
+def test_an_evaluation_never_destroys_recorded_results(
+    trained_run, stdlib_dataset, tmp_path, capsys
+):
+    """Empty lengths, a corrupted checkpoint, a model gone non-finite and a dataset of another
+    tokenizer (of the same size) all stop before step_4.json changes."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    recorded = (run / "eval" / "step_4.json").read_bytes()
+
+    def fails(*argv: str) -> str:
+        assert evaluate.main(list(argv)) == 2
+        assert (run / "eval" / "step_4.json").read_bytes() == recorded
+        return capsys.readouterr().err
+
+    assert "'eval.lengths' is []" in fails(str(run), "eval.lengths=[]")
+
+    # A file overwritten with as many other bytes: its size matches, its sha256 does not.
+    biggest = max((run / "checkpoints" / "step_4").rglob("*.pt"), key=lambda p: p.stat().st_size)
+    original = biggest.read_bytes()
+    biggest.write_bytes(bytes(len(original)))
+    err = fails(str(run), "--step", "4", *EVAL_ARGS)
+    assert "step_4 is corrupted" in err and "its sha256 differs" in err
+    biggest.write_bytes(original)
+
+    # An export whose weights went NaN: its evaluation would replace finite perplexities.
+    export_dir = run / "export" / "step_4"
+    assert export.main([str(run), "--step", "4"]) == 0
+    model, _ = export.load_exported(export_dir)
+    with torch.no_grad():
+        model.blocks[0].attn.wq.weight.fill_(float("nan"))
+    save_model(model, str(export_dir / "model.safetensors"))
+    assert "--force" in fails(str(export_dir), *EVAL_ARGS)
+    assert evaluate.main([str(export_dir), *EVAL_ARGS, "--force"]) == 0
+    forced = json.loads((run / "eval" / "step_4.json").read_text())
+    assert all(math.isnan(ppl) for ppl in forced["ppl"].values())
+    (run / "eval" / "step_4.json").write_bytes(recorded)
+
+    # Another tokenizer with the same vocabulary size: refused by content, not by size.
+    other = tmp_path / "other"
+    stdlib = Path(json.__file__).parents[1]
+    prepare(
+        [str(stdlib / "asyncio" / "*.py")], other, vocab_size=512, val_fraction=0.2, progress=False
+    )
+    assert load_tokenizer(other).get_vocab_size() == load_tokenizer(stdlib_dataset).get_vocab_size()
+    err = fails(str(run), f"data.path={other}", *EVAL_ARGS)
+    assert "was trained with tokenizer sha256" in err and f"data.path={other}" in err
+
+
 def test_compare_writes_one_plot_and_one_table_labelled_by_scheme(trained_run, tmp_path, capsys):
     other = tmp_path / "alibi_run"
     shutil.copytree(trained_run / "eval", other / "eval")
@@ -324,6 +374,7 @@ def test_the_tiny_models_evaluation_at_64_times_128_tokens_fits_in_4_gb(stdlib_d
         "data_path": str(stdlib_dataset),
         "step": 0,
         "tokens": 0,
+        "tokenizer_sha256": read_manifest(stdlib_dataset)["tokenizer_sha256"],
         "source": "init",
     }
     (export / "config.json").write_text(json.dumps(meta))

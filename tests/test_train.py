@@ -1,5 +1,6 @@
 """launch.train end to end on a real dataset: exact resumption after SIGTERM (1 and 2 ranks),
-truncated checkpoints, metrics.jsonl and TensorBoard, bad input."""
+truncated checkpoints, metrics.jsonl and TensorBoard, bad input, one run per directory, Ctrl-C,
+and a run directory that is read-only or fills up."""
 
 from __future__ import annotations
 
@@ -7,15 +8,23 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from launch.train import EXIT_BAD_INPUT, EXIT_REQUEUE
+from launch.rundir import LOCK_FILE
+from launch.train import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_REQUEUE,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -229,3 +238,74 @@ def test_bad_input_stops_before_any_work(uninterrupted, stdlib_dataset, tmp_path
     # The CPU attention's tile is not the model: a changed one resumes, with a warning.
     [(code, err)] = _finish(_start(_args(foreign, stdlib_dataset, "model.attn_block=32")))
     assert code == 0 and "changed config: model.attn_block: 64 -> 32" in err, err[-3000:]
+
+
+def _wait_for_steps(run_dir: Path, steps: int, procs: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + 300
+    path = run_dir / "metrics.jsonl"
+    while not (path.exists() and len(path.read_text().splitlines()) >= steps):
+        assert all(p.poll() is None for p in procs), "training ended early"
+        assert time.monotonic() < deadline, "training never reached the step"
+        time.sleep(0.05)
+
+
+def test_one_run_per_directory_and_ctrl_c_saves(stdlib_dataset, tmp_path):
+    """A second start on a run in use stops at once naming the holder; Ctrl-C saves like
+    SIGTERM (exit 130, the lock released); a second Ctrl-C aborts without saving."""
+    run_dir = tmp_path / "busy"
+    args = _args(run_dir, stdlib_dataset, "train.max_steps=400", "train.checkpoint_every=400")
+    first = _start(args)
+    _wait_for_steps(run_dir, 2, first)
+    config = (run_dir / "config.yaml").read_text()
+    [(code, err)] = _finish(_start(args, port=29613))
+    assert code == EXIT_BAD_INPUT, err[-3000:]
+    assert f"is in use by another training process (host {socket.gethostname()} pid " in err
+    assert f"pid {first[0].pid}," in err
+    assert (run_dir / "config.yaml").read_text() == config
+
+    first[0].send_signal(signal.SIGINT)
+    [(code, err)] = _finish(first)
+    assert code == EXIT_INTERRUPTED, err[-3000:]
+    assert "Ctrl-C: saving a checkpoint after this step" in err and "Ctrl-C: saved" in err
+    saved = int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step_"))
+    assert saved >= 2 and not (run_dir / LOCK_FILE).exists()
+
+    again = _start(args)
+    _wait_for_steps(run_dir, saved + 2, again)
+    again[0].send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    again[0].send_signal(signal.SIGINT)
+    [(code, err)] = _finish(again)
+    assert code == EXIT_INTERRUPTED and "second Ctrl-C: aborting without saving" in err
+
+
+@contextmanager
+def _small_filesystem(path: Path, *options: str):
+    """A tmpfs mounted at `path` (root only, as CI runs) with mount `options`."""
+    path.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(path)], check=True
+    )
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_unwritable_or_full_disk_is_one_line_naming_the_path(stdlib_dataset, tmp_path):
+    with _small_filesystem(tmp_path / "ro", "ro", "size=1m") as ro:
+        [(code, err)] = _finish(_start(_args(ro / "run", stdlib_dataset)))
+        assert code == EXIT_BAD_INPUT, err[-3000:]
+        assert f"error: cannot write to {ro / 'run'}: Read-only file system" in err
+        assert "MiB free" in err and "Traceback" not in err
+
+    # 4 MiB: the run starts, its first checkpoint (about 8 MiB) does not fit.
+    with _small_filesystem(tmp_path / "full", "size=4m") as full:
+        run_dir = full / "run"
+        [(code, err)] = _finish(_start(_args(run_dir, stdlib_dataset, "train.checkpoint_every=4")))
+        assert code == EXIT_FAILED, err[-3000:]
+        assert f"error: cannot save checkpoint {run_dir / 'checkpoints' / 'step_4'}" in err
+        assert "rank 0: " in err and "; 0 MiB free)" in err
+        assert "Traceback" not in err
+        assert not (run_dir / "checkpoints" / "step_4").exists()  # the partial save removed
+        assert [r["step"] for r in _records(run_dir)] == [1, 2, 3, 4]

@@ -1,11 +1,19 @@
 """The training loop's parts on their own: launcher environments, the DeepSpeed config, the LR
-schedule, FLOP counting and checkpoint completeness."""
+schedule, FLOP counting, checkpoint completeness and integrity, and the run directory's lock."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import pickle
 import random
+import socket
+import subprocess
+import sys
+import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +22,7 @@ from launch.config import ConfigError, load_config
 from launch.distributed import complete_environment, expand_nodelist
 from launch.engine import deepspeed_config, lr_multiplier, parameter_groups
 from launch.metrics import MetricsLogger, training_flops_per_token
+from launch.rundir import LOCK_FILE, STALE_AFTER_S, RunDirError, RunLock, probe_writable
 from model import ModelConfig, Transformer
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
@@ -128,18 +137,23 @@ def test_training_flops_count_every_linear_map_and_each_attended_key():
 def _fake_checkpoint(root, step: int) -> None:
     directory = root / ckpt.tag(step)
     directory.mkdir(parents=True)
-    (directory / "weights.pt").write_bytes(b"x" * (100 + step))
-    (directory / "trainer_rank_0.pt").write_bytes(b"y" * 10)
-    files = {"weights.pt": 100 + step, "trainer_rank_0.pt": 10}
-    (directory / ckpt.MANIFEST).write_text(json.dumps({"step": step, "files": files}))
+    contents = {"weights.pt": b"x" * (100 + step), "trainer_rank_0.pt": b"y" * 10}
+    files = {}
+    for name, data in contents.items():
+        (directory / name).write_bytes(data)
+        files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest = {"step": step, "finite": True, "files": files}
+    (directory / ckpt.MANIFEST).write_text(json.dumps(manifest))
 
 
 def test_incomplete_and_truncated_checkpoints_are_skipped_with_a_warning(tmp_path, caplog):
-    for step in (10, 20, 30, 40):
+    for step in (10, 20, 30, 40, 50, 60):
         _fake_checkpoint(tmp_path, step)
     (tmp_path / "step_40" / ckpt.MANIFEST).unlink()  # killed before the manifest
     (tmp_path / "step_30" / "weights.pt").write_bytes(b"x" * 7)  # truncated by hand
     (tmp_path / "step_20" / "trainer_rank_0.pt").unlink()  # a file lost
+    (tmp_path / "step_50" / ckpt.MANIFEST).write_text("{}")  # valid JSON, not a manifest
+    (tmp_path / "step_60" / ckpt.MANIFEST).write_text("[1, 2]")
     with caplog.at_level("WARNING", logger="rotalibi"):
         found = ckpt.find_checkpoints(tmp_path)
     assert [c.step for c in found] == [10]
@@ -147,6 +161,44 @@ def test_incomplete_and_truncated_checkpoints_are_skipped_with_a_warning(tmp_pat
     assert "step_40: no manifest" in text
     assert "step_30: weights.pt has 7 bytes, 130 when saved" in text
     assert "step_20: trainer_rank_0.pt is missing" in text
+    assert "step_50: malformed manifest" in text and "step_60: malformed manifest" in text
+
+
+def test_same_size_corruption_is_caught_by_the_content_hash(tmp_path):
+    _fake_checkpoint(tmp_path, 10)
+    [checkpoint] = ckpt.find_checkpoints(tmp_path)
+    assert ckpt.verify(checkpoint) is None
+    (tmp_path / "step_10" / "weights.pt").write_bytes(b"z" * 110)  # same size, other bytes
+    [checkpoint] = ckpt.find_checkpoints(tmp_path)  # the size still matches
+    assert (
+        ckpt.verify(checkpoint) == "weights.pt is not the file that was saved (its sha256 differs)"
+    )
+    # Ranks share the work, a file each (in name order): only rank 1 checks weights.pt.
+    assert ckpt.verify(checkpoint, rank=0, world_size=2) is None
+    assert "weights.pt" in ckpt.verify(checkpoint, rank=1, world_size=2)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo tampered",))
+
+
+def test_trainer_state_loads_without_unpickling_code(tmp_path):
+    """rotalibi's per-rank state round-trips through weights_only loading; a pickle that would
+    run code on load (a tampered trainer_rank_<r>.pt) is refused, not executed."""
+    np.random.seed(3)
+    random.seed(4)
+    state = {"loader": {"positions": [[0, 1, 2]], "version": 1}, "rng": ckpt.rng_state()}
+    torch.save(state, tmp_path / "state.pt")
+    expected = (np.random.rand(3), random.random(), torch.rand(2))
+    ckpt.restore_rng_state(torch.load(tmp_path / "state.pt", weights_only=True)["rng"])
+    again = (np.random.rand(3), random.random(), torch.rand(2))
+    np.testing.assert_array_equal(expected[0], again[0])
+    assert expected[1] == again[1] and torch.equal(expected[2], again[2])
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"loader": _Payload()}, protocol=2))
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(tmp_path / "evil.pt", weights_only=True)
 
 
 def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
@@ -155,14 +207,6 @@ def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
     ckpt.prune(tmp_path, keep=2)
     assert [c.step for c in ckpt.find_checkpoints(tmp_path)] == [15, 20]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_15", "step_20"]
-
-
-def test_rng_state_round_trip():
-    state = ckpt.rng_state()
-    first = (torch.rand(3), random.random())
-    ckpt.restore_rng_state(state)
-    again = (torch.rand(3), random.random())
-    assert torch.equal(first[0], again[0]) and first[1] == again[1]
 
 
 def test_resumed_metrics_keep_the_steps_up_to_the_checkpoint_and_drop_a_torn_line(tmp_path):
@@ -178,3 +222,80 @@ def test_resumed_metrics_keep_the_steps_up_to_the_checkpoint_and_drop_a_torn_lin
         {"step": 2, "loss": 0.5},
         {"step": 3, "loss": 0.25},
     ]
+
+
+def _holder(path, **fields) -> None:
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "job": None, "since": "then"}
+    path.write_text(json.dumps({**holder, **fields}))
+
+
+def test_run_directory_lock_names_its_holder_and_takes_over_stale_ones(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    run = tmp_path / "run"
+    lock = RunLock.acquire(run)
+    holder = rf"in use by another training process \(host {socket.gethostname()} pid {os.getpid()}"
+    with pytest.raises(RunDirError, match=holder):
+        RunLock.acquire(run)
+    lock.release()
+    assert not (run / LOCK_FILE).exists()
+    RunLock.acquire(run).release()  # free again
+
+    lock_file = run / LOCK_FILE
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    live_elsewhere = {"host": "other-node", "pid": 1, "job": "77"}
+    cases = [
+        ({"pid": int(dead.stdout)}, "its process is gone"),  # killed on this host
+        ({**live_elsewhere, "job": "42"}, "an earlier attempt of this SLURM job"),  # requeued
+        (live_elsewhere, "no heartbeat"),  # its node died: the file is not touched any more
+    ]
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    for fields, reason in cases:
+        _holder(lock_file, **fields)
+        if reason == "no heartbeat":
+            with pytest.raises(RunDirError, match="host other-node pid 1, SLURM job 77"):
+                RunLock.acquire(run)  # touched recently: still held
+            old = time.time() - STALE_AFTER_S - 5
+            os.utime(lock_file, (old, old))
+        with caplog.at_level("WARNING", logger="rotalibi"):
+            RunLock.acquire(run).release()
+        assert reason in caplog.text
+    assert sorted(p.name for p in run.iterdir()) == []  # no stray lock files
+
+
+def test_write_probe_names_the_path_and_free_space(tmp_path):
+    probe_writable(tmp_path / "a" / "b")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(RunDirError, match=r"cannot write to .*file/checkpoints: .*MiB free"):
+        probe_writable(blocker / "checkpoints")
+
+
+def test_a_checkpoint_with_non_finite_weights_is_never_the_last_good_one(tmp_path):
+    for step in (10, 20, 30):
+        _fake_checkpoint(tmp_path, step)
+    for step in (20, 30):  # saved after an update made the weights infinite
+        manifest = json.loads((tmp_path / f"step_{step}" / ckpt.MANIFEST).read_text())
+        (tmp_path / f"step_{step}" / ckpt.MANIFEST).write_text(
+            json.dumps({**manifest, "finite": False})
+        )
+    assert ckpt.last_good(tmp_path).step == 10
+    (tmp_path / "step_10" / ckpt.MANIFEST).unlink()
+    assert ckpt.last_good(tmp_path) is None
+
+
+def test_weights_are_finite_only_if_every_element_is():
+    """What save records, on the full weights (ZeRO 1, 2) or a ZeRO-3 partition (ds_tensor)."""
+    engine = type("Engine", (), {})()
+    engine.module = torch.nn.Linear(3, 2)
+    assert ckpt.weights_finite(engine)
+    with torch.no_grad():
+        engine.module.weight[1, 2] = float("inf")
+    assert not ckpt.weights_finite(engine)
+    engine.module = torch.nn.Linear(3, 2)
+    engine.module.bias.ds_tensor = torch.tensor([float("nan")])  # this rank's partition
+    assert not ckpt.weights_finite(engine)

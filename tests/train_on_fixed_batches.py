@@ -22,6 +22,8 @@ import launch.train
 
 
 class FixedBatches:
+    tokenizer_sha256 = "none: fixed random batches"
+
     def __init__(self, global_batch: int, seq_len: int, batch_size: int, vocab: int):
         self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if global_batch != batch_size * self.world:
