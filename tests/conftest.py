@@ -1,5 +1,5 @@
-"""Shared helpers: small float64 models of every scheme with non-trivial parameters, and a
-small prepared dataset for the tests that train."""
+"""Shared helpers: small float64 models of every scheme with non-trivial parameters, a small
+prepared dataset for the tests that train, and the default corpus."""
 
 from __future__ import annotations
 
@@ -92,6 +92,21 @@ def stdlib_dataset(tmp_path_factory) -> Path:
             "--val-fraction",
             "0.2",
         ],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return output
+
+
+@pytest.fixture(scope="session")
+def default_corpus(tmp_path_factory) -> Path:
+    """The default corpus (`make data`), built once into a temporary directory."""
+    output = tmp_path_factory.mktemp("default") / "default"
+    done = subprocess.run(
+        [sys.executable, "-m", "data.default_corpus", "--output", str(output)],
         cwd=Path(__file__).resolve().parents[1],
         capture_output=True,
         text=True,
