@@ -44,7 +44,7 @@ eval: setup
 compare: setup
 	$(PY) -m launch.compare $(RUNS) $(ARGS)
 
-# The extrapolation study (docs/study.md): every configs/study run (about 70 minutes on 2 CPU
+# The extrapolation study (docs/study.md): every configs/study run (1 to 2.5 hours on 2 CPU
 # cores; finished runs are skipped), then docs/study/{results.md,summary.json,ppl_vs_length.png}.
 study: setup data
 	$(PY) -m launch.study configs/study --out docs/study

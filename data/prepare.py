@@ -222,11 +222,12 @@ def _remove_abandoned_builds(output: Path) -> None:
     host = socket.gethostname()
     for staging in output.parent.glob(f".{output.name}.partial-{host}-*"):
         pid = staging.name.removeprefix(f".{output.name}.partial-{host}-").split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

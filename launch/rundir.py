@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+from data.prepare import process_alive
+
 log = logging.getLogger("rotalibi")
 
 LOCK_FILE = ".lock"
@@ -39,16 +41,6 @@ def slurm_job() -> str | None:
     return env.get("SLURM_JOB_ID")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _describe(holder: dict) -> str:
     job = f", SLURM job {holder['job']}" if holder.get("job") else ""
     return f"host {holder.get('host')} pid {holder.get('pid')}{job}, since {holder.get('since')}"
@@ -56,7 +48,7 @@ def _describe(holder: dict) -> str:
 
 def _stale(holder: dict, age_s: float) -> str | None:
     """Why the lock of `holder` (last touched `age_s` ago) no longer holds, or None."""
-    if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1))):
+    if holder.get("host") == socket.gethostname() and not process_alive(int(holder.get("pid", -1))):
         return "its process is gone"
     if holder.get("job") and holder["job"] == slurm_job():
         return "an earlier attempt of this SLURM job held it"

@@ -72,32 +72,26 @@ def packed_doc_ids() -> torch.Tensor:
     return torch.tensor([[0] * 20 + [1] * 17, [0] * 5 + [1] * 30 + [2] * 2])
 
 
-@pytest.fixture(scope="session")
-def stdlib_dataset(tmp_path_factory) -> Path:
-    """A small prepared dataset of three standard-library packages (no download), built once."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    inputs = [str(stdlib / package / "*.py") for package in ("email", "json", "logging")]
-    output = tmp_path_factory.mktemp("dataset") / "stdlib"
+def _run_module(*args: str) -> None:
+    """`python -m ARGS...` from the repository root; it must succeed."""
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "data.prepare",
-            "--input",
-            *inputs,
-            "--output",
-            str(output),
-            "--vocab-size",
-            "512",
-            "--val-fraction",
-            "0.2",
-        ],
+        [sys.executable, "-m", *args],
         cwd=Path(__file__).resolve().parents[1],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def stdlib_dataset(tmp_path_factory) -> Path:
+    """A small prepared dataset of three standard-library packages (no download), built once."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    inputs = [str(stdlib / package / "*.py") for package in ("email", "json", "logging")]
+    output = tmp_path_factory.mktemp("dataset") / "stdlib"
+    build = ["data.prepare", "--input", *inputs, "--output", str(output), "--vocab-size", "512"]
+    _run_module(*build, "--val-fraction", "0.2")
     return output
 
 
@@ -105,12 +99,5 @@ def stdlib_dataset(tmp_path_factory) -> Path:
 def default_corpus(tmp_path_factory) -> Path:
     """The default corpus (`make data`), built once into a temporary directory."""
     output = tmp_path_factory.mktemp("default") / "default"
-    done = subprocess.run(
-        [sys.executable, "-m", "data.default_corpus", "--output", str(output)],
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    _run_module("data.default_corpus", "--output", str(output))
     return output
