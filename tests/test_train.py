@@ -300,6 +300,13 @@ def test_unwritable_or_full_disk_is_one_line_naming_the_path(stdlib_dataset, tmp
         assert code == EXIT_BAD_INPUT, err[-3000:]
         assert f"error: cannot write to {ro / 'run'}: Read-only file system" in err
         assert "MiB free" in err and "Traceback" not in err
+    run_dir = tmp_path / "writable"  # but not its checkpoints/
+    run_dir.mkdir()
+    with _small_filesystem(run_dir / "checkpoints", "ro", "size=1m") as checkpoints:
+        [(code, err)] = _finish(_start(_args(run_dir, stdlib_dataset)))
+        assert code == EXIT_BAD_INPUT, err[-3000:]
+        assert f"error: cannot write to {checkpoints}: Read-only file system" in err
+        assert not (run_dir / LOCK_FILE).exists()  # the run directory's lock is released
 
     # 4 MiB: the run starts, its first checkpoint (about 8 MiB) does not fit.
     with _small_filesystem(tmp_path / "full", "size=4m") as full:
