@@ -114,7 +114,6 @@ class StepResult:
     applied: bool  # False when ZeRO skipped the update (non-finite gradient norm)
     data_wait: float  # seconds spent waiting for batches
     lr: float  # the learning rate the update used
-    documents: float  # distinct documents per micro-batch, mean over the step's
 
 
 class StopFlag:
@@ -243,7 +242,7 @@ class Trainer:
 
     def _train_step(self, batches) -> StepResult:
         """One optimizer step over `grad_accum` micro-batches."""
-        lr, losses, waited, documents = self.engine.get_lr()[0], [], 0.0, 0
+        lr, losses, waited = self.engine.get_lr()[0], [], 0.0
         for _ in range(self.cfg.train.grad_accum):
             start = time.perf_counter()
             batch = next(batches)
@@ -257,14 +256,7 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.item())
-            documents += batch["documents"]
-        return StepResult(
-            sum(losses) / len(losses),
-            self.engine.was_step_applied(),
-            waited,
-            lr,
-            documents / len(losses),
-        )
+        return StepResult(sum(losses) / len(losses), self.engine.was_step_applied(), waited, lr)
 
     def _record(self, interval: Interval, lr: float, step_start: float) -> dict:
         """The metrics.jsonl record of the current step, over the interval since the last."""
@@ -310,7 +302,7 @@ class Trainer:
                 self.step += 1
                 self.tokens += self.tokens_per_step
                 good = skipped == 0 and math.isfinite(loss)
-                interval.add(loss, good, result.data_wait, self.tokens_per_step, result.documents)
+                interval.add(loss, good, result.data_wait, self.tokens_per_step)
                 bad_in_row = 0 if good else bad_in_row + 1
                 if not good:
                     self.skipped += 1
