@@ -100,24 +100,24 @@ def _manifest_shape_problem(manifest: object) -> str | None:
     return None
 
 
-def _problem(directory: Path) -> str | None:
-    """Why `directory` is not a complete checkpoint (by its files' sizes), or None if it is."""
+def _complete_manifest(directory: Path) -> tuple[dict | None, str | None]:
+    """(the manifest, None) of a complete checkpoint (by its files' sizes), or (None, why not)."""
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
-        return "no manifest: the save did not finish"
+        return None, "no manifest: the save did not finish"
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return f"unreadable manifest ({e})"
+        return None, f"unreadable manifest ({e})"
     if (problem := _manifest_shape_problem(manifest)) is not None:
-        return problem
+        return None, problem
     for name, entry in manifest["files"].items():
         path = directory / name
         if not path.is_file():
-            return f"{name} is missing"
+            return None, f"{name} is missing"
         if (size := path.stat().st_size) != entry["bytes"]:
-            return f"{name} has {size} bytes, {entry['bytes']} when saved"
-    return None
+            return None, f"{name} has {size} bytes, {entry['bytes']} when saved"
+    return manifest, None
 
 
 def verify(checkpoint: Checkpoint, rank: int = 0, world_size: int = 1) -> str | None:
@@ -137,12 +137,11 @@ def find_checkpoints(checkpoint_dir: Path, *, warn: bool = True) -> list[Checkpo
     for directory in candidates:
         if not directory.is_dir() or not directory.name[5:].isdigit():
             continue
-        problem = _problem(directory)
+        manifest, problem = _complete_manifest(directory)
         if problem is not None:
             if warn:
                 log.warning("skipping checkpoint %s: %s", directory, problem)
             continue
-        manifest = json.loads((directory / MANIFEST).read_text())
         found.append(Checkpoint(directory, manifest["step"], manifest))
     return sorted(found, key=lambda c: c.step)
 

@@ -212,16 +212,17 @@ class Target:
     tokenizer_sha256: str
 
 
-def check_tokenizer(target: Target, data_path: str) -> None:
-    """The held-out text must be tokenized as the model was trained: same tokenizer, by content
-    (another tokenizer of the same size gives nonsense, not an error)."""
+def check_tokenizer(targets: list[Target], data_path: str) -> None:
+    """The held-out text must be tokenized as the models were trained: same tokenizer, by
+    content (another tokenizer of the same size gives nonsense, not an error)."""
     found = read_manifest(data_path)["tokenizer_sha256"]
-    if found != target.tokenizer_sha256:
-        raise ConfigError(
-            f"{target.source} was trained with tokenizer sha256 {target.tokenizer_sha256[:12]}…, "
-            f"but data.path={data_path} has {found[:12]}…: evaluate on a dataset prepared with "
-            "the model's tokenizer"
-        )
+    for target in targets:
+        if found != target.tokenizer_sha256:
+            raise ConfigError(
+                f"{target.source} was trained with tokenizer sha256 "
+                f"{target.tokenizer_sha256[:12]}…, but data.path={data_path} has {found[:12]}…: "
+                "evaluate on a dataset prepared with the model's tokenizer"
+            )
 
 
 def _config(yaml_text: str, origin: str, overrides: list[str], device: torch.device) -> Config:
@@ -374,8 +375,7 @@ def main(argv: list[str]) -> int:
             if any(o.startswith("model.attn_block=") for o in args.overrides)
             else None
         )
-        for target in targets:
-            check_tokenizer(target, cfg.data.path)
+        check_tokenizer(targets, cfg.data.path)
         for target in targets:
             evaluate(target, cfg, device, args.out or run_dir, block, args.force)
     except (TargetError, ExportError, ConfigError, DatasetError, ResultsError) as e:
