@@ -10,7 +10,9 @@ epochs on its own; the ranks stay in lockstep in batches, never in documents.
 
 An epoch's global order is split into contiguous node ranges (a node reads its own part of the
 shards), strided over the node's ranks, then strided over each rank's logical streams (one per
-DataLoader worker): disjoint slices that together cover the epoch exactly.
+DataLoader worker): disjoint slices that together cover the epoch exactly. Packing
+(data.packing) cuts each logical stream into rows by the documents' lengths, known up front
+from the dataset, and reads the documents of its rows in random order.
 """
 
 from __future__ import annotations
@@ -25,18 +27,24 @@ from streaming.base.shuffle import get_shuffle
 
 from data.distributed import RankInfo
 from data.manifest import BUILD_HINT, DatasetError
-from data.packing import Documents
-
-PREFETCH_DOCUMENTS = 256  # prepare (download, check, decompress) shards this far ahead
 
 
 class RankDocuments:
-    """The documents of `rank` in `dataset`, split over `num_streams` logical streams."""
+    """The documents of `rank` in `dataset`, split over `num_streams` logical streams;
+    `lengths[sample]` is each sample's token count (EOS included)."""
 
-    def __init__(self, dataset: StreamingDataset, rank: RankInfo, num_streams: int):
+    def __init__(
+        self, dataset: StreamingDataset, rank: RankInfo, num_streams: int, lengths: np.ndarray
+    ):
+        if len(lengths) != dataset.num_samples:
+            raise DatasetError(
+                f"the datasets' lengths.npy give {len(lengths)} documents but their shards hold "
+                f"{dataset.num_samples}: a dataset is corrupted; rebuild it ({BUILD_HINT})"
+            )
         self.dataset = dataset
         self.rank = rank
         self.num_streams = num_streams
+        self.lengths = lengths
         self.rank_order = functools.lru_cache(maxsize=2)(self._rank_order)
         self._executor: ThreadPoolExecutor | None = None
         self._prepared: dict[int, Future] = {}
@@ -69,21 +77,8 @@ class RankDocuments:
     def stream_order(self, epoch: int, stream: int) -> np.ndarray:
         return self.rank_order(epoch)[stream :: self.num_streams]
 
-    def documents(self, stream: int) -> Documents:
-        """Logical stream `stream` as packing.Documents: from (epoch, index) on, forever."""
-
-        def iterate(epoch: int, index: int):
-            while True:
-                order = self.stream_order(epoch, stream)
-                for i in range(index, len(order)):
-                    if i + PREFETCH_DOCUMENTS < len(order):
-                        self._prefetch(int(order[i + PREFETCH_DOCUMENTS]))
-                    yield epoch, i, self.tokens(int(order[i]))
-                epoch, index = epoch + 1, 0
-
-        return iterate
-
-    def _prefetch(self, sample: int) -> None:
+    def prefetch(self, sample: int) -> None:
+        """Start preparing (download, check, decompress) the shard that holds `sample`."""
         shard = int(self.dataset.spanner[sample][0])
         if shard not in self._prepared:
             if self._executor is None:

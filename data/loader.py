@@ -1,20 +1,22 @@
 """The training loader: packed batches for this rank, forever, exactly resumable.
 
     loader = build_train_loader(cfg.data, seq_len=128, batch_size=16, seed=0)
-    batch = next(iter(loader))  # tokens, targets [B, T]; doc_ids [B, T] or None
+    batch = next(iter(loader))  # tokens, targets [B, T]; doc_ids [B, T] or None; documents
     state = loader.state_dict()  # JSON; after a restart: fresh_loader.load_state_dict(state)
 
 Documents come from one or more streams (prepared datasets, local or remote) through a
-StreamingDataset (data.documents), are packed into rows of any length chosen here
-(data.packing), and batched. Each rank has one logical stream per DataLoader worker (one when
-num_workers = 0), served in turn; the state is every logical stream's position (epoch,
-document, offset) and which one serves next, so resuming is exact with or without workers.
-StreamingDataLoader is not used: its state is one global sample count, which packing breaks.
+StreamingDataset (data.documents), are packed into rows of any length chosen here and served
+in a shuffled order of the epoch's rows (data.packing), and batched. Each rank has one logical
+stream per DataLoader worker (one when num_workers = 0), served in turn; the state is every
+logical stream's position (epoch, rows served, the epoch's first token) and which one serves
+next, so resuming is exact with or without workers. StreamingDataLoader is not used: its state
+is one global sample count, which packing breaks.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -25,6 +27,7 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch.distributed as dist
 from streaming import Stream, StreamingDataset
 from streaming.base.storage import CloudDownloader
@@ -40,14 +43,14 @@ from data.cache import (
 )
 from data.distributed import RankInfo, gather, init_process_group, rank_info
 from data.documents import RankDocuments
-from data.manifest import MANIFEST, DatasetError, parse_manifest, read_manifest
-from data.packing import PackedStream, Position, make_batch
+from data.manifest import LENGTHS, MANIFEST, DatasetError, parse_manifest, read_manifest
+from data.packing import Position, ShuffledRows, make_batch
 from launch.config import DataConfig
 
 log = logging.getLogger(__name__)
 
 SPLIT = "train"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: rows in shuffled order (data.packing)
 SHUFFLE_BLOCK = 1 << 18  # py1e shuffle window, in documents
 DOWNLOAD_TIMEOUT_S = 300
 
@@ -85,6 +88,25 @@ def _stream_manifest(location: str) -> dict[str, Any]:
     if not _is_remote(location):
         return read_manifest(location)
     return parse_manifest(_fetch(location, MANIFEST), f"{location}/{MANIFEST}")
+
+
+def _document_lengths(sources: list[StreamSource]) -> np.ndarray:
+    """Every training sample's token count, in streaming's sample order (stream by stream)."""
+    lengths = []
+    for source in sources:
+        name = f"{SPLIT}/{LENGTHS}"
+        try:
+            found = np.load(io.BytesIO(_fetch(source.location, name)), allow_pickle=False)
+        except ValueError as e:
+            raise DatasetError(f"{source.location}/{name} is not a lengths array: {e}") from None
+        expected = source.manifest[SPLIT]["documents"]
+        if found.shape != (expected,) or found.dtype.kind not in "iu":
+            raise DatasetError(
+                f"{source.location}/{name} holds {found.dtype} {found.shape}, not the lengths of "
+                f"its {expected} documents; rebuild the dataset"
+            )
+        lengths.append(found.astype(np.int64))
+    return np.concatenate(lengths)
 
 
 def _verify_cache(sources: list[StreamSource], directory: Path) -> None:
@@ -197,14 +219,14 @@ def build_train_loader(
             f"{info.world_size} x {streams_per_rank}; use a bigger dataset or fewer workers"
         )
     return TrainLoader(
-        RankDocuments(dataset, info, streams_per_rank),
+        RankDocuments(dataset, info, streams_per_rank, _document_lengths(sources)),
         seq_len=seq_len,
         batch_size=batch_size,
         boundaries=data_cfg.packing == "boundaries",
         num_workers=data_cfg.num_workers,
         eos_id=main["eos_id"],
         tokenizer_sha256=main["tokenizer_sha256"],
-        identity={"streams": key, "seed": seed},
+        identity={"streams": key, "seed": seed, "seq_len": seq_len},
         slot=slot,
     )
 
@@ -219,10 +241,11 @@ def _batches(
     boundaries: bool,
 ) -> Iterator[tuple[int, dict, Position]]:
     """(stream, batch, stream's position after it) for `streams` in turn, forever."""
-    packed = {s: PackedStream(documents.documents(s), positions[s]) for s in streams}
+    seed = (documents.dataset.shuffle_seed, documents.rank.rank)
+    packed = {s: ShuffledRows(documents, s, length, seed, positions[s]) for s in streams}
     while True:
         for s in streams:
-            batch = make_batch(packed[s].next_rows(rows, length), eos_id, boundaries)
+            batch = make_batch(*packed[s].next_rows(rows), eos_id=eos_id, boundaries=boundaries)
             yield s, batch, packed[s].position
 
 
@@ -315,7 +338,8 @@ class TrainLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state` (from this rank's `state_dict()`): the next batch is the one
-        the saving loader would have yielded next. seq_len, batch_size and packing may differ."""
+        the saving loader would have yielded next. batch_size and packing may differ (rows are
+        served one by one), seq_len may not (it lays out the rows)."""
         expected = {"version": STATE_VERSION, **self._identity}
         differ = [
             f"{k}: saved {state.get(k)!r}, now {v!r}"
@@ -325,7 +349,7 @@ class TrainLoader:
         if differ:
             raise DatasetError(
                 "the loader state does not belong to this loader (" + "; ".join(differ) + "); "
-                "resume with the same ranks, data.num_workers, datasets and run.seed"
+                "resume with the same ranks, data.num_workers, data.seq_len, datasets and run.seed"
             )
         self._close_pipeline()
         self._positions = [Position(*p) for p in state["positions"]]

@@ -1,9 +1,10 @@
 """A prepared dataset's manifest, DIR/dataset.json, and the error every data problem raises.
 
 A dataset directory from `python -m data.prepare` holds tokenizer.json, train/ and val/ (MDS
-shards, one document per sample) and dataset.json, written last: a directory without it is not
-a dataset. The manifest records the vocabulary, the EOS id, what the dataset was built from (a
-fingerprint of the inputs and options) and the token count of every shard.
+shards, one document per sample, and `lengths.npy`: every sample's token count, in sample order)
+and dataset.json, written last: a directory without it is not a dataset. The manifest records
+the vocabulary, the EOS id, what the dataset was built from (a fingerprint of the inputs and
+options) and the token count of every shard.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "dataset.json"
-FORMAT = "rotalibi-dataset/1"
+FORMAT = "rotalibi-dataset/2"  # /2: lengths.npy in each split
+LENGTHS = "lengths.npy"
 SPLITS = ("train", "val")
 BUILD_HINT = (
     "build it with `make data` (the default corpus) or `python -m data.prepare --input ...`"

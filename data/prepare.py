@@ -8,8 +8,9 @@ Inputs are files, directories (walked recursively, hidden entries skipped) and g
 text file is one document, a `.jsonl` line or a `.parquet` row is one (its --text-field). With no
 --tokenizer, a byte-level BPE tokenizer of --vocab-size tokens is trained on the documents. Each
 document becomes one MDS sample, column `tokens` = its ids + EOS (uint16 when the vocabulary fits,
-else uint32), in DIR/train or DIR/val by a hash of its text (a stable split). Shards are zstd
-compressed with xxh64 checksums.
+else uint32), in DIR/train or DIR/val by a hash of its text (a stable split); each split also
+keeps every document's token count (lengths.npy). Shards are zstd compressed with xxh64
+checksums.
 
 The dataset is built in a hidden temporary directory beside DIR and renamed into place when
 complete, so no half-written dataset is ever found at DIR (a build stopped by a signal removes
@@ -37,7 +38,15 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from data.manifest import FORMAT, MANIFEST, SPLITS, DatasetError, read_manifest, write_manifest
+from data.manifest import (
+    FORMAT,
+    LENGTHS,
+    MANIFEST,
+    SPLITS,
+    DatasetError,
+    read_manifest,
+    write_manifest,
+)
 from data.sources import file_digest, read_documents, resolve_inputs
 from data.tokenizer import (
     EOS_TOKEN,
@@ -322,7 +331,9 @@ def _build(
 
 
 def _split_summary(split_dir: Path, lengths: list[int]) -> dict[str, Any]:
-    """Documents, tokens, and tokens per shard (for seeking) of a written split."""
+    """Write the split's document lengths (LENGTHS: packing finds rows by them); its documents,
+    tokens, and tokens per shard (for seeking)."""
+    np.save(split_dir / LENGTHS, np.array(lengths, np.uint32), allow_pickle=False)
     index = json.loads((split_dir / "index.json").read_text())
     bounds = np.cumsum([0] + [shard["samples"] for shard in index["shards"]])
     cumulative = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])

@@ -71,21 +71,26 @@ class Interval:
     def __init__(self):
         self.start = time.perf_counter()
         self.loss, self.good_steps, self.data_wait, self.tokens = 0.0, 0, 0.0, 0
+        self.steps, self.documents = 0, 0.0
 
-    def add(self, loss: float, good: bool, data_wait: float, tokens: int) -> None:
+    def add(self, loss: float, good: bool, data_wait: float, tokens: int, documents: float) -> None:
         if good:
             self.loss += loss
             self.good_steps += 1
         self.data_wait += data_wait
         self.tokens += tokens
+        self.steps += 1
+        self.documents += documents
 
     def summary(self) -> dict:
-        """Mean loss of the good steps, tokens/s and the fraction of time spent on data."""
+        """Mean loss of the good steps, tokens/s, the fraction of time spent on data and the
+        mean number of distinct documents in a (rank 0) batch."""
         elapsed = time.perf_counter() - self.start
         return {
             "loss": self.loss / self.good_steps if self.good_steps else float("nan"),
             "tokens_per_s": self.tokens / elapsed,
             "data_wait_fraction": self.data_wait / elapsed,
+            "documents_per_batch": self.documents / self.steps if self.steps else float("nan"),
         }
 
 

@@ -114,6 +114,7 @@ class StepResult:
     applied: bool  # False when ZeRO skipped the update (non-finite gradient norm)
     data_wait: float  # seconds spent waiting for batches
     lr: float  # the learning rate the update used
+    documents: float  # distinct documents per micro-batch, mean over the step's
 
 
 class StopFlag:
@@ -242,7 +243,7 @@ class Trainer:
 
     def _train_step(self, batches) -> StepResult:
         """One optimizer step over `grad_accum` micro-batches."""
-        lr, losses, waited = self.engine.get_lr()[0], [], 0.0
+        lr, losses, waited, documents = self.engine.get_lr()[0], [], 0.0, 0
         for _ in range(self.cfg.train.grad_accum):
             start = time.perf_counter()
             batch = next(batches)
@@ -256,7 +257,14 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.item())
-        return StepResult(sum(losses) / len(losses), self.engine.was_step_applied(), waited, lr)
+            documents += batch["documents"]
+        return StepResult(
+            sum(losses) / len(losses),
+            self.engine.was_step_applied(),
+            waited,
+            lr,
+            documents / len(losses),
+        )
 
     def _record(self, interval: Interval, lr: float, step_start: float) -> dict:
         """The metrics.jsonl record of the current step, over the interval since the last."""
@@ -302,7 +310,7 @@ class Trainer:
                 self.step += 1
                 self.tokens += self.tokens_per_step
                 good = skipped == 0 and math.isfinite(loss)
-                interval.add(loss, good, result.data_wait, self.tokens_per_step)
+                interval.add(loss, good, result.data_wait, self.tokens_per_step, result.documents)
                 bad_in_row = 0 if good else bad_in_row + 1
                 if not good:
                     self.skipped += 1

@@ -1,5 +1,5 @@
-"""Shared helpers: small float64 models of every scheme with non-trivial parameters, and a
-small prepared dataset for the tests that train."""
+"""Shared helpers: small float64 models of every scheme with non-trivial parameters, a small
+prepared dataset for the tests that train, and the default corpus."""
 
 from __future__ import annotations
 
@@ -92,4 +92,12 @@ def stdlib_dataset(tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("dataset") / "stdlib"
     build = ["data.prepare", "--input", *inputs, "--output", str(output), "--vocab-size", "512"]
     _run_module(*build, "--val-fraction", "0.2")
+    return output
+
+
+@pytest.fixture(scope="session")
+def default_corpus(tmp_path_factory) -> Path:
+    """The default corpus (`make data`), built once into a temporary directory."""
+    output = tmp_path_factory.mktemp("default") / "default"
+    _run_module("data.default_corpus", "--output", str(output))
     return output

@@ -15,6 +15,7 @@ import sysconfig
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from data.prepare import prepare
 from data.shards import read_shard, split_shards
@@ -113,16 +114,6 @@ def read_split(dataset: Path, split: str) -> list[np.ndarray]:
     return [doc for shard in split_shards(split_dir) for doc in read_shard(split_dir, shard)]
 
 
-def stream_of(batches: list[dict]) -> np.ndarray:
-    """The token stream that batches were cut from (rows share one token)."""
-    rows = [
-        np.concatenate([b["tokens"][r].numpy(), b["targets"][r, -1:].numpy()])
-        for b in batches
-        for r in range(b["tokens"].shape[0])
-    ]
-    return np.concatenate([rows[0]] + [row[1:] for row in rows[1:]])
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -163,16 +154,49 @@ def run_ranks(world_size: int, args: dict, tmp: Path, timeout: float = 240) -> l
     return results
 
 
+def stream_tokens(documents: list[np.ndarray], orders: list[list[int]]) -> np.ndarray:
+    """A logical stream's token sequence: its documents, epoch after epoch, concatenated."""
+    return np.concatenate([documents[i] for order in orders for i in order])
+
+
+def epoch_rows(documents: list[np.ndarray], order: list[int], length: int) -> int:
+    """How many rows the first epoch of a stream with this document order has: those whose
+    first token (a multiple of `length`) lies in it."""
+    tokens = sum(len(documents[i]) for i in order)
+    return -(-tokens // length)
+
+
+def assert_rows_are_windows(batches: list[dict], tokens: np.ndarray, length: int) -> None:
+    """Every row of every batch is the stream's tokens [k L, k L + L] for its number k."""
+    for batch in batches:
+        for k, inputs, targets in zip(
+            batch["rows"].tolist(), batch["tokens"], batch["targets"], strict=True
+        ):
+            row = np.concatenate([inputs.numpy(), targets[-1:].numpy()])
+            np.testing.assert_array_equal(row, tokens[k * length : k * length + length + 1])
+
+
 def rank_main(args: dict) -> dict:
-    """One rank: its documents of epochs 0 and 1, an uninterrupted run, and a resumed one."""
+    """One rank: its documents of epochs 0 to 2, its logical streams' document orders of
+    epochs 0 to 5 (rank epochs vary in tokens), the rows of an uninterrupted run (numbers and
+    tokens), and whether a resumed one continues alike."""
     from data.loader import build_train_loader
     from launch.config import DataConfig
 
-    cfg = DataConfig(path=args["path"], cache_dir=args["cache_dir"], packing=args["packing"])
+    cfg = DataConfig(
+        path=args["path"],
+        cache_dir=args["cache_dir"],
+        packing=args["packing"],
+        num_workers=args["num_workers"],
+    )
     shape = dict(seq_len=args["seq_len"], batch_size=args["batch_size"], seed=args["seed"])
     k, steps = args["resume_at"], args["steps"]
     with build_train_loader(cfg, **shape) as loader:
         epochs = [loader.epoch_documents(e) for e in range(3)]
+        streams = loader.documents.num_streams
+        orders = [
+            [loader.documents.stream_order(e, s).tolist() for e in range(6)] for s in range(streams)
+        ]
         batches = list(itertools.islice(loader, k))
         state = json.loads(json.dumps(loader.state_dict()))
         batches += itertools.islice(loader, steps - k)
@@ -180,9 +204,11 @@ def rank_main(args: dict) -> dict:
         loader.load_state_dict(state)
         resumed = list(itertools.islice(loader, steps - k))
     return {
-        "local_world_size": os.environ["LOCAL_WORLD_SIZE"],
+        "local_world_size": os.environ.get("LOCAL_WORLD_SIZE"),
         "epochs": epochs,
-        "stream": stream_of(batches).tolist(),
+        "orders": orders,
+        "rows": [b["rows"].tolist() for b in batches],
+        "tokens": [torch.cat([b["tokens"], b["targets"][:, -1:]], dim=1).tolist() for b in batches],
         "resumed_equal": all(
             all(_same(a[key], b[key]) for key in a)
             for a, b in zip(batches[k:], resumed, strict=True)
@@ -191,7 +217,9 @@ def rank_main(args: dict) -> dict:
 
 
 def _same(a, b) -> bool:
-    return (a is None and b is None) or (a is not None and b is not None and bool((a == b).all()))
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b
 
 
 if __name__ == "__main__":

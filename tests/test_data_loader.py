@@ -19,7 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_helpers import build_dataset, read_split, run_ranks, stream_of
+from data_helpers import (
+    assert_rows_are_windows,
+    build_dataset,
+    epoch_rows,
+    read_split,
+    run_ranks,
+    stream_tokens,
+)
 
 from data.cache import cache_root
 from data.distributed import rank_info
@@ -27,6 +34,7 @@ from data.loader import build_train_loader
 from data.manifest import DatasetError, read_manifest
 from data.prepare import prepare
 from launch.config import DataConfig, StreamConfig
+from launch.metrics import Interval
 
 SHAPE = dict(seq_len=37, batch_size=3, seed=5)  # 111 tokens a batch: ~250 batches an epoch
 
@@ -45,36 +53,45 @@ def take(loader, n: int) -> list[dict]:
     return list(itertools.islice(loader, n))
 
 
-def epoch_tokens(path: Path, sample_ids: list[int]) -> np.ndarray:
-    documents = read_split(path, "train")
-    return np.concatenate([documents[i] for i in sample_ids])
-
-
 def assert_same_batches(a: list[dict], b: list[dict]) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
         assert x.keys() == y.keys()
         for key in x:
-            assert (x[key] is None) == (y[key] is None)
-            if x[key] is not None:
+            if isinstance(x[key], torch.Tensor):
                 assert torch.equal(x[key], y[key]), key
+            else:
+                assert x[key] == y[key], key
+
+
+def stream_of_loader(loader, path: Path, epochs: int = 3, stream: int = 0) -> np.ndarray:
+    """The token sequence of one of a loader's logical streams (the test's own concatenation
+    of the dataset's documents in the loader's order)."""
+    documents = read_split(path, "train")
+    orders = [loader.documents.stream_order(e, stream).tolist() for e in range(epochs)]
+    return stream_tokens(documents, orders)
 
 
 @pytest.mark.parametrize("packing", ["boundaries", "concat"])
-def test_batches_are_the_shuffled_document_stream_cut_into_rows(cfg, dataset, packing):
+def test_rows_are_windows_of_the_document_stream_served_in_shuffled_order(cfg, dataset, packing):
     cfg.packing = packing
     eos = read_manifest(dataset)["eos_id"]
     n_docs = read_manifest(dataset)["train"]["documents"]
+    documents = read_split(dataset, "train")
     with build_train_loader(cfg, **SHAPE) as loader:
         orders = [loader.epoch_documents(e) for e in range(3)]
-        expected = np.concatenate([epoch_tokens(dataset, order) for order in orders])
+        tokens = stream_of_loader(loader, dataset)
         batches = take(loader, 500)  # past the end of epoch 0
     for order in orders:
         assert sorted(order) == list(range(n_docs))  # each epoch: every document once
     assert orders[0] != orders[1] and orders[0] != sorted(orders[0])  # shuffled, anew each epoch
-    stream = stream_of(batches)
-    assert len(stream) == 500 * 3 * 37 + 1 > len(epoch_tokens(dataset, orders[0]))
-    np.testing.assert_array_equal(stream, expected[: len(stream)])
+    assert_rows_are_windows(batches, tokens, 37)
+    rows = np.concatenate([b["rows"].numpy() for b in batches])
+    first_epoch = epoch_rows(documents, orders[0], 37)
+    assert len(rows) > first_epoch  # rows of epoch 1 follow those of epoch 0
+    assert sorted(rows[:first_epoch]) == list(range(first_epoch))  # each row once
+    assert sorted(rows[first_epoch:]) != list(rows[first_epoch:])  # in shuffled order
+    assert list(rows[:first_epoch]) != sorted(rows[:first_epoch])
     for b in batches:
         assert b["tokens"].shape == b["targets"].shape == (3, 37)
         assert b["tokens"].dtype == b["targets"].dtype == torch.int64
@@ -91,14 +108,57 @@ def test_batches_are_the_shuffled_document_stream_cut_into_rows(cfg, dataset, pa
             assert ids == expected_ids
 
 
+def test_a_batch_mixes_documents_from_all_over_the_epoch(default_corpus, tmp_path):
+    """The tiny config's shape on the default corpus: a batch's 16 rows come from many
+    documents, consecutive batches barely overlap, and a long document is spread out."""
+    cfg = DataConfig(path=str(default_corpus), cache_dir=str(tmp_path / "cache"))
+    with build_train_loader(cfg, seq_len=128, batch_size=16, seed=0) as loader:
+        tokens = stream_of_loader(loader, default_corpus, epochs=2)
+        order = np.concatenate([loader.documents.stream_order(e, 0) for e in range(2)])
+        batches = take(loader, 200)
+    assert_rows_are_windows(batches, tokens, 128)
+    lengths = [len(d) for d in read_split(default_corpus, "train")]
+    bounds = np.cumsum([0] + [lengths[i] for i in order])  # document j: [bounds[j], bounds[j+1])
+
+    def documents_of(batch: dict) -> set[int]:
+        """Positions in `order` of the documents of the batch's rows (inputs and targets)."""
+        found = set()
+        for k in batch["rows"].tolist():
+            first = np.searchsorted(bounds, k * 128, side="right") - 1
+            last = np.searchsorted(bounds, k * 128 + 128, side="right") - 1
+            found.update(range(first, last + 1))
+        return found
+
+    per_batch = [documents_of(b) for b in batches]
+    assert [len(d) for d in per_batch] == [b["documents"] for b in batches]
+    assert np.mean([len(d) for d in per_batch]) >= 12
+    assert max(len(a & b) for a, b in itertools.pairwise(per_batch)) <= 4
+    # The longest document (hundreds of rows) is spread evenly: one of its rows in every few
+    # batches, over the whole run, never a run of batches filled with it.
+    longest = max(range(len(order)), key=lambda j: bounds[j + 1] - bounds[j])
+    starts_in_longest = [
+        int(((np.searchsorted(bounds, b["rows"].numpy() * 128, side="right") - 1) == longest).sum())
+        for b in batches
+    ]
+    holding = np.flatnonzero(starts_in_longest)
+    assert max(starts_in_longest) == 1 and len(holding) >= 40
+    assert holding[0] < 10 and holding[-1] > 190 and max(np.diff(holding)) <= 10
+    # The interval's documents_per_batch metric is the mean of these counts.
+    interval = Interval()
+    for b in batches:
+        interval.add(1.0, True, 0.0, 2048, b["documents"])
+    assert interval.summary()["documents_per_batch"] == np.mean([len(d) for d in per_batch])
+
+
 def test_seed_changes_the_order_and_any_length_is_served(cfg, dataset):
     with build_train_loader(cfg, seq_len=4096, batch_size=2, seed=1) as loader:
         order = loader.epoch_documents(0)
+        tokens = stream_of_loader(loader, dataset)
         long = take(loader, 2)
     with build_train_loader(cfg, seq_len=128, batch_size=16, seed=2) as loader:
         assert loader.epoch_documents(0) != order
     assert long[0]["tokens"].shape == (2, 4096)
-    np.testing.assert_array_equal(stream_of(long), epoch_tokens(dataset, order)[: 4 * 4096 + 1])
+    assert_rows_are_windows(long, tokens, 4096)
 
 
 @pytest.mark.parametrize(
@@ -120,32 +180,53 @@ def test_resumed_loader_continues_exactly(cfg, packing, num_workers, resume_at):
     assert (state["positions"] == fresh) == (resume_at == 0)
 
 
-def test_two_ranks_split_each_epoch_exactly_and_resume_exactly(dataset, tmp_path):
-    n_docs = read_manifest(dataset)["train"]["documents"]
+@pytest.mark.parametrize(("world_size", "num_workers"), [(1, 0), (1, 2), (2, 0), (2, 2)])
+def test_every_token_is_a_target_once_per_epoch_and_resumption_is_exact(
+    dataset, tmp_path, world_size, num_workers
+):
+    """Ranks split each epoch exactly; over one epoch every token of each logical stream is a
+    target exactly once (counted), whatever the ranks and workers; a resume at an arbitrary
+    step serves the same batches."""
+    documents = read_split(dataset, "train")
+    length, rows_per_batch = 29, 4
     args = dict(
         path=str(dataset),
         cache_dir=str(tmp_path / "cache"),
         packing="boundaries",
-        seq_len=29,
-        batch_size=4,
+        num_workers=num_workers,
+        seq_len=length,
+        batch_size=rows_per_batch,
         seed=3,
-        resume_at=150,
-        steps=420,
+        resume_at=137,
+        steps=520,  # a whole epoch of every logical stream, and more
     )
-    ranks = run_ranks(2, args, tmp_path)
+    ranks = run_ranks(world_size, args, tmp_path)
     for epoch in (0, 1):
-        a, b = ranks[0]["epochs"][epoch], ranks[1]["epochs"][epoch]
-        assert not set(a) & set(b)  # disjoint
-        assert sorted(a + b) == list(range(n_docs))  # together: the whole epoch
-        assert abs(len(a) - len(b)) <= 1
-    assert ranks[0]["epochs"][0] != ranks[0]["epochs"][1]
+        read = [doc for rank in ranks for doc in rank["epochs"][epoch]]
+        assert sorted(read) == list(range(len(documents)))  # disjoint, and whole
     for rank in ranks:
-        assert rank["local_world_size"] == "2"  # set by the loader: the launcher left it out
         assert rank["resumed_equal"]
-        expected = np.concatenate([epoch_tokens(dataset, order) for order in rank["epochs"]])
-        stream = np.array(rank["stream"])
-        assert len(stream) == 420 * 4 * 29 + 1 > len(epoch_tokens(dataset, rank["epochs"][0]))
-        np.testing.assert_array_equal(stream, expected[: len(stream)])
+        if world_size > 1:  # the launcher left it out: set by the loader
+            assert rank["local_world_size"] == str(world_size)
+        streams = len(rank["orders"])
+        for s, orders in enumerate(rank["orders"]):
+            tokens = stream_tokens(documents, orders)
+            # Batch b came from logical stream b mod streams (they serve in turn).
+            served = [
+                (k, row)
+                for b in range(s, len(rank["rows"]), streams)
+                for k, row in zip(rank["rows"][b], rank["tokens"][b], strict=True)
+            ]
+            for k, row in served:
+                np.testing.assert_array_equal(row, tokens[k * length : k * length + length + 1])
+            first_epoch = epoch_rows(documents, orders[0], length)
+            assert len(served) > first_epoch, "the test must cover a whole epoch"
+            targets = np.zeros(len(tokens), np.int64)
+            for k, _ in served[:first_epoch]:
+                targets[k * length + 1 : k * length + length + 1] += 1
+            epoch_tokens = sum(len(documents[i]) for i in orders[0])
+            assert (targets[1:epoch_tokens] == 1).all()  # each token of the epoch, once
+            assert targets.max() == 1 and targets[0] == 0
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +267,8 @@ def test_mixture_follows_proportions_from_remote_streams(dataset, second_dataset
         first_docs = read_split(dataset, "train")
         second_docs = read_split(second_dataset, "train")
         documents = first_docs + second_docs  # sample ids number the streams in order
-        expected = np.concatenate([documents[i] for i in loader.epoch_documents(0)])
-    np.testing.assert_array_equal(stream_of(batches), expected[: 50 * 3 * 37 + 1])
+        orders = [loader.epoch_documents(e) for e in range(2)]
+    assert_rows_are_windows(batches, stream_tokens(documents, orders), 37)
     # The streams were read as remotes: copied into the cache, their directories untouched.
     assert sorted(p.relative_to(second_dataset) for p in second_dataset.rglob("*")) == before
     assert list((tmp_path / "cache").rglob("*.mds"))
@@ -248,9 +329,8 @@ def test_rebuilt_dataset_at_the_same_path_is_never_served_from_a_stale_cache(dat
         progress=False,
     )
     with build_train_loader(cfg, **SHAPE) as loader:
-        stream = stream_of(take(loader, 3))
-        expected = epoch_tokens(copy, loader.epoch_documents(0))
-    np.testing.assert_array_equal(stream, expected[: len(stream)])
+        tokens = stream_of_loader(loader, copy)
+        assert_rows_are_windows(take(loader, 3), tokens, 37)
     assert len(list((tmp_path / "cache").iterdir())) == 2  # one cache directory per dataset
 
 
@@ -295,6 +375,11 @@ def test_bad_state_and_bad_setups_are_clear_errors(cfg, dataset, tmp_path, monke
     with (
         build_train_loader(cfg, **{**SHAPE, "seed": 6}) as loader,
         pytest.raises(DatasetError, match="seed: saved 5, now 6"),
+    ):
+        loader.load_state_dict(state)
+    with (  # the rows are laid out by their length
+        build_train_loader(cfg, **{**SHAPE, "seq_len": 40}) as loader,
+        pytest.raises(DatasetError, match="seq_len: saved 37, now 40"),
     ):
         loader.load_state_dict(state)
     with pytest.raises(DatasetError, match=r"does not exist.*make data"):

@@ -50,6 +50,8 @@ def test_round_trip_gives_back_every_document(dataset):
         assert (
             manifest[split]["tokens"] == sum(map(len, docs)) == sum(manifest[split]["shard_tokens"])
         )
+        lengths = np.load(path / split / "lengths.npy", allow_pickle=False)
+        assert lengths.tolist() == [len(d) for d in docs]  # what packing lays rows out by
     assert len(manifest["train"]["shard_tokens"]) > 1  # the corpus spans several shards
     assert manifest["vocab_size"] == load_tokenizer(path).get_vocab_size() == 400
 

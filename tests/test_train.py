@@ -38,6 +38,7 @@ TB_TAGS = {
     "train/step_time",
     "train/data_wait_fraction",
     "train/memory_gb",
+    "train/documents_per_batch",
 }
 
 
@@ -206,6 +207,7 @@ def test_metrics_and_tensorboard_hold_every_logged_step(uninterrupted):
     assert last["loss"] < first["loss"] - 1.0
     for r in records:
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and 0 <= r["data_wait_fraction"] < 1
+        assert 1 <= r["documents_per_batch"] <= 2 * 8  # 8 rows: at most two documents a row
     assert first["lr"] == pytest.approx(3e-3 / 4)  # warmup: (step + 1) / 4 of the peak
 
     events = EventAccumulator(str(uninterrupted / "tb"))

@@ -39,7 +39,12 @@ class FixedBatches:
             full = torch.randint(0, self.vocab, shape, generator=gen)
             self.step += 1
             mine = full[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-            yield {"tokens": mine[:, :-1], "targets": mine[:, 1:], "doc_ids": None}
+            yield {
+                "tokens": mine[:, :-1],
+                "targets": mine[:, 1:],
+                "doc_ids": None,
+                "documents": self.batch_size,  # one random sequence a row
+            }
 
     def state_dict(self) -> dict:
         return {"step": self.step}
