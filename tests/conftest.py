@@ -21,6 +21,7 @@ from model import ModelConfig, Transformer
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(vocab_size=61, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, sandwich_dim=8)
 
 
@@ -76,7 +77,7 @@ def _run_module(*args: str) -> None:
     """`python -m ARGS...` from the repository root; it must succeed."""
     done = subprocess.run(
         [sys.executable, "-m", *args],
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
@@ -101,3 +102,46 @@ def default_corpus(tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("default") / "default"
     _run_module("data.default_corpus", "--output", str(output))
     return output
+
+
+EVAL_ARGS = [
+    "eval.lengths=[64,128,256]",
+    "eval.windows=3",  # 3 at 256: ranks get unequal shares, padded with a dummy
+    "eval.passkey_lengths=[256]",
+    "eval.passkey_depths=[0.0,1.0]",
+    "eval.passkey_trials=1",
+]
+
+
+@pytest.fixture(scope="session")
+def trained_run(stdlib_dataset, tmp_path_factory) -> Path:
+    """The tiny config trained for 4 steps on 2 ranks (ZeRO-3), evaluated at steps 2 and 4.
+    Shared: tests that write into a run copy it first."""
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    args = [
+        "configs/tiny.yaml",
+        f"run.dir={run_dir.parent}",
+        f"run.name={run_dir.name}",
+        f"data.path={stdlib_dataset}",
+        "data.seq_len=64",
+        "data.batch_size=4",
+        "train.max_steps=4",
+        "train.checkpoint_every=2",
+        "train.warmup_steps=1",
+        *EVAL_ARGS,
+    ]
+    torchrun = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
+    done = subprocess.run(
+        [*torchrun, "-m", "launch.train", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import EVAL_ARGS
 from safetensors.torch import save_model
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -166,43 +167,6 @@ def test_passkey_prompts(stdlib_dataset):
         positions.append(text.index(needle) / len(text))
     assert positions[0] < 0.35 < positions[1] < 0.65 < positions[2]
     assert passkey_prompt(tokenizer, 40, 0.5, key) is None
-
-
-EVAL_ARGS = [
-    "eval.lengths=[64,128,256]",
-    "eval.windows=3",  # 3 at 256: ranks get unequal shares, padded with a dummy
-    "eval.passkey_lengths=[256]",
-    "eval.passkey_depths=[0.0,1.0]",
-    "eval.passkey_trials=1",
-]
-
-
-@pytest.fixture(scope="module")
-def trained_run(stdlib_dataset, tmp_path_factory) -> Path:
-    """The tiny config trained for 4 steps on 2 ranks (ZeRO-3), evaluated at steps 2 and 4."""
-    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    args = [
-        "configs/tiny.yaml",
-        f"run.dir={run_dir.parent}",
-        f"run.name={run_dir.name}",
-        f"data.path={stdlib_dataset}",
-        "data.seq_len=64",
-        "data.batch_size=4",
-        "train.max_steps=4",
-        "train.checkpoint_every=2",
-        "train.warmup_steps=1",
-        *EVAL_ARGS,
-    ]
-    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"]
-    done = subprocess.run(
-        [*torchrun, "-m", "launch.train", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return run_dir
 
 
 def test_training_evaluates_every_checkpoint_as_the_standalone_cli_does(trained_run, tmp_path):
