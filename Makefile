@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/tiny.yaml
 ARGS ?=
 
-.PHONY: setup test data train eval compare study tensorboard slurm slurm-array bench-attention lint format clean-venv
+.PHONY: setup test data train eval compare lm-eval generate study tensorboard slurm slurm-array bench-attention lint format clean-venv
 
 setup: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet "torch>=2.6"
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation "deepspeed>=0.16"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,eval]"
 	touch $(STAMP)
 
 test: setup
@@ -39,6 +39,20 @@ train: setup data
 RUN ?= runs/tiny
 eval: setup
 	$(PY) -m launch.evaluate $(RUN) $(ARGS)
+
+# lm-evaluation-harness on RUN's newest checkpoint (exported for Hugging Face first): TASKS,
+# comma-separated (default: the offline local task); ARGS: --limit N, --step N, --max-length L.
+# Results in RUN/eval/lm_eval/ and RUN/tb. README "Hugging Face, generation and lm-eval".
+TASKS ?= rotalibi_heldout
+lm-eval: setup
+	$(PY) -m evaluation.harness $(RUN) --tasks $(TASKS) $(ARGS)
+
+# Sample text from RUN's newest checkpoint: PROMPT (handed over in the environment, never
+# through the shell's parser), ARGS: --max-new-tokens N, --temperature T, --top-p P, --seed S.
+PROMPT ?= def
+generate: export ROTALIBI_PROMPT = $(PROMPT)
+generate: setup
+	$(PY) -m launch.generate $(RUN) --prompt "$$ROTALIBI_PROMPT" $(ARGS)
 
 # One plot and one table comparing the newest evaluations of RUNS (run directories).
 compare: setup

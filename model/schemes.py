@@ -206,11 +206,7 @@ class PositionScheme(Float64Constants):
             phi = (positions[..., None].double() * self.theta).remainder(2 * math.pi)
             plan["angles"] = phi[:, :, None, :].expand(B, T, H, -1).to(angle_dtype)
         elif spec.rotation in ("learned", "random"):
-            if spec.rotation == "learned":
-                delta = self.delta(x)
-            else:
-                delta = F.linear(x, self.random_weight.to(x.dtype), self.random_bias.to(x.dtype))
-            plan["angles"] = accumulate_angles(delta.view(B, T, H, -1).to(angle_dtype), doc_ids)
+            plan["angles"] = accumulate_angles(self._increments(x), doc_ids)
         plan["rotate_values"] = spec.rotate_values
         if spec.bias is not None:
             # Distances in at least float32: bfloat16 holds integers exactly only up to 256.
@@ -225,9 +221,41 @@ class PositionScheme(Float64Constants):
             plan["transport"] = self._householders(x, positions)
         return plan
 
+    def decoding_inputs(self, x: Tensor) -> dict:
+        """The keyword arguments of `model.modeling_rotalibi.attend_new_tokens` (incremental
+        decoding) for new tokens x [B, n, d_model]: the same scheme as `forward`'s plan."""
+        spec, angle_dtype = self.spec, torch.promote_types(x.dtype, torch.float32)
+        inputs: dict = {"rotate_values": spec.rotate_values, "window": self.window}
+        if spec.rotation == "rope":
+            inputs["theta"] = self.theta
+        elif spec.rotation in ("learned", "random"):
+            inputs["delta"] = self._increments(x)
+        if spec.bias is not None:
+            inputs["bias"] = self.bias
+        if spec.decay:
+            inputs["decay"] = self.decay.to(angle_dtype)
+        if spec.transport:
+            inputs["path"] = (self.w_up(self.w_down(x)), self.w_conv, self._beta(x))
+        return inputs
+
+    def _increments(self, x: Tensor) -> Tensor:
+        """The per-token angle increments delta [B, T, H, P] of learned or random rotations,
+        in at least float32."""
+        B, T, _ = x.shape
+        if self.spec.rotation == "learned":
+            delta = self.delta(x)
+        else:
+            delta = F.linear(x, self.random_weight.to(x.dtype), self.random_bias.to(x.dtype))
+        angle_dtype = torch.promote_types(x.dtype, torch.float32)
+        return delta.view(B, T, self.cfg.kv_heads, -1).to(angle_dtype)
+
+    def _beta(self, x: Tensor) -> Tensor:
+        """PaTH's beta_t = 2 sigmoid(.) in (0, 2), [B, T, H]."""
+        return 2 * torch.sigmoid(self.beta(x))
+
     def _householders(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """PaTH's w_t (low-rank projection, short causal conv within the document, L2-normed)
-        and beta_t = 2 sigmoid(.) in (0, 2)."""
+        and beta_t."""
         B, T, _ = x.shape
         H = self.cfg.kv_heads
         u = self.w_up(self.w_down(x))
@@ -238,4 +266,4 @@ class PositionScheme(Float64Constants):
             same_doc = (positions >= lag)[..., None]
             w = w + self.w_conv[:, width - 1 - lag] * torch.where(same_doc, shifted, 0.0)
         w = F.normalize(w.view(B, T, H, -1), dim=-1)
-        return w, 2 * torch.sigmoid(self.beta(x))
+        return w, self._beta(x)

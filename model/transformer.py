@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,9 @@ from torch.utils.checkpoint import checkpoint
 import kernels
 from model.config import ModelConfig
 from model.schemes import SCHEMES, PositionScheme
+
+if TYPE_CHECKING:
+    from model.modeling_rotalibi import DecodingCache, LayerCache, Step
 
 # Called by each attention layer with (layer, q, k, v, kwargs of `kernels.attention`) before it
 # attends; see `Transformer.attention_probe`.
@@ -33,15 +37,19 @@ class Attention(nn.Module):
         self.wo = nn.Linear(HQ * D, cfg.d_model, bias=False)
         self.position = PositionScheme(cfg, layer, window)
 
-    def prepare(
-        self, x: Tensor, positions: Tensor, doc_ids: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor, dict]:
-        """q [B, T, HQ, D], k and v [B, T, H, D], and the scheme's kwargs for the attention."""
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B, T, HQ, D], k and v [B, T, H, D]."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.cfg.n_heads, -1)
         k = self.wk(x).view(B, T, self.cfg.kv_heads, -1)
         v = self.wv(x).view(B, T, self.cfg.kv_heads, -1)
-        return q, k, v, self.position(x, positions, doc_ids)
+        return q, k, v
+
+    def prepare(
+        self, x: Tensor, positions: Tensor, doc_ids: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, dict]:
+        """q, k, v (`project`) and the scheme's kwargs for the attention."""
+        return *self.project(x), self.position(x, positions, doc_ids)
 
     def forward(self, x: Tensor, positions: Tensor, doc_ids: Tensor | None) -> Tensor:
         q, k, v, plan = self.prepare(x, positions, doc_ids)
@@ -49,6 +57,13 @@ class Attention(nn.Module):
         if self.probe is not None:
             self.probe(self.layer, q, k, v, kwargs)
         o = kernels.attention(q, k, v, **kwargs)
+        return self.wo(o.flatten(2))
+
+    def decode(self, x: Tensor, state: LayerCache, step: Step) -> Tensor:
+        """Attention of a decoding step's new tokens over the cache (`Transformer.decode`)."""
+        from model.modeling_rotalibi import attend_new_tokens
+
+        o = attend_new_tokens(state, step, *self.project(x), **self.position.decoding_inputs(x))
         return self.wo(o.flatten(2))
 
 
@@ -73,6 +88,10 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, positions: Tensor, doc_ids: Tensor | None) -> Tensor:
         x = x + self.attn(self.attn_norm(x), positions, doc_ids)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def decode(self, x: Tensor, state: LayerCache, step: Step) -> Tensor:
+        x = x + self.attn.decode(self.attn_norm(x), state, step)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -146,6 +165,19 @@ class Transformer(nn.Module):
                 x = block(x, positions, doc_ids)
         x = self.norm(x)
         return self.lm_head(x) if head else x
+
+    @torch.no_grad()
+    def decode(self, tokens: Tensor, cache: DecodingCache) -> Tensor:
+        """Logits [B, n, vocab] of tokens [B, n] that follow those already in `cache`, which
+        this extends (start from `model.modeling_rotalibi.DecodingCache(n_layers)`). Each
+        token costs O(cached length), not a forward over the whole text; one text per row."""
+        step = cache.extend(torch.ones_like(tokens, dtype=torch.bool))
+        x = self.embed(tokens)
+        if SCHEMES[self.cfg.scheme].absolute:
+            x = x + sinusoidal_embedding(step.positions, self.cfg.d_model).to(x.dtype)
+        for block, state in zip(self.blocks, cache.layers, strict=True):
+            x = block.decode(x, state, step)
+        return self.lm_head(self.norm(x))
 
     @contextmanager
     def attention_probe(self, probe: AttentionProbe) -> Iterator[None]:

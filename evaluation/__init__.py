@@ -1,0 +1,2 @@
+"""Evaluations of trained models beyond rotalibi's own extrapolation study: the
+lm-evaluation-harness on Hugging Face exports (`evaluation.harness`) and its local task."""

@@ -1,0 +1,161 @@
+"""lm-evaluation-harness on a run's checkpoint: `python -m evaluation.harness RUN
+[--tasks rotalibi_heldout,...] [--step N] [--limit N] [--batch-size 1] [--max-length L]`
+(`make lm-eval RUN=... TASKS=...`).
+
+Exports the checkpoint as a Hugging Face model (`launch.export --hf`, into
+RUN/export/hf_step_<N>/ unless an export is there already), checks that every task exists
+(lm-eval's own and those of evaluation/tasks/, such as the offline rotalibi_heldout) and that
+transformers reads the export, then runs lm-eval's `hf` model on it. The results go to
+RUN/eval/lm_eval/step_<N>.json (lm-eval's results, configs and versions) and into the run's
+TensorBoard log as `lm_eval/<task>/<metric>` at step N. --max-length (default: the trained
+length) is the context lm-eval gives the model: its rolling windows for perplexity tasks, its
+truncation for the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from launch.export import ExportError, export_hf, pick_checkpoint
+from launch.hf import HFExportError
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+DEFAULT_TASKS = "rotalibi_heldout"
+
+
+class HarnessError(ValueError):
+    """A task, run or export the harness cannot evaluate."""
+
+
+def task_manager():
+    """lm-eval's tasks plus this repository's (evaluation/tasks/)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(TASKS_DIR))
+
+
+def check_tasks(manager, tasks: list[str]) -> None:
+    """Every name must be an lm-eval task, group or tag."""
+    known = manager.all_tasks
+    for task in tasks:
+        if task not in known:
+            close = difflib.get_close_matches(task, known, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise HarnessError(f"unknown lm-eval task {task!r}{hint}")
+
+
+def hf_export(checkpoint, out: Path) -> Path:
+    """The checkpoint's Hugging Face export at `out`, written (whole, or not at all) unless it
+    exists; transformers must be able to read its config."""
+    from transformers import AutoConfig
+
+    if not (out / "config.json").is_file():
+        partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
+        export_hf(checkpoint, partial)
+        partial.rename(out)
+    try:
+        AutoConfig.from_pretrained(out, trust_remote_code=True)
+    except Exception as e:  # transformers raises whatever the remote code or JSON raises
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise HarnessError(f"transformers cannot load the export {out}: {detail}") from None
+    return out
+
+
+def tensorboard_scalars(results: dict) -> dict[str, float]:
+    """`lm_eval/<task>/<metric>` -> value for every numeric metric (no stderr, no aliases)."""
+    scalars = {}
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            metric = key.split(",")[0]
+            if isinstance(value, int | float) and not metric.endswith("_stderr"):
+                scalars[f"lm_eval/{task}/{metric}"] = float(value)
+    return scalars
+
+
+def evaluate(
+    run_dir: Path,
+    tasks: list[str],
+    *,
+    step: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 1,
+    max_length: int | None = None,
+) -> Path:
+    """Run the harness on a checkpoint of `run_dir`; returns the results JSON's path."""
+    import lm_eval
+    from lm_eval.utils import handle_non_serializable
+    from torch.utils.tensorboard import SummaryWriter
+
+    checkpoint = pick_checkpoint(run_dir, step)
+    manager = task_manager()
+    check_tasks(manager, tasks)
+    export_dir = hf_export(checkpoint, run_dir / "export" / f"hf_{checkpoint.path.name}")
+    train_length = yaml.safe_load(checkpoint.manifest["config"])["data"]["seq_len"]
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args={
+            "pretrained": str(export_dir),
+            "trust_remote_code": True,
+            "dtype": "float32",
+            "max_length": max_length or train_length,
+        },
+        tasks=tasks,
+        task_manager=manager,
+        limit=limit,
+        batch_size=batch_size,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        log_samples=False,
+    )
+    out = run_dir / "eval" / "lm_eval" / f"step_{checkpoint.step}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".json.partial")
+    partial.write_text(json.dumps(results, indent=1, default=handle_non_serializable))
+    partial.replace(out)
+    with SummaryWriter(str(run_dir / "tb")) as writer:
+        for tag, value in tensorboard_scalars(results).items():
+            writer.add_scalar(tag, value, checkpoint.step)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m evaluation.harness", description=__doc__)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated lm-eval tasks")
+    parser.add_argument("--step", type=int, help="the checkpoint's step (default: the newest)")
+    parser.add_argument("--limit", type=int, help="at most this many documents per task")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--max-length", type=int, help="context in tokens (default: trained)")
+    args = parser.parse_args(argv)
+    for name in ("limit", "batch_size", "max_length"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+    tasks = [task for task in args.tasks.split(",") if task]
+    if not tasks:
+        parser.error("--tasks is empty: name at least one lm-eval task")
+    try:
+        out = evaluate(
+            args.run_dir,
+            tasks,
+            step=args.step,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+        )
+    except (ExportError, HFExportError, HarnessError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"lm-eval results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
