@@ -12,6 +12,7 @@ stops at the end-of-text token or after --max-new-tokens.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -91,7 +92,10 @@ def main(argv: list[str]) -> int:
     args = _options(argv)
     try:
         checkpoint = pick_checkpoint(args.run_dir, args.step)
-        model, config = model_from_checkpoint(checkpoint)
+        with contextlib.redirect_stdout(
+            sys.stderr
+        ):  # DeepSpeed's loading chatter: stdout is the text
+            model, config = model_from_checkpoint(checkpoint)
         tokenizer = read_tokenizer_file(
             tokenizer_file(config["data"]["path"], checkpoint.manifest["tokenizer_sha256"])
         )

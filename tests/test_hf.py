@@ -219,6 +219,7 @@ def test_export_and_generate_from_a_zero3_run(trained_run, tmp_path, capsys):
     with torch.no_grad():
         assert _relative_error(loaded(rows).logits, model(rows)) < 1e-5
 
+    capsys.readouterr()
     assert export.main([str(trained_run), "--llama", "--out", str(tmp_path / "llama")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "a hybrid model has no LlamaForCausalLM" in error
@@ -276,6 +277,8 @@ def test_lm_eval_on_the_local_task(trained_run, tmp_path, capsys):
     events.Reload()
     [scalar] = events.Scalars("lm_eval/rotalibi_heldout/bits_per_byte")
     assert scalar.step == 4 and scalar.value == pytest.approx(measured, rel=1e-6)
+
+    capsys.readouterr()
 
     def fails(*argv: str) -> str:
         assert harness.main(list(argv)) == 2
