@@ -13,12 +13,18 @@ shards), strided over the node's ranks, then strided over each rank's logical st
 DataLoader worker): disjoint slices that together cover the epoch exactly. Packing
 (data.packing) cuts each logical stream into rows by the documents' lengths, known up front
 from the dataset, and reads the documents of its rows in random order.
+
+A logical stream is a `Part`, named by the layout it was made for (rank, world size, ranks per
+node, stream of streams), so a job resumed on another number of ranks keeps reading the parts
+the saved job read: a rank may serve several, and a part may be split by rows
+(`Part.split`), which keeps every row of every epoch served exactly once.
 """
 
 from __future__ import annotations
 
 import functools
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -27,6 +33,32 @@ from streaming.base.shuffle import get_shuffle
 
 from data.distributed import RankInfo
 from data.manifest import BUILD_HINT, DatasetError
+
+
+@dataclass(frozen=True)
+class Part:
+    """A logical stream: slice `stream` of `streams` of the documents that rank `rank` of a
+    `world_size`-rank job (`local_world_size` per node) reads, and of each epoch's rows in
+    serving order those at `offset`, `offset + stride`, ... (data.packing)."""
+
+    rank: int
+    world_size: int
+    local_world_size: int
+    stream: int
+    streams: int
+    offset: int = 0
+    stride: int = 1
+
+    @property
+    def layout(self) -> RankInfo:
+        return RankInfo(self.rank, self.world_size, self.local_world_size)
+
+    def split(self, ways: int) -> list[Part]:
+        """`ways` parts that serve this one's rows in turn: together, each row once."""
+        return [
+            replace(self, offset=self.offset + j * self.stride, stride=self.stride * ways)
+            for j in range(ways)
+        ]
 
 
 class RankDocuments:
@@ -45,21 +77,30 @@ class RankDocuments:
         self.rank = rank
         self.num_streams = num_streams
         self.lengths = lengths
-        self.rank_order = functools.lru_cache(maxsize=2)(self._rank_order)
+        self.epoch_order = functools.lru_cache(maxsize=2)(self._epoch_order)
         self._executor: ThreadPoolExecutor | None = None
         self._prepared: dict[int, Future] = {}
 
     def __getstate__(self) -> dict[str, Any]:  # for spawned DataLoader workers
         state = self.__dict__.copy()
-        del state["rank_order"]
+        del state["epoch_order"]
         state.update(_executor=None, _prepared={})
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.rank_order = functools.lru_cache(maxsize=2)(self._rank_order)
+        self.epoch_order = functools.lru_cache(maxsize=2)(self._epoch_order)
 
-    def epoch_order(self, epoch: int) -> np.ndarray:
+    @property
+    def parts(self) -> list[Part]:
+        """This rank's own logical streams (those of a job that started on this layout)."""
+        r = self.rank
+        return [
+            Part(r.rank, r.world_size, r.local_world_size, s, self.num_streams)
+            for s in range(self.num_streams)
+        ]
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
         """Sample ids of the whole epoch in order: streams resampled, then shuffled."""
         ds = self.dataset
         units, sample_of_slot = ds.resample_streams(epoch)
@@ -68,14 +109,19 @@ class RankDocuments:
         )
         return sample_of_slot[slots]
 
-    def _rank_order(self, epoch: int) -> np.ndarray:
-        order, r = self.epoch_order(epoch), self.rank
+    def rank_order(self, epoch: int, layout: RankInfo | None = None) -> np.ndarray:
+        """The sample ids rank `layout` (default: this one) reads in `epoch`, in order."""
+        order, r = self.epoch_order(epoch), layout or self.rank
         n = len(order)
         node = order[r.node * n // r.num_nodes : (r.node + 1) * n // r.num_nodes]
         return node[r.local_rank :: r.local_world_size]
 
+    def part_order(self, epoch: int, part: Part) -> np.ndarray:
+        return self.rank_order(epoch, part.layout)[part.stream :: part.streams]
+
     def stream_order(self, epoch: int, stream: int) -> np.ndarray:
-        return self.rank_order(epoch)[stream :: self.num_streams]
+        """The documents of this rank's own logical stream `stream` in `epoch`."""
+        return self.part_order(epoch, self.parts[stream])
 
     def prefetch(self, sample: int) -> None:
         """Start preparing (download, check, decompress) the shard that holds `sample`."""
@@ -108,5 +154,5 @@ class RankDocuments:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
-        self.rank_order.cache_clear()
+        self.epoch_order.cache_clear()
         self.dataset = None

@@ -8,9 +8,13 @@ Documents come from one or more streams (prepared datasets, local or remote) thr
 StreamingDataset (data.documents), are packed into rows of any length chosen here and served
 in a shuffled order of the epoch's rows (data.packing), and batched. Each rank has one logical
 stream per DataLoader worker (one when num_workers = 0), served in turn; the state is every
-logical stream's position (epoch, rows served, the epoch's first token) and which one serves
+logical stream's position (epoch, next row, the epoch's first token) and which one serves
 next, so resuming is exact with or without workers. StreamingDataLoader is not used: its state
 is one global sample count, which packing breaks.
+
+A job resumed on another number of ranks takes its states from `reshard`: the saved job's
+logical streams, in the order it served them, dealt to the new ranks (several to a rank, or
+each split by rows over several ranks), so the rest of every epoch is read exactly once.
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import astuple, dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +47,7 @@ from data.cache import (
     verify_cached_split,
 )
 from data.distributed import RankInfo, gather, init_process_group, rank_info
-from data.documents import RankDocuments
+from data.documents import Part, RankDocuments
 from data.manifest import LENGTHS, MANIFEST, DatasetError, parse_manifest, read_manifest
 from data.packing import Position, ShuffledRows, make_batch
 from launch.config import DataConfig
@@ -50,7 +55,7 @@ from launch.config import DataConfig
 log = logging.getLogger(__name__)
 
 SPLIT = "train"
-STATE_VERSION = 2  # 2: rows in shuffled order (data.packing)
+STATE_VERSION = 3  # 2: rows in shuffled order (data.packing); 3: logical streams named (Part)
 SHUFFLE_BLOCK = 1 << 18  # py1e shuffle window, in documents
 DOWNLOAD_TIMEOUT_S = 300
 
@@ -234,31 +239,42 @@ def build_train_loader(
 def _batches(
     documents: RankDocuments,
     streams: list[int],
+    parts: list[Part],
     positions: list[Position],
     rows: int,
     length: int,
     eos_id: int,
     boundaries: bool,
 ) -> Iterator[tuple[int, dict, Position]]:
-    """(stream, batch, stream's position after it) for `streams` in turn, forever."""
-    seed = (documents.dataset.shuffle_seed, documents.rank.rank)
-    packed = {s: ShuffledRows(documents, s, length, seed, positions[s]) for s in streams}
+    """(stream, batch, stream's position after it) for `streams` (indices into `parts`) in
+    turn, forever."""
+    seed = documents.dataset.shuffle_seed
+    packed = {s: ShuffledRows(documents, parts[s], length, seed, positions[s]) for s in streams}
     while True:
         for s in streams:
             batch = make_batch(*packed[s].next_rows(rows), eos_id=eos_id, boundaries=boundaries)
             yield s, batch, packed[s].position
 
 
+def _turns(first: int, count: int, every: int = 1) -> list[int]:
+    """Every `every`-th of `count` logical streams served in turn from `first`."""
+    return [(first + i) % count for i in range(0, count, every)]
+
+
 class _WorkerBatches(IterableDataset):
-    """DataLoader worker w serves logical stream (w + first) mod workers."""
+    """DataLoader worker w serves logical streams first + w, first + w + workers, ... (mod
+    their count) in turn; the DataLoader takes the workers' batches in turn, so the batches
+    come in the streams' order."""
 
     def __init__(self, first: int, **kwargs: Any):
         self.first, self.kwargs = first, kwargs
 
     def __iter__(self):
         worker = get_worker_info()
-        stream = (worker.id + self.first) % worker.num_workers
-        return _batches(streams=[stream], **self.kwargs)
+        count = len(self.kwargs["parts"])
+        return _batches(
+            streams=_turns(self.first + worker.id, count, worker.num_workers), **self.kwargs
+        )
 
 
 def _as_is(item: Any) -> Any:
@@ -292,7 +308,8 @@ class TrainLoader:
             **identity,
         }
         self._slot = slot
-        self._positions = [Position()] * documents.num_streams
+        self._parts = documents.parts
+        self._positions = [Position()] * len(self._parts)
         self._next_stream = 0
         self._pipeline: Iterator | None = None
 
@@ -314,6 +331,7 @@ class TrainLoader:
     def _start(self) -> Iterator:
         kwargs = dict(
             documents=self.documents,
+            parts=list(self._parts),
             positions=list(self._positions),
             rows=self.batch_size,
             length=self.seq_len,
@@ -321,7 +339,7 @@ class TrainLoader:
             boundaries=self.boundaries,
         )
         if self.num_workers == 0:
-            return _batches(streams=[0], **kwargs)
+            return _batches(streams=_turns(self._next_stream, len(self._parts)), **kwargs)
         workers = _WorkerBatches(self._next_stream, **kwargs)
         return iter(
             DataLoader(workers, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is)
@@ -333,13 +351,17 @@ class TrainLoader:
             "version": STATE_VERSION,
             **self._identity,
             "next_stream": self._next_stream,
+            "parts": [asdict(p) for p in self._parts],
             "positions": [list(astuple(p)) for p in self._positions],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state` (from this rank's `state_dict()`): the next batch is the one
         the saving loader would have yielded next. batch_size and packing may differ (rows are
-        served one by one), seq_len may not (it lays out the rows)."""
+        served one by one), seq_len may not (it lays out the rows). A state of the previous
+        version (2) is read as this rank's own logical streams."""
+        if state.get("version") == 2:
+            state = {**state, "version": STATE_VERSION, "parts": [asdict(p) for p in self._parts]}
         expected = {"version": STATE_VERSION, **self._identity}
         differ = [
             f"{k}: saved {state.get(k)!r}, now {v!r}"
@@ -351,12 +373,20 @@ class TrainLoader:
                 "the loader state does not belong to this loader (" + "; ".join(differ) + "); "
                 "resume with the same ranks, data.num_workers, data.seq_len, datasets and run.seed"
             )
+        parts = [Part(**p) for p in state["parts"]]
+        if len(parts) % max(self.num_workers, 1):
+            raise DatasetError(
+                f"this rank serves {len(parts)} logical streams, which data.num_workers="
+                f"{self.num_workers} workers cannot share evenly; set data.num_workers to a "
+                f"divisor of {len(parts)}"
+            )
         self._close_pipeline()
+        self._parts = parts
         self._positions = [Position(*p) for p in state["positions"]]
         self._next_stream = state["next_stream"]
 
     def epoch_documents(self, epoch: int) -> list[int]:
-        """The sample ids this rank reads in `epoch`, in order (all its logical streams)."""
+        """The sample ids this rank's own layout reads in `epoch`, in order."""
         return self.documents.rank_order(epoch).tolist()
 
     def _close_pipeline(self) -> None:
@@ -375,3 +405,47 @@ class TrainLoader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def reshard(
+    states: list[dict[str, Any]], rank: int, world_size: int, num_workers: int
+) -> dict[str, Any]:
+    """The loader state of `rank` of `world_size` ranks (`num_workers` DataLoader workers
+    each) that resume a job whose ranks saved
+    `states` (in rank order). The saved logical streams, in the order the job served them (rank
+    by rank, each from its next), are split by rows into the fewest equal ways k that give
+    every worker of every rank as many (n k divisible by world_size x workers) and dealt out
+    in order, an equal run to each rank: every row the saved job had not served is served
+    once. With as many micro-batches per step as before (data.batch_size x
+    train.grad_accum x ranks unchanged), a step's rows are the ones the saved job would have
+    used, when the saved ranks' streams are merged (fewer ranks)."""
+    if any(state.get("version") != STATE_VERSION for state in states):
+        raise DatasetError(
+            "the checkpoint's loader states predate resuming on another number of ranks "
+            f"(version {states[0].get('version')}); resume it on {len(states)} ranks"
+        )
+    served: list[tuple[Part, Position]] = []
+    for state in states:
+        pairs = [
+            (Part(**part), Position(*position))
+            for part, position in zip(state["parts"], state["positions"], strict=True)
+        ]
+        served += [pairs[i] for i in _turns(state["next_stream"], len(pairs))]
+    slots = world_size * max(num_workers, 1)
+    ways = slots // math.gcd(len(served), slots)
+    split = [
+        (sub, Position(position.epoch, position.index + j * part.stride, position.start))
+        for part, position in served
+        for j, sub in enumerate(part.split(ways))
+    ]
+    share = len(split) // world_size
+    mine = split[rank * share : (rank + 1) * share]
+    return {
+        **states[0],
+        "rank": rank,
+        "world_size": world_size,
+        "num_workers": num_workers,
+        "next_stream": 0,
+        "parts": [asdict(part) for part, _ in mine],
+        "positions": [list(astuple(position)) for _, position in mine],
+    }

@@ -13,8 +13,10 @@ the batches that follow (a plain random permutation would still serve the few lo
 a corpus in most batches, and in consecutive ones). Finding a row's tokens needs each
 document's length, which the dataset stores (`<split>/lengths.npy`, data.prepare).
 
-The state is the position in that order, (epoch, rows of it served, the epoch's first token in
-the endless sequence): resuming from it serves the same rows in the same order.
+The state is the position in that order, (epoch, index of the next row, the epoch's first
+token in the endless sequence): resuming from it serves the same rows in the same order. A
+logical stream split by rows (data.documents.Part) serves every `stride`-th row of each
+epoch's order, from its `offset`.
 
 With `boundaries` packing every EOS starts a new document: it plays the beginning-of-document
 role for the text after it (the model learns to predict a document's first token from EOS
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from data.documents import Part
 from data.manifest import BUILD_HINT, DatasetError
 
 PREFETCH_ROWS = 64  # prepare (download, check, decompress) the shards of rows this far ahead
@@ -41,7 +44,7 @@ class StreamDocuments(Protocol):
 
     lengths: np.ndarray  # tokens (EOS included) of every sample id
 
-    def stream_order(self, epoch: int, stream: int) -> np.ndarray: ...  # its sample ids, in order
+    def part_order(self, epoch: int, part: Part) -> np.ndarray: ...  # its sample ids, in order
 
     def tokens(self, sample: int) -> np.ndarray: ...
 
@@ -50,8 +53,8 @@ class StreamDocuments(Protocol):
 
 @dataclass(frozen=True)
 class Position:
-    """The next row is the `index`-th of `epoch`'s permutation; `start` is the epoch's first
-    token in the stream's endless token sequence."""
+    """The next row is the `index`-th of `epoch`'s permutation (none left when past its end);
+    `start` is the epoch's first token in the stream's endless token sequence."""
 
     epoch: int = 0
     index: int = 0
@@ -71,18 +74,18 @@ class _Epoch:
 
 
 class ShuffledRows:
-    """Rows of `length + 1` tokens of logical stream `stream`, each epoch's in the permutation
-    drawn from `seed`, starting at `position`."""
+    """Rows of `length + 1` tokens of logical stream `part`, each epoch's in the permutation
+    drawn from `seed` and the part's rank and stream, starting at `position`."""
 
     def __init__(
         self,
         documents: StreamDocuments,
-        stream: int,
+        part: Part,
         length: int,
-        seed: tuple[int, ...],
+        seed: int,
         position: Position,
     ):
-        self.documents, self.stream, self.length, self.seed = documents, stream, length, seed
+        self.documents, self.part, self.length, self.seed = documents, part, length, seed
         self._epochs = {position.epoch: self._new_epoch(position.epoch, position.start)}
         self._epoch, self._index = position.epoch, position.index
         self._rows = self._permutation(position.epoch)
@@ -92,7 +95,7 @@ class ShuffledRows:
         return Position(self._epoch, self._index, self._epochs[self._epoch].start)
 
     def _new_epoch(self, epoch: int, start: int) -> _Epoch:
-        order = self.documents.stream_order(epoch, self.stream)
+        order = self.documents.part_order(epoch, self.part)
         return _Epoch(order, self.documents.lengths, start)
 
     def _get_epoch(self, epoch: int) -> _Epoch:
@@ -110,7 +113,7 @@ class ShuffledRows:
         # The document (index in the epoch) of each row's first token, and its rows' count.
         doc = np.searchsorted(here.bounds, rows * self.length - here.start, side="right") - 1
         counts = np.bincount(doc, minlength=len(here.order))
-        rng = np.random.default_rng([*self.seed, self.stream, epoch])
+        rng = np.random.default_rng([self.seed, self.part.rank, self.part.stream, epoch])
         grouped = np.lexsort((rng.random(len(rows)), doc))  # by document, randomly within
         slot = np.empty(len(rows), np.int64)  # a row's place among its document's rows
         slot[grouped] = np.arange(len(rows)) - (np.cumsum(counts) - counts)[doc[grouped]]
@@ -118,7 +121,7 @@ class ShuffledRows:
         return rows[np.argsort((slot + phase[doc]) / counts[doc], kind="stable")]
 
     def _advance_epoch(self) -> None:
-        self._epoch, self._index = self._epoch + 1, 0
+        self._epoch, self._index = self._epoch + 1, self.part.offset
         self._rows = self._permutation(self._epoch)
         self._epochs = {e: v for e, v in self._epochs.items() if e >= self._epoch}
 
@@ -129,14 +132,14 @@ class ShuffledRows:
         numbers = np.empty(rows, np.int64)
         documents: set[tuple[int, int]] = set()
         for r in range(rows):
-            while self._index == len(self._rows):
+            while self._index >= len(self._rows):
                 self._advance_epoch()
             ahead = self._index + PREFETCH_ROWS
             if ahead < len(self._rows):
                 self._prefetch(int(self._rows[ahead]))
             numbers[r] = self._rows[self._index]
             self._read(int(numbers[r]), out[r], documents)
-            self._index += 1
+            self._index += self.part.stride
         return out, numbers, len(documents)
 
     def _locate(self, token: int) -> tuple[int, int]:

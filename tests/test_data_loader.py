@@ -30,7 +30,7 @@ from data_helpers import (
 
 from data.cache import cache_root
 from data.distributed import rank_info
-from data.loader import build_train_loader
+from data.loader import build_train_loader, reshard
 from data.manifest import DatasetError, read_manifest
 from data.prepare import prepare
 from launch.config import DataConfig, StreamConfig
@@ -175,7 +175,11 @@ def test_resumed_loader_continues_exactly(cfg, packing, num_workers, resume_at):
     with build_train_loader(cfg, **SHAPE) as loader:
         loader.load_state_dict(state)
         resumed = take(loader, steps - resume_at)
+        # A state saved before logical streams were named (version 2) resumes alike.
+        loader.load_state_dict({**state, "version": 2, "parts": None})
+        resumed_v2 = take(loader, 20)
     assert_same_batches(resumed, batches[resume_at:])
+    assert_same_batches(resumed_v2, batches[resume_at : resume_at + 20])
     fresh = [[0, 0, 0]] * max(num_workers, 1)
     assert (state["positions"] == fresh) == (resume_at == 0)
 
@@ -227,6 +231,40 @@ def test_every_token_is_a_target_once_per_epoch_and_resumption_is_exact(
             epoch_tokens = sum(len(documents[i]) for i in orders[0])
             assert (targets[1:epoch_tokens] == 1).all()  # each token of the epoch, once
             assert targets.max() == 1 and targets[0] == 0
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_job_resumed_on_other_rank_counts_reads_every_document_once(cfg, dataset, num_workers):
+    """A 1-rank job goes on on 2 ranks, then 3, then 1 again, with 0 or 2 workers a rank
+    (data.loader.reshard; this process plays each rank in turn): over the epoch every document
+    is read exactly once, counted token by token, and every row is still its stream's window."""
+    documents = read_split(dataset, "train")
+    length = SHAPE["seq_len"]
+    with build_train_loader(cfg, **SHAPE) as loader:  # one logical stream
+        order = loader.epoch_documents(0)
+        tokens = stream_of_loader(loader, dataset)
+        served = take(loader, 5)
+        states = [loader.state_dict()]
+    cfg.num_workers = num_workers  # the resumed jobs' ranks have workers, or not
+    with build_train_loader(cfg, **SHAPE) as loader:
+        for world, batches in ((2, 6), (3, 4), (1, 400)):
+            saved = []
+            for rank in range(world):
+                state = reshard(states, rank, world, num_workers)
+                loader.load_state_dict({**state, "rank": 0, "world_size": 1})
+                served += take(loader, batches)
+                saved.append({**loader.state_dict(), "rank": rank, "world_size": world})
+            states = saved
+    assert_rows_are_windows(served, tokens, length)
+    first_epoch = epoch_rows(documents, order, length)
+    rows = [k for batch in served for k in batch["rows"].tolist() if k < first_epoch]
+    assert sorted(rows) == list(range(first_epoch))  # every row of the epoch, once
+    targets = np.zeros(first_epoch * length + 1, np.int64)
+    for k in rows:
+        targets[k * length + 1 : k * length + length + 1] += 1
+    starts = np.cumsum([0] + [len(documents[i]) for i in order])
+    read = [targets[max(a, 1) : b].sum() for a, b in itertools.pairwise(starts)]
+    assert read == [len(documents[i]) - (i == order[0]) for i in order]  # each document, once
 
 
 @pytest.fixture(scope="module")
@@ -338,7 +376,7 @@ def test_stale_shared_memory_of_a_killed_job_is_cleaned(dataset, tmp_path):
     cache = tmp_path / "cache"
     script = textwrap.dedent(f"""
         import itertools, os, signal, sys
-        from data.loader import build_train_loader
+        from data.loader import build_train_loader, reshard
         from launch.config import DataConfig
         loader = build_train_loader(DataConfig(path={str(dataset)!r}, cache_dir={str(cache)!r}),
                                     seq_len=16, batch_size=2, seed=0)
