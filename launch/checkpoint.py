@@ -9,6 +9,10 @@ every file (the ranks hash a share each). A checkpoint whose manifest is missing
 or one of whose files is missing or has another size, is incomplete (killed mid-save, truncated)
 and skipped with a warning; `verify` also compares the content hashes, before a checkpoint is
 resumed, evaluated or exported. `latest` names the newest complete one.
+
+Resuming on another number of ranks needs DeepSpeed's universal checkpoint (each parameter's
+weights and Adam moments whole, loadable by any number of ranks): `to_universal` converts a
+checkpoint once into `step_<N>/universal/`, with a manifest of its own, verified alike.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import logging
 import os
 import random
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +34,7 @@ import torch
 log = logging.getLogger("rotalibi")
 
 MANIFEST = "rotalibi.json"
+UNIVERSAL = "universal"
 
 
 @dataclass(frozen=True)
@@ -70,10 +77,12 @@ def restore_rng_state(state: dict) -> None:
 
 
 def _files(directory: Path) -> list[str]:
+    """The files of a checkpoint, its universal conversion (which has a manifest of its own)
+    left out."""
     return [
         str(p.relative_to(directory))
         for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p.name != MANIFEST and p.relative_to(directory).parts[0] != UNIVERSAL
     ]
 
 
@@ -237,15 +246,90 @@ def prune(checkpoint_dir: Path, keep: int) -> None:
         shutil.rmtree(old.path)
 
 
-def load(engine, checkpoint: Checkpoint) -> dict:
-    """Restore DeepSpeed's state and return this rank's trainer state (loader, RNG)."""
-    load_path, _ = engine.load_checkpoint(
-        str(checkpoint.path.parent), tag=checkpoint.path.name, load_module_strict=True
-    )
+def load(engine, checkpoint: Checkpoint) -> None:
+    """Restore DeepSpeed's state (weights, optimizer, LR schedule) saved by as many ranks."""
+    _deepspeed_load(engine, checkpoint.path)
+
+
+def load_universal(engine, checkpoint: Checkpoint) -> None:
+    """Restore DeepSpeed's state saved by any number of ranks through its universal form (the
+    engine built with `load_universal`). Collective."""
+    _deepspeed_load(engine, to_universal(checkpoint))
+
+
+def _deepspeed_load(engine, path: Path) -> None:
+    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True)
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load {checkpoint.path}")
-    rank = torch.distributed.get_rank()
+        raise RuntimeError(f"DeepSpeed could not load {path}")
+
+
+def trainer_state(checkpoint: Checkpoint, rank: int) -> dict:
+    """Rank `rank`'s trainer state (loader position, RNG) in `checkpoint`."""
     return torch.load(checkpoint.path / f"trainer_rank_{rank}.pt", weights_only=True)
+
+
+def _manifest_of(directory: Path, step: int) -> dict:
+    files = {
+        name: {"bytes": (directory / name).stat().st_size, "sha256": sha256(directory / name)}
+        for name in _files(directory)
+    }
+    return {"step": step, "files": files}
+
+
+def _convert_to_universal(checkpoint: Checkpoint, target: Path) -> None:
+    """DeepSpeed's ds_to_universal (a child process: its worker pools and memory end with it)
+    into `target`, written last with its manifest: a half-done conversion is never used."""
+    partial = target.with_name(UNIVERSAL + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)
+    workers = str(max(1, min(8, os.cpu_count() or 1)))
+    command = [
+        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder", str(checkpoint.path), "--output_folder", str(partial),
+        "--num_extract_workers", workers, "--num_merge_workers", workers,
+    ]  # fmt: skip
+    log.info("converting %s to DeepSpeed's universal checkpoint", checkpoint.path)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise CheckpointError(
+            f"cannot convert {checkpoint.path} to a universal checkpoint: {last}; "
+            f"{free_space(checkpoint.path)}"
+        )
+    write_atomically(partial / MANIFEST, json.dumps(_manifest_of(partial, checkpoint.step)))
+    os.replace(partial, target)
+
+
+def to_universal(checkpoint: Checkpoint) -> Path:
+    """`checkpoint`'s universal form, `<checkpoint>/universal/`: converted by rank 0 unless a
+    complete conversion is there, then verified by every rank (a share of the files each).
+    Collective; CheckpointError on every rank when it could not be made."""
+    world = torch.distributed
+    rank, world_size = world.get_rank(), world.get_world_size()
+    target = checkpoint.path / UNIVERSAL
+    problem = None
+    if rank == 0:
+        try:
+            manifest, problem = _complete_manifest(target)
+            if problem is None:
+                problem = verify(Checkpoint(target, checkpoint.step, manifest))
+            if problem is not None:
+                _convert_to_universal(checkpoint, target)
+            problem = None
+        except (OSError, CheckpointError) as e:
+            problem = str(e)
+    shared = [problem]
+    world.broadcast_object_list(shared, src=0)
+    if shared[0] is None:
+        manifest, shared[0] = _complete_manifest(target)
+        if shared[0] is None:
+            shared[0] = verify(Checkpoint(target, checkpoint.step, manifest), rank, world_size)
+    problems: list = [None] * world_size
+    world.all_gather_object(problems, shared[0])
+    if (problem := next((p for p in problems if p is not None), None)) is not None:
+        raise CheckpointError(f"universal checkpoint of {checkpoint.path}: {problem}")
+    return target
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -75,6 +75,9 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = field(default=1.0, metadata={"min": 0.0})
     grad_accum: int = field(default=1, metadata={"min": 1})
+    # Resuming on another number of ranks keeps data.batch_size x grad_accum x ranks unless
+    # this is set (launch.train stops with the grad_accum that keeps it).
+    allow_batch_change: bool = False
     checkpoint_every: int = field(default=100, metadata={"min": 1})
     keep_checkpoints: int = field(default=3, metadata={"min": 1})
     log_every: int = field(default=10, metadata={"min": 1})
@@ -130,6 +133,9 @@ class DeepSpeedConfig:
     precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16", "fp16"]})
     offload_optimizer: bool = False
     offload_params: bool = False
+    # Build the model under deepspeed.zero.Init (each rank holds only its partition from the
+    # start); None: on for zero_stage 3 with more than one rank.
+    zero_init: bool | None = None
     reduce_bucket_size: int = field(default=500_000_000, metadata={"min": 1})
     prefetch_bucket_size: int = field(default=50_000_000, metadata={"min": 1})
 

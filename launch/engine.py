@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from launch.config import Config, ConfigError
+from model import Transformer
 
 
 def precision(cfg: Config, device: torch.device) -> str:
@@ -65,13 +66,38 @@ def deepspeed_config(cfg: Config, world_size: int, device: torch.device) -> dict
     return config
 
 
+def zero_init(cfg: Config, world_size: int) -> bool:
+    """Whether the model is built under deepspeed.zero.Init (see DeepSpeedConfig.zero_init)."""
+    chosen = cfg.deepspeed.zero_init
+    if chosen is None:
+        return cfg.deepspeed.zero_stage == 3 and world_size > 1
+    if chosen and cfg.deepspeed.zero_stage != 3:
+        raise ConfigError("deepspeed.zero_init needs deepspeed.zero_stage=3")
+    return chosen
+
+
+def build_model(cfg: Config, world_size: int, device: torch.device) -> Transformer:
+    """The model, initialised from run.seed. Under zero.Init every module's parameters are
+    partitioned over the ranks as soon as it is built, so no rank ever holds the whole model;
+    the weights are the same as a full construction's, bit for bit."""
+    torch.manual_seed(cfg.run.seed)
+    if not zero_init(cfg, world_size):
+        return Transformer(cfg.model, train_length=cfg.data.seq_len)
+    import deepspeed
+
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, world_size, device)):
+        return Transformer(cfg.model, train_length=cfg.data.seq_len)
+
+
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: not on norms, biases, angle/bias scalars, embeddings."""
+    """Weight decay on matrices only: not on norms, biases, angle/bias scalars, embeddings.
+    Two groups, in this order: decayed, not decayed."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_matrix = p.dim() >= 2 and "embed" not in name
+        shape = getattr(p, "ds_shape", p.shape)  # a ZeRO-3 partition is flat: its full shape
+        is_matrix = len(shape) >= 2 and "embed" not in name
         (decay if is_matrix else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
@@ -90,11 +116,35 @@ def lr_multiplier(step: int, cfg: Config) -> float:
     return train.min_lr_ratio + (1 - train.min_lr_ratio) * cosine
 
 
-def build_engine(model: nn.Module, cfg: Config, world_size: int, device: torch.device):
-    """deepspeed.initialize with ZeRO, AdamW and the warmup + cosine schedule."""
+def repair_universal_load(engine, cfg: Config) -> None:
+    """Undo what DeepSpeed's universal loading (0.19, ZeRO-3) gets wrong for torch's AdamW: it
+    gives every parameter group the first one's hyperparameters, and every group's state one
+    shared `step` tensor, which AdamW then advances once per group at each step (wrong bias
+    corrections). Each group gets its weight decay back (`parameter_groups`' order) and a step
+    count of its own."""
+    decays = (cfg.train.weight_decay, 0.0)
+    for group, decay in zip(engine.optimizer.param_groups, decays, strict=True):
+        group["weight_decay"] = decay
+    for state in engine.optimizer.optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+
+
+def build_engine(
+    model: nn.Module,
+    cfg: Config,
+    world_size: int,
+    device: torch.device,
+    *,
+    load_universal: bool = False,
+):
+    """deepspeed.initialize with ZeRO, AdamW and the warmup + cosine schedule; with
+    `load_universal`, its load_checkpoint reads universal checkpoints (checkpoint.to_universal)."""
     import deepspeed
 
     config = deepspeed_config(cfg, world_size, device)
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     groups = parameter_groups(model, cfg.train.weight_decay)
     optimizer = None
     if "optimizer" not in config:

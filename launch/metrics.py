@@ -27,7 +27,11 @@ KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
 
 def training_flops_per_token(model: nn.Module, seq_len: int, window: int | None) -> float:
     """6 N + 12 L d T_eff, see the module docstring."""
-    n_matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    n_matmul = sum(
+        getattr(m.weight, "ds_numel", m.weight.numel())  # ZeRO-3 partitioned: the full count
+        for m in model.modules()
+        if isinstance(m, nn.Linear)
+    )
     layers, width = model.cfg.n_layers, model.cfg.d_model
     if window is None or window >= seq_len:
         keys_seen = (seq_len + 1) / 2

@@ -639,7 +639,7 @@ def check_trainable(cfg: Config) -> None:
 
     try:
         check_dataset(cfg)
-        resume_point(cfg)
+        resume_point(cfg, cfg.slurm.nodes * tasks_per_node(cfg.slurm))
     except (ConfigError, DatasetError, RunDirError) as e:
         raise SlurmError(f"{e} (checked before submitting)") from None
 

@@ -3,7 +3,8 @@
 Runs as one process, under `deepspeed --num_gpus N` / `--hostfile`, `torchrun` or `srun` (see
 launch/distributed.py). The run directory `<run.dir>/<run.name>/` holds `config.yaml`,
 `checkpoints/`, `tb/`, `metrics.jsonl` and `eval/`. Starting a run whose directory holds a
-complete checkpoint resumes from the newest one, exactly.
+complete checkpoint resumes from the newest one, exactly, on any number of ranks (another
+number goes through DeepSpeed's universal checkpoint; see `Trainer._restore`).
 
 Exit codes: 0 finished; 2 bad input (config, dataset, run directory in use or not writable),
 before any step; 3 stopped after `train.max_bad_steps` non-finite steps in a row; 75
@@ -38,7 +39,7 @@ from launch.distributed import (
     mean_over_ranks,
     single_threaded_comm_start,
 )
-from launch.engine import build_engine
+from launch.engine import build_engine, build_model, repair_universal_load
 from launch.metrics import (
     Interval,
     MetricsLogger,
@@ -47,7 +48,6 @@ from launch.metrics import (
     training_flops_per_token,
 )
 from launch.rundir import RunDirError, RunLock, probe_writable
-from model import Transformer
 from model.transformer import cross_entropy
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_REQUEUE = 0, 1, 2, 3, 75
@@ -71,10 +71,34 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return found
 
 
-def resume_point(cfg: Config) -> ckpt.Checkpoint | None:
+def check_global_batch(checkpoint: ckpt.Checkpoint, cfg: Config, world_size: int) -> None:
+    """ConfigError unless resuming `checkpoint` on `world_size` ranks keeps its global batch,
+    data.batch_size x train.grad_accum x ranks (or train.allow_batch_change lets it change)."""
+    saved = yaml.safe_load(checkpoint.manifest["config"])
+    batch, accum = saved["data"]["batch_size"], saved["train"]["grad_accum"]
+    saved_world = checkpoint.manifest["world_size"]
+    before = batch * accum * saved_world
+    per_step = cfg.data.batch_size * world_size
+    now = per_step * cfg.train.grad_accum
+    if before == now or cfg.train.allow_batch_change:
+        return
+    fix = (
+        f"set train.grad_accum={before // per_step} to keep it"
+        if before % per_step == 0
+        else "no train.grad_accum keeps it at this data.batch_size"
+    )
+    raise ConfigError(
+        f"{checkpoint.path} was saved with a global batch of {before} rows ({batch} x "
+        f"train.grad_accum={accum} x {saved_world} ranks); on {world_size} rank(s) this run's "
+        f"would be {now}: {fix}, or set train.allow_batch_change=true to change it"
+    )
+
+
+def resume_point(cfg: Config, world_size: int | None = None) -> ckpt.Checkpoint | None:
     """The newest complete checkpoint of the run directory, checked against this config: a
     different model is an error (another run's checkpoints), other changes are logged (so is
-    model.attn_block, the CPU attention's tile: the same model computed in other blocks)."""
+    model.attn_block, the CPU attention's tile: the same model computed in other blocks). With
+    `world_size`, a global batch that would change is an error too (`check_global_batch`)."""
     found = ckpt.find_checkpoints(cfg.run_dir / "checkpoints")
     if not found:
         return None
@@ -90,6 +114,8 @@ def resume_point(cfg: Config) -> ckpt.Checkpoint | None:
             f"{cfg.run_dir} holds checkpoints of a different model ({'; '.join(model_changes)}). "
             "Pick another run.name (or run.dir), or delete that directory to start over."
         )
+    if world_size is not None:
+        check_global_batch(latest, cfg, world_size)
     other = [d for d in _differences(saved, now) if d not in model_changes]
     if other:
         log.warning("resuming %s with a changed config: %s", latest.path, "; ".join(other))
@@ -153,10 +179,13 @@ class Trainer:
 
         self.cfg, self.world, self.hooks = cfg, world, list(hooks)
         self.run_dir, self.checkpoint_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
-        torch.manual_seed(cfg.run.seed)
-        self.model = Transformer(cfg.model, train_length=cfg.data.seq_len)
+        resume = self._verified(resume)
+        resharding = resume is not None and resume.manifest["world_size"] != world.world_size
+        self.model = build_model(cfg, world.world_size, world.device)
         self.model.activation_checkpointing = cfg.train.activation_checkpointing
-        self.engine = build_engine(self.model, cfg, world.world_size, world.device)
+        self.engine = build_engine(
+            self.model, cfg, world.world_size, world.device, load_universal=resharding
+        )
         self.loader = build_train_loader(
             cfg.data, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, seed=cfg.run.seed
         )
@@ -164,7 +193,6 @@ class Trainer:
         torch.manual_seed(cfg.run.seed + 1000 * world.rank)  # a resumed run restores its own
         # A checkpoint saved on a stop signal at a checkpoint step owes its hooks (evaluation).
         self.hooks_owed = False
-        resume = self._verified(resume)
         if resume is not None:
             self._restore(resume)
             self.hooks_owed = resume.manifest["hooks_owed"]
@@ -197,15 +225,38 @@ class Trainer:
         return None
 
     def _restore(self, checkpoint: ckpt.Checkpoint) -> None:
+        """Weights, optimizer and schedule, the data position and RNG of `checkpoint`. Saved by
+        another number of ranks, it is loaded as DeepSpeed's universal checkpoint and the saved
+        ranks' data positions are dealt to these ranks (data.loader.reshard); a rank that did
+        not exist keeps its fresh RNG."""
+        from data.loader import reshard
+
+        rank, world_size = self.world.rank, self.world.world_size
         saved_world = checkpoint.manifest["world_size"]
-        if saved_world != self.world.world_size:
-            raise RunDirError(
-                f"{checkpoint.path} was saved by {saved_world} ranks and this run has "
-                f"{self.world.world_size}; resume with {saved_world} ranks"
+        if saved_world == world_size:
+            ckpt.load(self.engine, checkpoint)
+            state = ckpt.trainer_state(checkpoint, rank)
+            loader_state, rng = state["loader"], state["rng"]
+        else:
+            ckpt.load_universal(self.engine, checkpoint)
+            repair_universal_load(self.engine, self.cfg)
+            states = [ckpt.trainer_state(checkpoint, r) for r in range(saved_world)]
+            loader_state = reshard(
+                [s["loader"] for s in states], rank, world_size, self.cfg.data.num_workers
             )
-        state = ckpt.load(self.engine, checkpoint)
-        self.loader.load_state_dict(state["loader"])
-        ckpt.restore_rng_state(state["rng"])
+            rng = states[rank]["rng"] if rank < saved_world else None
+            log.warning(
+                "resumed %s, saved by %d rank(s), on %d: weights and optimizer through "
+                "DeepSpeed's universal checkpoint; each rank serves %d of the saved job's data "
+                "streams",
+                checkpoint.path,
+                saved_world,
+                world_size,
+                len(loader_state["parts"]),
+            )
+        self.loader.load_state_dict(loader_state)
+        if rng is not None:
+            ckpt.restore_rng_state(rng)
         self.step, self.tokens = checkpoint.step, checkpoint.manifest["tokens"]
         self.skipped = checkpoint.manifest["skipped_steps"]
         log.info("resumed from %s (step %d)", checkpoint.path, self.step)
@@ -405,7 +456,8 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(*parse_args(argv))
         check_dataset(cfg)
-        resume = resume_point(cfg)  # a foreign run directory stops here, before any work
+        # A foreign run directory, or a global batch that would change, stops here.
+        resume = resume_point(cfg, int(os.environ["WORLD_SIZE"]))
         hooks = []
         if cfg.eval.every_checkpoint:
             from launch.evaluate import evaluation_hook

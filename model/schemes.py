@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels import AlibiTable, accumulate_angles
+from model.partitioned import full
 
 if TYPE_CHECKING:
     from model.config import ModelConfig
@@ -59,13 +60,13 @@ SCHEMES: dict[str, SchemeSpec] = {
 
 def rope_frequencies(head_dim: int, base: float) -> Tensor:
     """theta_p = base^(-2p/d), p = 0..d/2-1 (float64)."""
-    return base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    return base ** (-torch.arange(0, head_dim, 2).double() / head_dim)
 
 
 def alibi_slopes(n_heads: int) -> Tensor:
     """ALiBi's head slopes: 2^(-8h/H) for H a power of two, else the paper's interleaving."""
     if math.log2(n_heads).is_integer():
-        return torch.tensor([2 ** (-8 * h / n_heads) for h in range(1, n_heads + 1)])
+        return torch.as_tensor([2 ** (-8 * h / n_heads) for h in range(1, n_heads + 1)])
     closest = 2 ** math.floor(math.log2(n_heads))
     extra = alibi_slopes(2 * closest)[0::2][: n_heads - closest]
     return torch.cat((alibi_slopes(closest), extra))
@@ -78,7 +79,9 @@ def _inverse_softplus(x: Tensor) -> Tensor:
 class Float64Constants(nn.Module):
     """A module whose constant buffers (`register_constant`) follow it across devices but stay
     float64 when it is cast: a bfloat16 model (DeepSpeed's bf16) keeps exact RoPE frequencies
-    and ALiBi slopes."""
+    and ALiBi slopes. Their values start from integer tensors or Python numbers, never from a
+    floating tensor made by torch.tensor/arange/randn/...: under DeepSpeed's zero.Init those
+    come out in the training dtype."""
 
     def register_constant(self, name: str, value: Tensor) -> None:
         self.register_buffer(name, value.double(), persistent=False)
@@ -104,20 +107,21 @@ class DistanceBias(Float64Constants):
             self.r1 = nn.Parameter(torch.empty(n_heads))
             self.r2 = nn.Parameter(torch.empty(n_heads))
         if kind == "sandwich":
-            k = torch.arange(sandwich_dim // 2, dtype=torch.float64)
+            k = torch.arange(sandwich_dim // 2).double()
             self.register_constant("omega", 10000 ** (-2 * k / sandwich_dim))
-            heads = torch.arange(1, n_heads + 1, dtype=torch.float64)
+            heads = torch.arange(1, n_heads + 1).double()
             self.register_constant("lam", n_heads / (8 * heads))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """kerple_power starts as ALiBi (r1 = slope, r2 = 1); kerple_log as -log(1 + slope n)."""
-        if self.kind == "kerple_log":
-            self.r1.data.copy_(_inverse_softplus(torch.ones_like(self.slopes)))
-            self.r2.data.copy_(_inverse_softplus(self.slopes))
-        elif self.kind == "kerple_power":
-            self.r1.data.copy_(_inverse_softplus(self.slopes))
-            self.r2.data.zero_()  # 2 sigmoid(0) = 1
+        with full(*self.parameters()):
+            if self.kind == "kerple_log":
+                self.r1.data.copy_(_inverse_softplus(torch.ones_like(self.slopes)))
+                self.r2.data.copy_(_inverse_softplus(self.slopes))
+            elif self.kind == "kerple_power":
+                self.r1.data.copy_(_inverse_softplus(self.slopes))
+                self.r2.data.zero_()  # 2 sigmoid(0) = 1
 
     def forward(self, n: Tensor) -> Tensor:
         """n [...] float distances -> bias [H, ...]."""
@@ -160,7 +164,7 @@ class PositionScheme(Float64Constants):
             # Frozen random increments theta (1 + spread * N(0, 1) of a random projection of
             # x_t): seeded per layer, saved with the model, identical in train and eval.
             gen = torch.Generator().manual_seed(cfg.random_accrot_seed * 1000 + layer)
-            w = torch.randn(H * P, cfg.d_model, generator=gen, dtype=torch.float64)
+            w = theta.new_empty(H * P, cfg.d_model).normal_(generator=gen)
             w *= cfg.random_accrot_spread * theta.repeat(H)[:, None] / math.sqrt(cfg.d_model)
             self.register_buffer("random_weight", w.float())
             self.register_buffer("random_bias", theta.repeat(H).float())
@@ -180,19 +184,21 @@ class PositionScheme(Float64Constants):
 
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
-        if self.spec.rotation == "learned":
-            nn.init.zeros_(self.delta.weight)
-            self.delta.bias.data.copy_(self.theta.repeat(self.cfg.kv_heads))
-        if self.spec.bias is not None:
+        own = [p for name, p in self.named_parameters() if not name.startswith("bias.")]
+        with full(*own):
+            if self.spec.rotation == "learned":
+                nn.init.zeros_(self.delta.weight)
+                self.delta.bias.data.copy_(self.theta.repeat(self.cfg.kv_heads))
+            if self.spec.transport:
+                nn.init.normal_(self.w_down.weight, std=std)
+                nn.init.normal_(self.w_up.weight, std=std)
+                # The short convolution starts as the identity (all weight on the current token).
+                nn.init.zeros_(self.w_conv)
+                self.w_conv.data[:, -1] = 1.0
+                nn.init.normal_(self.beta.weight, std=std)
+                nn.init.zeros_(self.beta.bias)
+        if self.spec.bias is not None:  # draws no random numbers: the order does not matter
             self.bias.reset_parameters()
-        if self.spec.transport:
-            nn.init.normal_(self.w_down.weight, std=std)
-            nn.init.normal_(self.w_up.weight, std=std)
-            # The short convolution starts as the identity (all weight on the current token).
-            nn.init.zeros_(self.w_conv)
-            self.w_conv.data[:, -1] = 1.0
-            nn.init.normal_(self.beta.weight, std=std)
-            nn.init.zeros_(self.beta.bias)
 
     def forward(self, x: Tensor, positions: Tensor, doc_ids: Tensor | None) -> dict:
         """x [B, T, d_model]; positions [B, T] (within document). Returns attention kwargs."""

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 import kernels
 from model.config import ModelConfig
+from model.partitioned import full
 from model.schemes import SCHEMES, PositionScheme
 
 if TYPE_CHECKING:
@@ -129,23 +130,24 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights; residual outputs scaled by 1/sqrt(2 n_layers)."""
-        std = self.cfg.init_std
-        nn.init.normal_(self.embed.weight, std=std)
+        """Normal(0, init_std) weights; residual outputs scaled by 1/sqrt(2 n_layers). Each
+        weight is gathered in turn when ZeRO-3 partitioned it at construction (zero.Init)."""
+        std, residual_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+
+        def init(weight: nn.Parameter, weight_std: float) -> None:
+            with full(weight):
+                nn.init.normal_(weight, std=weight_std)
+
+        init(self.embed.weight, std)
         if not self.cfg.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=std)
+            init(self.lm_head.weight, std)
         for block in self.blocks:
-            for linear in (
-                block.attn.wq,
-                block.attn.wk,
-                block.attn.wv,
-                block.mlp.gate,
-                block.mlp.up,
-            ):
-                nn.init.normal_(linear.weight, std=std)
-            for linear in (block.attn.wo, block.mlp.down):
-                nn.init.normal_(linear.weight, std=std / math.sqrt(2 * self.cfg.n_layers))
-            block.attn.position.reset_parameters()
+            attn, mlp = block.attn, block.mlp
+            for linear in (attn.wq, attn.wk, attn.wv, mlp.gate, mlp.up):
+                init(linear.weight, std)
+            for linear in (attn.wo, mlp.down):
+                init(linear.weight, residual_std)
+            attn.position.reset_parameters()
 
     def forward(
         self, tokens: Tensor, doc_ids: Tensor | None = None, *, head: bool = True

@@ -1,6 +1,7 @@
 """launch.train end to end on a real dataset: exact resumption after SIGTERM (1 and 2 ranks),
-truncated checkpoints, metrics.jsonl and TensorBoard, bad input, one run per directory, Ctrl-C,
-and a run directory that is read-only or fills up."""
+resumption on another number of ranks (DeepSpeed's universal checkpoint), truncated
+checkpoints, metrics.jsonl and TensorBoard, bad input, one run per directory, Ctrl-C, and a run
+directory that is read-only or fills up."""
 
 from __future__ import annotations
 
@@ -16,8 +17,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import EVAL_ARGS
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from launch import checkpoint as ckpt
+from launch.evaluate import main as evaluate_main
+from launch.export import export
 from launch.rundir import LOCK_FILE
 from launch.train import (
     EXIT_BAD_INPUT,
@@ -28,7 +34,8 @@ from launch.train import (
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STEPS = 24
+TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node"]
+STEPS = 40
 TB_TAGS = {
     "train/loss",
     "train/lr",
@@ -48,9 +55,10 @@ def _args(run_dir: Path, dataset: Path, *extra: str) -> list[str]:
         f"run.dir={run_dir.parent}",
         f"run.name={run_dir.name}",
         f"data.path={dataset}",
-        "data.batch_size=8",
+        "data.seq_len=64",
+        "data.batch_size=4",
         f"train.max_steps={STEPS}",
-        "train.checkpoint_every=8",
+        "train.checkpoint_every=20",
         "train.log_every=1",
         "train.warmup_steps=4",
         "eval.every_checkpoint=false",
@@ -134,11 +142,11 @@ def test_sigterm_saves_exits_75_and_resumes_to_the_same_losses(
     assert [step for step, _ in _losses(run_dir)] == list(range(1, STEPS + 1))
 
     # A truncated checkpoint is skipped with a warning; the run resumes from the one before.
-    (run_dir / "checkpoints" / "step_24" / "trainer_rank_0.pt").write_bytes(b"")
+    (run_dir / "checkpoints" / "step_40" / "trainer_rank_0.pt").write_bytes(b"")
     [(code, err)] = _finish(_start(_args(run_dir, stdlib_dataset, f"train.max_steps={STEPS}")))
     assert code == 0, err[-3000:]
-    assert "skipping checkpoint" in err and "step_24: trainer_rank_0.pt has 0 bytes" in err
-    assert "(step 16)" in err
+    assert "skipping checkpoint" in err and "step_40: trainer_rank_0.pt has 0 bytes" in err
+    assert "(step 20)" in err
     assert _losses(run_dir) == _losses(uninterrupted)
 
 
@@ -175,16 +183,21 @@ def test_a_signal_on_a_checkpoint_step_defers_its_evaluation_to_the_resumed_run(
     assert logged == list(range(1, steps + 1))
 
 
-def test_two_ranks_resume_exactly_when_one_rank_is_signalled(stdlib_dataset, tmp_path):
-    """torchrun for the uninterrupted run; srun-like processes for the interrupted one, where
-    only rank 1 gets SIGTERM and both ranks must still save and exit together."""
-    straight = tmp_path / "straight2"
-    torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "-m", "launch.train"]
-    done = subprocess.run(
-        [*torchrun, *_args(straight, stdlib_dataset)], cwd=ROOT, capture_output=True, text=True
-    )
+@pytest.fixture(scope="module")
+def uninterrupted_two_ranks(stdlib_dataset, tmp_path_factory) -> Path:
+    """The same run on 2 ranks, started by torchrun."""
+    run_dir = tmp_path_factory.mktemp("runs") / "straight2"
+    done = _run([*TORCHRUN, "2", "-m", "launch.train", *_args(run_dir, stdlib_dataset)])
     assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
 
+
+def test_two_ranks_resume_exactly_when_one_rank_is_signalled(
+    uninterrupted_two_ranks, stdlib_dataset, tmp_path
+):
+    """srun-like processes for the interrupted run, where only rank 1 gets SIGTERM and both
+    ranks must still save and exit together."""
+    straight = uninterrupted_two_ranks
     run_dir = tmp_path / "interrupted2"
     procs = _start(_args(run_dir, stdlib_dataset), world=2)
     _interrupt(procs, run_dir, victim=1, after_step=5)
@@ -194,20 +207,93 @@ def test_two_ranks_resume_exactly_when_one_rank_is_signalled(stdlib_dataset, tmp
     assert [code for code, _ in resumed] == [0, 0], resumed[0][1][-3000:]
     assert _losses(run_dir) == _losses(straight)
 
-    # The checkpoints need 2 ranks: resuming with 1 stops before any step, saying so.
-    [(code, err)] = _finish(_start(_args(run_dir, stdlib_dataset, "train.max_steps=30")))
-    assert code == EXIT_BAD_INPUT and "saved by 2 ranks and this run has 1" in err
+
+def _run(command: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _stopped_at_20(straight: Path, tmp_path: Path, name: str) -> Path:
+    """A copy of the finished run `straight` as it was at step 20 (its checkpoint)."""
+    run_dir = tmp_path / name
+    shutil.copytree(straight, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step_40")
+    (run_dir / "checkpoints" / "latest").write_text("step_20")
+    return run_dir
+
+
+def _loaded_state(ranks: int, args: list[str], out: Path) -> dict:
+    """Every parameter's weights and Adam moments as a resume on `ranks` ranks loads them."""
+    done = _run([*TORCHRUN, str(ranks), "tests/resume_state_worker.py", str(out), *args])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+def test_a_two_rank_run_resumes_on_one_rank_with_the_same_weights_and_batches(
+    uninterrupted_two_ranks, stdlib_dataset, tmp_path
+):
+    """Through DeepSpeed's universal checkpoint: the weights and Adam moments the 2 ranks
+    saved, and, the global batch kept by train.grad_accum=2, the same rows at every step (the
+    one rank serves both saved ranks' data in turn), so the uninterrupted run's losses."""
+    run_dir = _stopped_at_20(uninterrupted_two_ranks, tmp_path, "resumed")
+
+    # The global batch would halve: one line with the fix, before any work.
+    [(code, err)] = _finish(_start(_args(run_dir, stdlib_dataset)))
+    assert code == EXIT_BAD_INPUT, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "saved with a global batch of 8 rows" in errors[0]
+    assert "set train.grad_accum=2 to keep it" in errors[0] and "Traceback" not in err
+    assert not (run_dir / "checkpoints" / "step_20" / "universal").exists()
+
+    # As loaded on 1 rank (universal) and as the 2 saving ranks load it (native).
+    args = _args(run_dir, stdlib_dataset, "train.grad_accum=2")
+    one = _loaded_state(1, args, tmp_path / "one.pt")
+    two = _loaded_state(2, _args(run_dir, stdlib_dataset), tmp_path / "two.pt")
+    assert one["step"] == two["step"] == 20 and one["state"].keys() == two["state"].keys()
+    for name, mine in one["state"].items():
+        theirs = two["state"][name]
+        assert torch.equal(mine["fp32"], theirs["fp32"]), name
+        for moment in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(mine[moment], theirs[moment], rtol=0, atol=1e-7)
+
+    [(code, err)] = _finish(_start(args))
+    assert code == 0, err[-3000:]
+    assert "saved by 2 rank(s), on 1" in err
+    resumed, expected = dict(_losses(run_dir)), dict(_losses(uninterrupted_two_ranks))
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in range(21, STEPS + 1):
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-4), step
+
+    # Its checkpoints export and evaluate as any run's.
+    export(ckpt.find_checkpoints(run_dir / "checkpoints")[-1], tmp_path / "export")
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+    assert evaluate_main([str(run_dir), *EVAL_ARGS]) == 0
+    assert (run_dir / "eval" / f"step_{STEPS}.json").is_file()
+
+
+def test_a_one_rank_run_resumes_on_two_ranks_and_evaluates(uninterrupted, stdlib_dataset, tmp_path):
+    """Each of the 2 ranks serves every other row of the saved rank's data (the epoch is
+    still read once: test_data_loader counts it), so the first step after the resume trains
+    on the 1-rank run's rows; training, checkpoints and evaluation go on."""
+    run_dir = _stopped_at_20(uninterrupted, tmp_path, "resumed2")
+    args = _args(run_dir, stdlib_dataset, "data.batch_size=2", "eval.every_checkpoint=true")
+    done = _run([*TORCHRUN, "2", "-m", "launch.train", *args, *EVAL_ARGS])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "saved by 1 rank(s), on 2" in done.stderr
+    resumed, expected = dict(_losses(run_dir)), dict(_losses(uninterrupted))
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    assert resumed[21] == pytest.approx(expected[21], rel=1e-6)
+    assert (run_dir / "eval" / f"step_{STEPS}.json").is_file()
 
 
 def test_metrics_and_tensorboard_hold_every_logged_step(uninterrupted):
     records = _records(uninterrupted)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     first, last = records[0], records[-1]
-    assert last["tokens"] == STEPS * 8 * 128
+    assert last["tokens"] == STEPS * 4 * 64
     assert last["loss"] < first["loss"] - 1.0
     for r in records:
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and 0 <= r["data_wait_fraction"] < 1
-        assert 1 <= r["documents_per_batch"] <= 2 * 8  # 8 rows: at most two documents a row
+        assert 1 <= r["documents_per_batch"] <= 2 * 4  # 4 rows: at most two documents a row
     assert first["lr"] == pytest.approx(3e-3 / 4)  # warmup: (step + 1) / 4 of the peak
 
     events = EventAccumulator(str(uninterrupted / "tb"))
