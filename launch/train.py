@@ -476,6 +476,8 @@ def main(argv: list[str]) -> int:
                 trainer = Trainer(cfg, world, resume, hooks)
         except (ConfigError, DatasetError, RunDirError) as e:
             return _failed(e, rank, EXIT_BAD_INPUT)
+        except ckpt.CheckpointError as e:  # a universal conversion that failed
+            return _failed(e, rank, EXIT_FAILED)
         if world.is_main:
             (cfg.run_dir / "config.yaml").write_text(to_yaml(cfg))
         try:
