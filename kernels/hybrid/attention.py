@@ -688,20 +688,78 @@ def _configs(candidates: list[tuple[int, int, int, int]]) -> list[triton.Config]
     ]
 
 
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def shared_memory_estimate(config: triton.Config, *, kernel: str, dtype: str, head_dim: int) -> int:
+    """Bytes of shared memory `config` needs, in [rows, d] operand tiles (a model fitted to
+    Triton 3.8's allocations on sm_80 and sm_90, and an upper bound of them: kernels.hybrid.aot
+    checks it against every compiled variant). With 16-bit inputs the forward holds its q and
+    k/v tiles once, dq its q, dO, k and v tiles, dk/dv those and a second q tile; float32
+    pipelines the streamed tiles (k and v in the forward and dq, q and dO in dk/dv), 2 stages
+    - 1 of them."""
+    m, n, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
+    if dtype == "fp32":
+        resident, streamed = {"_fwd_kernel": (m, n), "_dq_kernel": (2 * m, n)}.get(
+            kernel, (2 * n, m)
+        )
+        rows = resident + (2 * stages - 1) * streamed
+    else:
+        rows = {"_fwd_kernel": m + n, "_dq_kernel": 2 * (m + n)}.get(kernel, 2 * (m + n) + m)
+    return rows * head_dim * _BYTES[dtype] + 2048
+
+
+def prune_configs(
+    configs: list[triton.Config], *, kernel: str, dtype: str, head_dim: int, shared_memory: int
+) -> list[triton.Config]:
+    """The configs whose shared memory fits `shared_memory` bytes, largest tiles first; the
+    smallest one when none fits (the compile then says why)."""
+
+    def need(c: triton.Config) -> int:
+        return shared_memory_estimate(c, kernel=kernel, dtype=dtype, head_dim=head_dim)
+
+    ordered = sorted(configs, key=need, reverse=True)
+    return [c for c in ordered if need(c) <= shared_memory] or ordered[-1:]
+
+
+def _prune_for_device(kernel: str):
+    """early_config_prune for `kernel`: the configs that fit the current device."""
+
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        x = named_args["Q" if kernel == "_fwd_kernel" else "QR"]
+        properties = triton.runtime.driver.active.utils.get_device_properties(x.device.index)
+        dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[x.dtype]
+        return prune_configs(
+            configs, kernel=kernel, dtype=dtype, head_dim=kwargs["D"],
+            shared_memory=properties["max_shared_mem"],
+        )  # fmt: skip
+
+    return {"early_config_prune": prune}
+
+
 _TUNING_KEY = ["T", "D", "ALIBI", "DOCS", "WINDOW", "PRECISION"]
 _fwd = triton.autotune(
     _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)]),
     key=[*_TUNING_KEY, "ROTATE", "ROTATE_V"],
+    prune_configs_by=None if INTERPRETING else _prune_for_device("_fwd_kernel"),
 )(_fwd_kernel)
 _dkdv = triton.autotune(
     _configs([(32, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 8, 2)]),
     key=_TUNING_KEY,
+    prune_configs_by=None if INTERPRETING else _prune_for_device("_dkdv_kernel"),
 )(_dkdv_kernel)
 _dq = triton.autotune(
     _configs([(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3)]),
     key=_TUNING_KEY,
+    prune_configs_by=None if INTERPRETING else _prune_for_device("_dq_kernel"),
 )(_dq_kernel)
-_ELEMENTWISE_BLOCK = 16 if INTERPRETING else 64
+
+
+def elementwise_block(head_dim: int) -> int:
+    """Tokens per program of the elementwise kernels: 2048 elements of each tensor, which keeps
+    the unrotate pass (cos, sin and the halves of several tensors per token) within registers
+    at every head dim (kernels.hybrid.aot checks it: 64 tokens at d = 128 spilled 800 B)."""
+    return 16 if INTERPRETING else 2048 // head_dim
 
 
 def _strides(x: Tensor | None) -> tuple[int, int, int]:
@@ -713,10 +771,10 @@ def _rotate(x: Tensor, phi: Tensor) -> Tensor:
     """R(phi) x as a new contiguous tensor of x's dtype; x [B, T, HX, D], phi [B, T, H, D/2]."""
     B, T, HX, D = x.shape
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(T, _ELEMENTWISE_BLOCK), B * HX)
-    _rotate_kernel[grid](
+    block = elementwise_block(D)
+    _rotate_kernel[(triton.cdiv(T, block), B * HX)](
         x, phi, y, *_strides(x), *_strides(phi), *_strides(y), T, HX, HX // phi.shape[2],
-        D=D, BLOCK_T=_ELEMENTWISE_BLOCK,
+        D=D, BLOCK_T=block,
     )  # fmt: skip
     return y
 
@@ -762,9 +820,9 @@ class _FusedAttention(torch.autograd.Function):
         G = HQ // H
         do = do.contiguous()
         delta = torch.empty_like(lse)
-        grid = (triton.cdiv(T, _ELEMENTWISE_BLOCK), B * HQ)
-        _row_dot_kernel[grid](
-            o, do, delta, *_strides(o), *_strides(do), T, HQ, D=D, BLOCK_T=_ELEMENTWISE_BLOCK
+        block = elementwise_block(D)
+        _row_dot_kernel[(triton.cdiv(T, block), B * HQ)](
+            o, do, delta, *_strides(o), *_strides(do), T, HQ, D=D, BLOCK_T=block
         )
         qr, kr = (q, k) if phi is None else (_rotate(q, phi), _rotate(k, phi))
         vr, dor = (_rotate(v, phi), _rotate(do, phi)) if ctx.rotate_v else (v, do)
@@ -792,10 +850,10 @@ class _FusedAttention(torch.autograd.Function):
         dq, dk = torch.empty_like(q), torch.empty_like(k)
         dv = torch.empty_like(v) if ctx.rotate_v else dvr.to(v.dtype)
         dphi = torch.empty(phi.shape, dtype=torch.float32, device=q.device)
-        _unrotate_kernel[(triton.cdiv(T, _ELEMENTWISE_BLOCK), B * H)](
+        _unrotate_kernel[(triton.cdiv(T, block), B * H)](
             phi, q, dqr, dq, o, do, k, dkr, dk, v, dvr, dv, dphi,
             *_strides(phi), *_strides(q), *_strides(k), T, H, G,
-            D=D, ROTATE_V=ctx.rotate_v, BLOCK_T=_ELEMENTWISE_BLOCK,
+            D=D, ROTATE_V=ctx.rotate_v, BLOCK_T=block,
         )  # fmt: skip
         return dq, dk, dv, dphi.to(phi.dtype), *(None,) * 6
 
