@@ -29,7 +29,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -43,7 +42,7 @@ ENVIRONMENT = {"TRITON_INTERPRET": "0", "TRITON_ALWAYS_COMPILE": "1", "TRITON_DU
 # Shared memory one block may use (opt-in maximum) per compute capability.
 SHARED_MEMORY_LIMIT = {80: 166_912, 90: 232_448}
 ARCHS = tuple(SHARED_MEMORY_LIMIT)
-_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+DTYPES = ("fp32", "bf16", "fp16")
 _FLOAT_SCALARS = {"qk_scale2", "scale"}
 
 
@@ -72,7 +71,7 @@ class Variant:
     def spill_budget(self) -> int | None:
         """Spilled bytes per thread allowed: none for the elementwise kernels and the scan;
         the attention kernels' spills are reported, not gated (see the module docstring)."""
-        return None if self.kernel in ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel") else 0
+        return None if self.kernel in _ATTENTION else 0
 
 
 @dataclass(frozen=True)
@@ -182,7 +181,7 @@ def variants(*, subset: bool) -> list[tuple[Variant, int]]:
     """(variant, arch) pairs to compile: every autotune config kept for each target, dtype and
     head dim; with `subset`, bfloat16 at d = 128 and the largest tiles kept only."""
     head_dims = (128,) if subset else attention.HEAD_DIMS
-    dtypes = ("bf16",) if subset else tuple(_TYPES.values())
+    dtypes = ("bf16",) if subset else DTYPES
     found = []
     for arch in ARCHS:
         for dtype in dtypes:
