@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = ROOT / "tests" / "slurm_cluster.sh"
 TINY = ROOT / "configs" / "tiny.yaml"
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
-MAX_STEPS, BATCH, SEQ_LEN, RANKS = 30, 8, 128, 2
+MAX_STEPS, BATCH, SEQ_LEN, RANKS = 30, 4, 64, 2
 
 # The job log of a run signalled once: it saved, exited, was requeued and finished.
 REQUEUED_ONCE = [
@@ -70,6 +70,7 @@ def training_args(workdir: Path, name: str, dataset: Path) -> list[str]:
         f"run.name={name}",
         f"data.path={dataset}",
         f"data.batch_size={BATCH}",
+        f"data.seq_len={SEQ_LEN}",
         f"train.max_steps={MAX_STEPS}",
         "train.checkpoint_every=10",
         "train.log_every=1",
