@@ -58,3 +58,11 @@ def test_every_kernel_compiles_for_sm80_and_sm90_within_the_gate(tmp_path):
     assert compiled == {(kernel, arch) for kernel in kernels for arch in (80, 90)}
     for r in results:  # problem: also shared memory above the estimate the pruning uses
         assert r["problem"] is None and r["shared"] <= {80: A100, 90: H100}[r["arch"]], r
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_cleanly(capsys):
+    from bench.gpu_check import main
+
+    assert main([]) == 0
+    no_cuda = "no CUDA device: make gpu-check runs on a machine with a CUDA GPU\n"
+    assert capsys.readouterr().out == no_cuda
