@@ -466,6 +466,24 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DatasetError, RunDirError) as e:
         return _failed(e, rank, EXIT_BAD_INPUT)
     world = init_world()
+    code = _train(cfg, world, resume, hooks, stop)
+    # Every rank gets here (errors are shared before returning). Left to interpreter exit,
+    # gloo's threads can abort the process after the error was reported ("terminate called
+    # without an active exception", exit -6). Not on an exception: a rank still in a
+    # collective would keep the others waiting.
+    torch.distributed.destroy_process_group()
+    return code
+
+
+def _train(
+    cfg: Config,
+    world: World,
+    resume: ckpt.Checkpoint | None,
+    hooks: list[CheckpointHook],
+    stop: StopFlag,
+) -> int:
+    """Lock the run directory, build the trainer and run it; the exit code."""
+    rank = world.rank
     try:
         lock = lock_run_dir(cfg.run_dir, world)
     except RunDirError as e:

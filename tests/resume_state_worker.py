@@ -32,6 +32,7 @@ def main(out: str, config: str, *overrides: str) -> None:
     trainer.loader.close()
     if world.is_main:
         torch.save({"step": trainer.step, "state": state}, out)
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

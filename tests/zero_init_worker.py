@@ -63,6 +63,7 @@ def main(out: str, *configs: str) -> None:
         del model
     if world.is_main:
         Path(out).write_text(json.dumps(report))
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
