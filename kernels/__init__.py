@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from kernels import angles as _angles
+from kernels.alibi_reach import alibi_reach
 from kernels.angles import document_positions, rotate
 from kernels.blockwise import blockwise_attention
 from kernels.path import path_attention
@@ -107,6 +108,7 @@ def attention(
     transport: tuple[Tensor, Tensor] | None = None,
     doc_ids: Tensor | None = None,
     scale: float | None = None,
+    skip_eps: float = 0.0,
     block: int = 64,
 ) -> Tensor:
     """Causal attention for every position scheme, O(T x block) memory.
@@ -118,6 +120,8 @@ def attention(
     window: attend only to i - j < window. decay [D/2]: xPos per-pair log-decay per token.
     transport (w [B, T, H, D], beta [B, T, H]): PaTH Householder transport of the keys.
     doc_ids [B, T]: packed documents; no token attends across a boundary.
+    skip_eps: with an `AlibiTable` bias (no decay, no PaTH transport), skip the key blocks
+        that move the output by at most skip_eps x max|v| (`kernels.alibi_reach`); 0: none.
     block: the blockwise path's tile (the fused kernel picks its own).
     """
     check_mechanisms(angles, decay, transport)
@@ -128,17 +132,21 @@ def attention(
         slopes = None if bias is None else bias.slopes
         return fused_attention(
             q, k, v, angles, slopes, rotate_values=rotate_values, window=window,
-            starts=starts, ends=ends, scale=scale,
+            starts=starts, ends=ends, scale=scale, skip_eps=skip_eps,
         )  # fmt: skip
     if angles is not None:
         q, k = rotate(q, angles), rotate(k, angles)
         if rotate_values:
             v = rotate(v, angles)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     common = dict(scale=scale, bias=bias, window=window, doc_ids=doc_ids, block=block)
     if transport is not None:
         o = path_attention(q, k, v, *transport, **common)
     else:
-        o = blockwise_attention(q, k, v, decay=decay, **common)
+        reach = None
+        if skip_eps > 0 and isinstance(bias, AlibiTable) and decay is None:
+            reach = alibi_reach(q, k, bias.slopes, scale, skip_eps)
+        o = blockwise_attention(q, k, v, decay=decay, reach=reach, **common)
     if angles is not None and rotate_values:
         o = rotate(o, -angles)
     return o

@@ -11,6 +11,7 @@ again, recomputing each step's probabilities, so training memory is O(T x block)
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 
 import torch
@@ -30,7 +31,13 @@ def exp_or_zero(x: Tensor) -> Tensor:
 class DiagonalSweep:
     """Block geometry, bias and masks, and the online-softmax state of one attention call.
 
-    Heads are laid out [B, H, G, ...]: H key/value heads, G query heads per key head.
+    Heads are laid out [B, H, G, ...]: H key/value heads, G query heads per key head. With a
+    `reach` (`kernels.alibi_reach`), each key/value head stops at the last step that holds a
+    key within its query heads' reach; heads are sorted by that step, so step s works on the
+    heads `first_head(s)`.. only (a slice, not a gather).
+
+    The state is updated in place, except when `differentiable` (PaTH's path, whose backward is
+    autograd's and needs every step's state).
     """
 
     def __init__(
@@ -42,28 +49,66 @@ class DiagonalSweep:
         doc_ids: Tensor | None,
         bias: Tensor | None,
         window: int | None,
+        reach: Tensor | None = None,
+        differentiable: bool = False,
     ):
         B, T, HQ, D = q.shape
         H = k.shape[2]
         self.block, self.length, self.window = block, T, window
-        self.groups, self.n = HQ // H, -(-T // block)
+        G, n = HQ // H, -(-T // block)
+        self.groups, self.n = G, n
+        self.differentiable = differentiable
         self.dtype = dtype = torch.promote_types(q.dtype, torch.float32)  # scores in >= fp32
-        self.bias = None if bias is None else bias.to(dtype).view(H, self.groups, -1)
-        self.pos = torch.arange(self.n * block, device=q.device).view(self.n, block)
+        steps = self._steps_needed(H, window, reach)
+        order = sorted(range(H), key=steps.__getitem__)
+        self.head_steps = [steps[h] for h in order]
+        self.order = None
+        if order != list(range(H)):
+            if differentiable:
+                raise ValueError("a differentiable sweep visits every head at every step")
+            self.order = torch.tensor(order, device=q.device)
+        self.bias = None if bias is None else self.reorder_heads(bias.to(dtype).view(H, G, -1), 0)
+        local = torch.arange(block, device=q.device)
+        self.local = local[:, None] - local[None, :]  # i - j inside a pair of blocks
         self.doc = None
         if doc_ids is not None:
             # Padding tokens get document -1: no real query sees them.
-            padded = torch.nn.functional.pad(doc_ids, (0, self.n * block - T), value=-1)
-            self.doc = padded.view(B, 1, 1, self.n, block)
-        shape = (B, H, self.groups, self.n, block)
+            padded = torch.nn.functional.pad(doc_ids, (0, n * block - T), value=-1)
+            self.doc = padded.view(B, 1, 1, n, block)
+        shape = (B, H, G, n, block)
         self.max = torch.full(shape, torch.finfo(dtype).min, dtype=dtype, device=q.device)
         self.sum = torch.zeros(shape, dtype=dtype, device=q.device)
         self.acc = torch.zeros((*shape, D), dtype=dtype, device=q.device)
 
+    def _steps_needed(self, H: int, window: int | None, reach: Tensor | None) -> list[int]:
+        """Per key/value head: how many steps hold a key at distance < min(window, reach).
+        Step s >= 1 starts at distance (s - 1) * block + 1."""
+        limit = torch.full((H,), self.length if window is None else window, dtype=torch.int64)
+        if reach is not None:
+            per_head = reach.amax(dim=0).view(H, self.groups).amax(dim=1).cpu()
+            limit = torch.minimum(limit, per_head)
+        steps = (limit - 1 + self.block - 1) // self.block + 1  # ceil((limit - 1) / block) + 1
+        return steps.clamp(1, self.n).tolist()
+
+    def reorder_heads(self, x: Tensor, dim: int, *, back: bool = False) -> Tensor:
+        """x with its key/value heads (or H x G query heads) along `dim` put in sweep order, or
+        `back` in their original order."""
+        if self.order is None:
+            return x
+        order = self.order
+        if back:
+            order = torch.empty_like(order)
+            order[self.order] = torch.arange(order.numel(), device=order.device)
+        if x.shape[dim] != order.numel():  # query heads: each key/value head's G in a row
+            groups = torch.arange(self.groups, device=order.device)
+            order = (order[:, None] * self.groups + groups).flatten()
+        return x.index_select(dim, order)
+
     def blocks(self, x: Tensor) -> Tensor:
         """[B, T, Hx, D] -> [B, Hx, nblocks, block, D] in the score dtype, zero-padded."""
         B, T, Hx, D = x.shape
-        x = torch.nn.functional.pad(x.to(self.dtype), (0, 0, 0, 0, 0, self.n * self.block - T))
+        x = self.reorder_heads(x.to(self.dtype), 2)
+        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, self.n * self.block - T))
         return x.view(B, self.n, self.block, Hx, D).permute(0, 3, 1, 2, 4)
 
     def query_blocks(self, q: Tensor, scale: float = 1.0) -> Tensor:
@@ -72,49 +117,67 @@ class DiagonalSweep:
         return qb.view(qb.shape[0], -1, self.groups, *qb.shape[2:])
 
     def unblock(self, x: Tensor) -> Tensor:
-        """[B, Hx(, G), nblocks, block, D] -> [B, T, Hx(*G), D], padding dropped."""
+        """[B, Hx(, G), nblocks, block, D] -> [B, T, Hx(*G), D], padding dropped, heads in
+        their original order."""
         *lead, n, blk, D = x.shape
-        x = x.reshape(lead[0], -1, n * blk, D).transpose(1, 2)
-        return x[:, : self.length]
+        x = x.reshape(lead[0], -1, n * blk, D).transpose(1, 2)[:, : self.length]
+        return self.reorder_heads(x, 2, back=True)
 
     def steps(self) -> range:
-        """Offsets s = c_query - c_key worth visiting (all, or those the window reaches)."""
-        if self.window is None:
-            return range(self.n)
-        # The closest pair of blocks s apart is (s - 1) * block + 1 tokens apart.
-        return range(min(self.n, (self.window - 2) // self.block + 2))
+        """Offsets s = c_query - c_key worth visiting for at least one head."""
+        return range(self.head_steps[-1])
 
-    def distances(self, s: int) -> Tensor:
-        """i - j for query blocks s.. against key blocks ..n-s-1: [n - s, block, block]."""
-        return self.pos[s:, :, None] - self.pos[: self.n - s, None, :]
+    def first_head(self, s: int) -> int:
+        """The first head (in sweep order) that step s visits."""
+        return bisect.bisect_right(self.head_steps, s)
 
-    def logits(self, s: int, scores: Tensor) -> Tensor:
-        """Add the distance bias to step s's scores [B, H, G, n - s, bq, bk] and mask them."""
-        dist = self.distances(s)
+    def logits(self, s: int, scores: Tensor, h0: int = 0) -> Tensor:
+        """Add the distance bias to step s's scores [B, H - h0, G, n - s, bq, bk] and mask
+        them, in place. The distance i - j = s * block + (i - j)_local is the same for every
+        pair of blocks of the step, so bias and masks are [block, block] tables."""
+        dist = s * self.block + self.local
         if self.bias is not None:
-            scores = scores + self.bias[:, :, dist.clamp(0, self.bias.shape[-1] - 1)]
-        keep = dist >= 0
-        if self.window is not None:
-            keep = keep & (dist < self.window)
+            table = self.bias[h0:, :, dist.clamp(0, self.bias.shape[-1] - 1)]
+            scores.add_(table[:, :, None])
+        keep = None
+        if s == 0:
+            keep = dist >= 0
+        if self.window is not None and s * self.block + self.block - 1 >= self.window:
+            keep = dist < self.window if keep is None else keep & (dist < self.window)
         if self.doc is not None:
-            keep = keep & (self.doc[..., s:, :, None] == self.doc[..., : self.n - s, None, :])
-        return scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+            same = self.doc[..., s:, :, None] == self.doc[..., : self.n - s, None, :]
+            keep = same if keep is None else keep & same
+        if keep is not None:
+            scores.masked_fill_(~keep, torch.finfo(scores.dtype).min)
+        return scores
 
-    def fold(self, s: int, scores: Tensor, values: Tensor) -> None:
-        """Fold step s's raw scores in; values [B, H, n - s, bk, D] are the key blocks'."""
-        scores = self.logits(s, scores)
-        old_max = self.max[..., s:, :]
-        new_max = torch.maximum(old_max, scores.amax(dim=-1))
+    def numerators(self, logits: Tensor, row_max: Tensor) -> Tensor:
+        """exp_or_zero(logits - row_max[..., None]), in place unless differentiable."""
+        if self.differentiable:
+            return exp_or_zero(logits - row_max[..., None])
+        logits.sub_(row_max[..., None])
+        return torch.nn.functional.threshold_(logits, EXP_CUTOFF, float("-inf")).exp_()
+
+    def fold(self, s: int, scores: Tensor, values: Tensor, h0: int = 0) -> None:
+        """Fold step s's raw scores in for heads h0..; values [B, H - h0, n - s, bk, D] are the
+        key blocks'."""
+        scores = self.logits(s, scores, h0)
+        old_max = self.max[:, h0:, :, s:]
+        # A stabiliser only: softmax does not depend on it, so no gradient flows through it.
+        new_max = torch.maximum(old_max, scores.detach().amax(dim=-1))
         rescale = exp_or_zero(old_max - new_max)
-        probs = exp_or_zero(scores - new_max[..., None])
-        new_sum = self.sum[..., s:, :] * rescale + probs.sum(dim=-1)
-        new_acc = self.acc[..., s:, :, :] * rescale[..., None] + torch.einsum(
-            "bhgcij,bhcjd->bhgcid", probs, values
-        )
-        # Out of place: autograd (PaTH's path) still needs the old state.
-        self.max = torch.cat((self.max[..., :s, :], new_max), dim=-2)
-        self.sum = torch.cat((self.sum[..., :s, :], new_sum), dim=-2)
-        self.acc = torch.cat((self.acc[..., :s, :, :], new_acc), dim=-3)
+        probs = self.numerators(scores, new_max)
+        new_sum = self.sum[:, h0:, :, s:] * rescale + probs.sum(dim=-1)
+        pv = torch.einsum("bhgcij,bhcjd->bhgcid", probs, values)
+        if self.differentiable:  # out of place: autograd still needs the old state
+            self.max = torch.cat((self.max[..., :s, :], new_max), dim=-2)
+            self.sum = torch.cat((self.sum[..., :s, :], new_sum), dim=-2)
+            new_acc = self.acc[..., s:, :, :] * rescale[..., None] + pv
+            self.acc = torch.cat((self.acc[..., :s, :, :], new_acc), dim=-3)
+        else:
+            old_max.copy_(new_max)
+            self.sum[:, h0:, :, s:] = new_sum
+            self.acc[:, h0:, :, s:].mul_(rescale[..., None]).add_(pv)
 
     def output(self) -> Tensor:
         """The normalised output in blocks, [B, H, G, nblocks, block, D]."""
@@ -140,37 +203,42 @@ def _query_decay(q_factor: Tensor, decay: Tensor, s: int, block: int) -> Tensor:
 
 def step_scores(
     sweep: DiagonalSweep, q: Tensor, k: Tensor, decay: Tensor | None, scale: float
-) -> Iterator[tuple[int, Tensor]]:
-    """(s, raw scores [B, H, G, n - s, block, block]) for every step of the sweep, xPos decay
-    included (bias and masks are `sweep.logits`'s)."""
+) -> Iterator[tuple[int, int, Tensor]]:
+    """(s, h0, raw scores [B, H - h0, G, n - s, block, block]) for every step of the sweep and
+    the heads h0.. it visits, xPos decay included (bias and masks are `sweep.logits`'s)."""
     qb, kb = sweep.query_blocks(q, scale), sweep.blocks(k)
     if decay is not None:
         q_factor, k_factor = _decay_factors(decay, sweep.block, sweep.dtype)
         kb = kb * k_factor
     for s in sweep.steps():
-        qs = qb[:, :, :, s:]
+        h0 = sweep.first_head(s)
+        qs = qb[:, h0:, :, s:]
         if decay is not None:
             qs = qs * _query_decay(q_factor, decay, s, sweep.block)
-        yield s, torch.einsum("bhgcid,bhcjd->bhgcij", qs, kb[:, :, : sweep.n - s])
+        yield s, h0, torch.einsum("bhgcid,bhcjd->bhgcij", qs, kb[:, h0:, : sweep.n - s])
 
 
 class _BlockwiseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, decay, doc_ids, scale, window, block):
-        sweep = DiagonalSweep(q, k, block=block, doc_ids=doc_ids, bias=bias, window=window)
+    def forward(ctx, q, k, v, bias, decay, doc_ids, reach, scale, window, block):
+        sweep = DiagonalSweep(
+            q, k, block=block, doc_ids=doc_ids, bias=bias, window=window, reach=reach
+        )
         vb = sweep.blocks(v)
-        for s, scores in step_scores(sweep, q, k, decay, scale):
-            sweep.fold(s, scores, vb[:, :, : sweep.n - s])
+        for s, h0, scores in step_scores(sweep, q, k, decay, scale):
+            sweep.fold(s, scores, vb[:, h0:, : sweep.n - s], h0)
         out = sweep.unblock(sweep.output()).to(q.dtype)
-        ctx.save_for_backward(q, k, v, bias, decay, doc_ids, out, sweep.log_sum_exp())
+        ctx.save_for_backward(q, k, v, bias, decay, doc_ids, reach, out, sweep.log_sum_exp())
         ctx.scale, ctx.window, ctx.block = scale, window, block
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, bias, decay, doc_ids, out, lse = ctx.saved_tensors
+        q, k, v, bias, decay, doc_ids, reach, out, lse = ctx.saved_tensors
         scale, block = ctx.scale, ctx.block
-        sweep = DiagonalSweep(q, k, block=block, doc_ids=doc_ids, bias=bias, window=ctx.window)
+        sweep = DiagonalSweep(
+            q, k, block=block, doc_ids=doc_ids, bias=bias, window=ctx.window, reach=reach
+        )
         qb, kb, vb = sweep.query_blocks(q, scale), sweep.blocks(k), sweep.blocks(v)
         dob, ob = sweep.query_blocks(dout), sweep.query_blocks(out)
         row_dot = (dob * ob).sum(-1)  # rowsum(dO * O)
@@ -179,30 +247,35 @@ class _BlockwiseAttention(torch.autograd.Function):
             q_factor, k_factor = _decay_factors(decay, block, sweep.dtype)
             kb = kb * k_factor
         dq, dk, dv = torch.zeros_like(qb), torch.zeros_like(kb), torch.zeros_like(vb)
-        dbias = None if bias is None else torch.zeros_like(sweep.bias)
+        dbias = torch.zeros_like(sweep.bias) if ctx.needs_input_grad[3] else None
         n = sweep.n
         for s in sweep.steps():
-            qs, q_step = qb[:, :, :, s:], 1.0
+            h0 = sweep.first_head(s)
+            qs, q_step = qb[:, h0:, :, s:], 1.0
             if decay is not None:
                 q_step = _query_decay(q_factor, decay, s, block)
                 qs = qs * q_step
-            ks, vs = kb[:, :, : n - s], vb[:, :, : n - s]
-            scores = sweep.logits(s, torch.einsum("bhgcid,bhcjd->bhgcij", qs, ks))
-            probs = exp_or_zero(scores - lse[..., s:, :, None])
-            dv[:, :, : n - s] += torch.einsum("bhgcij,bhgcid->bhcjd", probs, dob[:, :, :, s:])
-            dprobs = torch.einsum("bhgcid,bhcjd->bhgcij", dob[:, :, :, s:], vs)
-            dscores = probs * (dprobs - row_dot[..., s:, :, None])
-            dq[:, :, :, s:] += torch.einsum("bhgcij,bhcjd->bhgcid", dscores, ks) * q_step
-            dk[:, :, : n - s] += torch.einsum("bhgcij,bhgcid->bhcjd", dscores, qs)
+            ks, vs, dos = kb[:, h0:, : n - s], vb[:, h0:, : n - s], dob[:, h0:, :, s:]
+            scores = sweep.logits(s, torch.einsum("bhgcid,bhcjd->bhgcij", qs, ks), h0)
+            probs = sweep.numerators(scores, lse[:, h0:, :, s:])
+            dv[:, h0:, : n - s] += torch.einsum("bhgcij,bhgcid->bhcjd", probs, dos)
+            dprobs = torch.einsum("bhgcid,bhcjd->bhgcij", dos, vs)
+            dscores = dprobs.sub_(row_dot[:, h0:, :, s:, :, None]).mul_(probs)
+            dq[:, h0:, :, s:] += torch.einsum("bhgcij,bhcjd->bhgcid", dscores, ks) * q_step
+            dk[:, h0:, : n - s] += torch.einsum("bhgcij,bhgcid->bhcjd", dscores, qs)
             if dbias is not None:
-                index = sweep.distances(s).clamp(0, dbias.shape[-1] - 1).flatten()
-                dbias.index_add_(-1, index, dscores.sum(0).flatten(2))
+                index = (s * block + sweep.local).clamp(0, dbias.shape[-1] - 1).flatten()
+                dbias[h0:].index_add_(-1, index, dscores.sum((0, 3)).flatten(2))
         dq = sweep.unblock(dq * scale).to(q.dtype)
         dk = sweep.unblock(dk * k_factor).to(k.dtype)
         dv = sweep.unblock(dv).to(v.dtype)
         if dbias is not None:
-            dbias = dbias.view_as(bias).to(bias.dtype)
-        return dq, dk, dv, dbias, None, None, None, None, None
+            dbias = (
+                sweep.reorder_heads(dbias.flatten(0, 1), 0, back=True)
+                .reshape_as(bias)
+                .to(bias.dtype)
+            )
+        return dq, dk, dv, dbias, None, None, None, None, None, None
 
 
 def blockwise_attention(
@@ -215,6 +288,7 @@ def blockwise_attention(
     window: int | None = None,
     decay: Tensor | None = None,
     doc_ids: Tensor | None = None,
+    reach: Tensor | None = None,
     block: int = 64,
 ) -> Tensor:
     """Causal softmax attention with O(T x block) memory, forward and backward.
@@ -223,7 +297,8 @@ def blockwise_attention(
     bias [HQ, >=T]: added to the logit of distance i - j (a table indexed by distance).
     window: keep only i - j < window. decay [D/2]: per-pair log-decay (xPos): the pair p
     contribution to the logit of distance n is multiplied by exp(decay[p] * n); not learned.
-    doc_ids [B, T]: no attention across documents. Returns [B, T, HQ, D] in q's dtype.
+    doc_ids [B, T]: no attention across documents. reach [B, HQ]: key blocks entirely at
+    distance >= reach are skipped (`kernels.alibi_reach`). Returns [B, T, HQ, D] in q's dtype.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _BlockwiseAttention.apply(q, k, v, bias, decay, doc_ids, scale, window, block)
+    return _BlockwiseAttention.apply(q, k, v, bias, decay, doc_ids, reach, scale, window, block)

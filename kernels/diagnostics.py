@@ -46,10 +46,12 @@ def attention_statistics(
     transport: tuple[Tensor, Tensor] | None = None,
     doc_ids: Tensor | None = None,
     scale: float | None = None,
+    skip_eps: float = 0.0,
     block: int = 64,
 ) -> AttentionStatistics:
     """Mass by distance and entropy of the attention that `kernels.attention` computes with the
-    same arguments (v is not needed; rotate_values does not change the weights).
+    same arguments (v is not needed; rotate_values does not change the weights; skip_eps is
+    not applied: the statistics are exact, far mass included).
 
     q [B, T, HQ, D], k [B, T, H, D]. Raises NotImplementedError for PaTH transport.
     """
@@ -64,7 +66,7 @@ def attention_statistics(
     # Sweep 1: each row's log-sum-exp. Zero-width values make `fold` keep only max and sum.
     sweep = DiagonalSweep(q[..., :0], k, **common)
     nothing = sweep.blocks(k[..., :0])
-    for s, scores in step_scores(sweep, q, k, decay, scale):
+    for s, _, scores in step_scores(sweep, q, k, decay, scale):
         sweep.fold(s, scores, nothing[:, :, : sweep.n - s])
     lse = sweep.log_sum_exp()  # [B, H, G, n, block]
 
@@ -77,7 +79,7 @@ def attention_statistics(
     padded = sweep.n * block - T  # padding query rows at the end of the last block
     mass = torch.zeros(H, G, T, dtype=torch.float64, device=q.device)
     entropy = torch.zeros(H, G, dtype=torch.float64, device=q.device)
-    for s, scores in step_scores(sweep, q, k, decay, scale):
+    for s, _, scores in step_scores(sweep, q, k, decay, scale):
         logits = sweep.logits(s, scores)
         row_lse = lse[..., s:, :, None]
         probs = exp_or_zero(logits - row_lse)

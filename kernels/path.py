@@ -50,7 +50,9 @@ def path_attention(
     bias, window and doc_ids as in `blockwise_attention`. Returns [B, T, HQ, D].
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    sweep = DiagonalSweep(q, k, block=block, doc_ids=doc_ids, bias=bias, window=window)
+    sweep = DiagonalSweep(
+        q, k, block=block, doc_ids=doc_ids, bias=bias, window=window, differentiable=True
+    )
     n = sweep.n
     qb = sweep.query_blocks(q, scale)
     kb, vb = sweep.blocks(k), sweep.blocks(v)

@@ -39,6 +39,9 @@ class ModelConfig:
 
     # Attention tiles for the blockwise CPU path (memory is O(T x block), never O(T^2)).
     attn_block: int = field(default=64, metadata={"min": 1})
+    # ALiBi heads skip the key blocks that move the attention output by at most this much,
+    # relative to the largest value vector (a proven bound: kernels/alibi_reach.py); 0: never.
+    alibi_skip_eps: float = field(default=1e-6, metadata={"min": 0.0})
 
     @property
     def kv_heads(self) -> int:

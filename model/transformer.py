@@ -54,7 +54,9 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, positions: Tensor, doc_ids: Tensor | None) -> Tensor:
         q, k, v, plan = self.prepare(x, positions, doc_ids)
-        kwargs = dict(plan, doc_ids=doc_ids, block=self.cfg.attn_block)
+        kwargs = dict(
+            plan, doc_ids=doc_ids, skip_eps=self.cfg.alibi_skip_eps, block=self.cfg.attn_block
+        )
         if self.probe is not None:
             self.probe(self.layer, q, k, v, kwargs)
         o = kernels.attention(q, k, v, **kwargs)

@@ -98,13 +98,13 @@ class Result:
         return None
 
 
-# Each kernel's pointer arguments: in the input dtype; int32 (document bounds); float32.
+# Each kernel's pointer arguments: in the input dtype; int32 (document bounds, reach); float32.
 _POINTERS = {
     "_rotate_kernel": ("X Y", "", "PHI"),
-    "_fwd_kernel": ("Q K V O", "STARTS", "PHI SLOPES LSE"),
+    "_fwd_kernel": ("Q K V O", "STARTS REACH", "PHI SLOPES LSE"),
     "_row_dot_kernel": ("O DO", "", "OUT"),
-    "_dkdv_kernel": ("QR K V DOR", "STARTS ENDS", "LSE DELTA SLOPES DK DV"),
-    "_dq_kernel": ("QR K V DOR", "STARTS", "LSE DELTA SLOPES DQ"),
+    "_dkdv_kernel": ("QR K V DOR", "STARTS ENDS REACH", "LSE DELTA SLOPES DK DV"),
+    "_dq_kernel": ("QR K V DOR", "STARTS REACH", "LSE DELTA SLOPES DQ"),
     "_unrotate_kernel": ("Q DQ O DO K DK V DV", "", "PHI DQR DKR DVR DPHI"),
     "_scan_kernel": ("", "BOUNDS", "X Y"),
 }
@@ -171,7 +171,7 @@ _ATTENTION = {
 
 def _flags(kernel: str, dtype: str, d: int, every_feature: bool) -> list[dict]:
     precision = "ieee" if dtype == "fp32" else "tf32"
-    base = dict(D=d, ALIBI=True, DOCS=True, WINDOW=every_feature, PRECISION=precision)
+    base = dict(D=d, ALIBI=True, DOCS=True, WINDOW=every_feature, SKIP=True, PRECISION=precision)
     if kernel != "_fwd_kernel":
         return [base]
     return [{**base, "ROTATE": True, "ROTATE_V": True}]

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels.alibi_reach import alibi_reach
 from kernels.hybrid.documents import cu_seqlens_bounds
 from kernels.hybrid.scan import scan_angles
 
@@ -193,13 +194,17 @@ def _key_range(
     i0,
     T,
     window,
+    reach,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOCS: tl.constexpr,
     WINDOW: tl.constexpr,
+    SKIP: tl.constexpr,
 ):
     """For query rows i = i0..i0+BLOCK_M-1: their document starts and the key-block starts
-    lo <= a <= b <= hi; blocks in [a, b) need no mask, those in [lo, a) and [b, hi) do."""
+    lo <= a <= b <= hi; blocks in [a, b) need no mask, those in [lo, a) and [b, hi) do. With
+    SKIP, blocks wholly at distance >= reach from every row are left out (no mask needed: the
+    keys of a visited block beyond the reach are computed exactly)."""
     i_last = tl.minimum(i0 + BLOCK_M, T) - 1
     if DOCS:
         starts_i = tl.load(STARTS + b * sd_b + i, mask=i < T, other=0)
@@ -212,6 +217,8 @@ def _key_range(
     if WINDOW:
         lo = tl.maximum(lo, i0 - window + 1)
         full_from = tl.maximum(full_from, i_last - window + 1)
+    if SKIP:
+        lo = tl.maximum(lo, i0 - reach + 1)
     lo = (lo // BLOCK_N) * BLOCK_N
     hi = i_last + 1
     b_mid = tl.minimum(tl.maximum(((i0 + 1) // BLOCK_N) * BLOCK_N, lo), hi)
@@ -227,6 +234,7 @@ def _fwd_kernel(
     PHI,
     SLOPES,
     STARTS,
+    REACH,
     O,
     LSE,
     sq_b,
@@ -250,12 +258,14 @@ def _fwd_kernel(
     G,
     qk_scale2,
     window,
+    T_BUCKET,  # the autotuner's key: T rounded up to a power of two (unused in the kernel)
     D: tl.constexpr,
     ROTATE: tl.constexpr,
     ROTATE_V: tl.constexpr,
     ALIBI: tl.constexpr,
     DOCS: tl.constexpr,
     WINDOW: tl.constexpr,
+    SKIP: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -275,8 +285,11 @@ def _fwd_kernel(
     q1 = q1.to(Q.dtype.element_ty)
     q2 = q2.to(Q.dtype.element_ty)
     slope2 = _log2_slope(SLOPES, hq, ALIBI)
+    reach = T
+    if SKIP:
+        reach = tl.load(REACH + bh)
     starts_i, lo, a_mid, b_mid, hi = _key_range(
-        STARTS, b, sd_b, i, i0, T, window, BLOCK_M, BLOCK_N, DOCS, WINDOW
+        STARTS, b, sd_b, i, i0, T, window, reach, BLOCK_M, BLOCK_N, DOCS, WINDOW, SKIP
     )
     k_base = K + b * sk_b + h * sk_h
     v_base = V + b * sv_b + h * sv_h
@@ -396,6 +409,7 @@ def _dkdv_kernel(
     SLOPES,
     STARTS,
     ENDS,
+    REACH,
     DK,
     DV,
     sq_b,
@@ -417,10 +431,12 @@ def _dkdv_kernel(
     qk_scale2,
     scale,
     window,
+    T_BUCKET,  # the autotuner's key: T rounded up to a power of two (unused in the kernel)
     D: tl.constexpr,
     ALIBI: tl.constexpr,
     DOCS: tl.constexpr,
     WINDOW: tl.constexpr,
+    SKIP: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -457,19 +473,24 @@ def _dkdv_kernel(
         q_base = QR + b * sq_b + hq * sq_h
         do_base = DOR + b * sq_b + hq * sq_h
         row_base = (b * (H * G) + hq) * T
-        for i0 in range(lo, a_mid, BLOCK_M):
+        hi_g = hi
+        if SKIP:  # query blocks with every row at distance >= reach from the whole key block
+            hi_g = tl.minimum(hi, j_last + tl.load(REACH + b * (H * G) + hq))
+        a_mid_g = tl.minimum(a_mid, hi_g)
+        b_mid_g = tl.minimum(b_mid, hi_g)
+        for i0 in range(lo, a_mid_g, BLOCK_M):
             dk, dv = _dkdv_block(
                 dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, starts_base,
                 sq_t, i0, j, slope2, qk_scale2, T, window, D, BLOCK_M, True, ALIBI, DOCS,
                 WINDOW, PRECISION,
             )  # fmt: skip
-        for i0 in range(a_mid, b_mid, BLOCK_M):
+        for i0 in range(a_mid_g, b_mid_g, BLOCK_M):
             dk, dv = _dkdv_block(
                 dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, starts_base,
                 sq_t, i0, j, slope2, qk_scale2, T, window, D, BLOCK_M, False, ALIBI, DOCS,
                 WINDOW, PRECISION,
             )  # fmt: skip
-        for i0 in range(b_mid, hi, BLOCK_M):
+        for i0 in range(b_mid_g, hi_g, BLOCK_M):
             dk, dv = _dkdv_block(
                 dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, starts_base,
                 sq_t, i0, j, slope2, qk_scale2, T, window, D, BLOCK_M, True, ALIBI, DOCS,
@@ -533,6 +554,7 @@ def _dq_kernel(
     DELTA,
     SLOPES,
     STARTS,
+    REACH,
     DQ,
     sq_b,
     sq_t,
@@ -553,10 +575,12 @@ def _dq_kernel(
     qk_scale2,
     scale,
     window,
+    T_BUCKET,  # the autotuner's key: T rounded up to a power of two (unused in the kernel)
     D: tl.constexpr,
     ALIBI: tl.constexpr,
     DOCS: tl.constexpr,
     WINDOW: tl.constexpr,
+    SKIP: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -575,8 +599,11 @@ def _dq_kernel(
     lse = tl.load(LSE + bh.to(tl.int64) * T + i, mask=i_ok, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * T + i, mask=i_ok, other=0.0)
     slope2 = _log2_slope(SLOPES, hq, ALIBI)
+    reach = T
+    if SKIP:
+        reach = tl.load(REACH + bh)
     starts_i, lo, a_mid, b_mid, hi = _key_range(
-        STARTS, b, sd_b, i, i0, T, window, BLOCK_M, BLOCK_N, DOCS, WINDOW
+        STARTS, b, sd_b, i, i0, T, window, reach, BLOCK_M, BLOCK_N, DOCS, WINDOW, SKIP
     )
     k_base = K + b * sk_b + h * sk_h
     v_base = V + b * sv_b + h * sv_h
@@ -737,7 +764,8 @@ def _prune_for_device(kernel: str):
     return {"early_config_prune": prune}
 
 
-_TUNING_KEY = ["T", "D", "ALIBI", "DOCS", "WINDOW", "PRECISION"]
+# T in power-of-two buckets: evaluating at many lengths does not retune at each one.
+_TUNING_KEY = ["T_BUCKET", "D", "ALIBI", "DOCS", "WINDOW", "SKIP", "PRECISION"]
 _fwd = triton.autotune(
     _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)]),
     key=[*_TUNING_KEY, "ROTATE", "ROTATE_V"],
@@ -779,18 +807,25 @@ def _rotate(x: Tensor, phi: Tensor) -> Tensor:
     return y
 
 
-def _flags(q: Tensor, slopes: Tensor | None, starts: Tensor | None, window: int | None) -> dict:
+def _flags(
+    q: Tensor,
+    slopes: Tensor | None,
+    starts: Tensor | None,
+    window: int | None,
+    reach: Tensor | None,
+) -> dict:
     return dict(
         ALIBI=slopes is not None,
         DOCS=starts is not None,
         WINDOW=window is not None,
+        SKIP=reach is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
 
 
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, phi, slopes, starts, ends, rotate_values, window, scale):
+    def forward(ctx, q, k, v, phi, slopes, starts, ends, reach, rotate_values, window, scale):
         B, T, HQ, D = q.shape
         H = k.shape[2]
         rotate_v = phi is not None and rotate_values
@@ -798,23 +833,23 @@ class _FusedAttention(torch.autograd.Function):
         vr = _rotate(v, phi) if rotate_v else v
         o = torch.empty_like(q)
         lse = torch.empty((B, HQ, T), dtype=torch.float32, device=q.device)
-        flags = _flags(q, slopes, starts, window)
+        flags = _flags(q, slopes, starts, window, reach)
         _fwd[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * HQ)](
             q, kr, vr, q if phi is None else phi, q if slopes is None else slopes,
-            q if starts is None else starts, o, lse,
+            q if starts is None else starts, q if reach is None else reach, o, lse,
             *_strides(q), *_strides(kr), *_strides(vr), *_strides(phi), *_strides(o),
             0 if starts is None else starts.stride(0),
-            T, HQ, HQ // H, scale * LOG2E, window or 0,
+            T, HQ, HQ // H, scale * LOG2E, window or 0, triton.next_power_of_2(T),
             D=D, ROTATE=phi is not None, ROTATE_V=rotate_v, **flags,
         )  # fmt: skip
         # k and v, not their rotations: the backward rotates them again, and needs them exact.
-        ctx.save_for_backward(q, k, v, phi, slopes, starts, ends, o, lse)
+        ctx.save_for_backward(q, k, v, phi, slopes, starts, ends, reach, o, lse)
         ctx.rotate_v, ctx.window, ctx.scale = rotate_v, window, scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, phi, slopes, starts, ends, o, lse = ctx.saved_tensors
+        q, k, v, phi, slopes, starts, ends, reach, o, lse = ctx.saved_tensors
         B, T, HQ, D = q.shape
         H = k.shape[2]
         G = HQ // H
@@ -829,24 +864,28 @@ class _FusedAttention(torch.autograd.Function):
         dqr = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         dkr = torch.empty(kr.shape, dtype=torch.float32, device=q.device)
         dvr = torch.empty_like(dkr)
-        flags = _flags(q, slopes, starts, ctx.window)
+        flags = _flags(q, slopes, starts, ctx.window, reach)
         common = (
             q if slopes is None else slopes,
             q if starts is None else starts,
         )
+        reach_or_any = q if reach is None else reach
         doc_stride = 0 if starts is None else starts.stride(0)
         _dkdv[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)](
-            qr, kr, vr, dor, lse, delta, *common, q if ends is None else ends, dkr, dvr,
+            qr, kr, vr, dor, lse, delta, *common, q if ends is None else ends, reach_or_any,
+            dkr, dvr,
             *_strides(qr), *_strides(kr), *_strides(vr), *_strides(dkr), doc_stride,
-            T, H, G, ctx.scale * LOG2E, ctx.scale, ctx.window or 0, D=D, **flags,
+            T, H, G, ctx.scale * LOG2E, ctx.scale, ctx.window or 0, triton.next_power_of_2(T),
+            D=D, **flags,
         )  # fmt: skip
         _dq[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * HQ)](
-            qr, kr, vr, dor, lse, delta, *common, dqr,
+            qr, kr, vr, dor, lse, delta, *common, reach_or_any, dqr,
             *_strides(qr), *_strides(kr), *_strides(vr), *_strides(dqr), doc_stride,
-            T, HQ, G, ctx.scale * LOG2E, ctx.scale, ctx.window or 0, D=D, **flags,
+            T, HQ, G, ctx.scale * LOG2E, ctx.scale, ctx.window or 0, triton.next_power_of_2(T),
+            D=D, **flags,
         )  # fmt: skip
         if phi is None:
-            return dqr.to(q.dtype), dkr.to(k.dtype), dvr.to(v.dtype), *(None,) * 7
+            return dqr.to(q.dtype), dkr.to(k.dtype), dvr.to(v.dtype), *(None,) * 8
         dq, dk = torch.empty_like(q), torch.empty_like(k)
         dv = torch.empty_like(v) if ctx.rotate_v else dvr.to(v.dtype)
         dphi = torch.empty(phi.shape, dtype=torch.float32, device=q.device)
@@ -855,7 +894,7 @@ class _FusedAttention(torch.autograd.Function):
             *_strides(phi), *_strides(q), *_strides(k), T, H, G,
             D=D, ROTATE_V=ctx.rotate_v, BLOCK_T=block,
         )  # fmt: skip
-        return dq, dk, dv, dphi.to(phi.dtype), *(None,) * 6
+        return dq, dk, dv, dphi.to(phi.dtype), *(None,) * 7
 
 
 # ----------------------------------------------------------------------------------------------
@@ -914,12 +953,15 @@ def fused_attention(
     starts: Tensor | None = None,
     ends: Tensor | None = None,
     scale: float | None = None,
+    skip_eps: float = 0.0,
 ) -> Tensor:
     """The fused kernel on accumulated angles: what `kernels.attention` dispatches to on CUDA.
 
     q [B, T, HQ, d]; k, v [B, T, H, d]; angles [B, T, H, d/2] (phi, not increments) or None;
     alibi_slopes [HQ] or None; starts, ends int32 [B, T] document bounds
-    (`kernels.hybrid.documents`) or None. Differentiable in q, k, v and angles.
+    (`kernels.hybrid.documents`) or None. skip_eps > 0 (with ALiBi): skip the key blocks that
+    move the output by at most skip_eps x max|v| (`kernels.alibi_reach`). Differentiable in
+    q, k, v and angles.
     """
     _check_inputs(q, k, v, angles, alibi_slopes, window, starts, ends)
     if angles is not None:  # the kernels read pairs at unit stride
@@ -930,8 +972,11 @@ def fused_attention(
         starts, ends = starts.int().contiguous(), ends.int().contiguous()
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    reach = None
+    if skip_eps > 0 and alibi_slopes is not None:
+        reach = alibi_reach(q, k, alibi_slopes, scale, skip_eps).to(torch.int32).contiguous()
     return _FusedAttention.apply(
-        q, k, v, angles, alibi_slopes, starts, ends, rotate_values, window, scale
+        q, k, v, angles, alibi_slopes, starts, ends, reach, rotate_values, window, scale
     )
 
 
@@ -946,6 +991,7 @@ def hybrid_attention(
     window: int | None = None,
     cu_seqlens: Tensor | None = None,
     scale: float | None = None,
+    skip_eps: float = 0.0,
 ) -> Tensor:
     """Accumulated rotations + ALiBi attention: the Triton scan, then the fused kernel.
 
@@ -954,8 +1000,8 @@ def hybrid_attention(
     inclusive cumsum over each document (None: no rotation; constant theta: RoPE).
     alibi_slopes [HQ]: bias -m_h (i - j), or None. rotate_values: rotate v by phi_j and the
     output back by -phi_i. window: attend only to i - j < window. cu_seqlens [N + 1]: packed
-    documents of a single row (B = 1). scale: default 1/sqrt(d). Returns o like q,
-    differentiable in q, k, v and delta.
+    documents of a single row (B = 1). scale: default 1/sqrt(d). skip_eps: as in
+    `fused_attention`. Returns o like q, differentiable in q, k, v and delta.
     """
     B, T = q.shape[:2]
     starts = ends = None
@@ -973,5 +1019,5 @@ def hybrid_attention(
         phi = scan_angles(delta, starts, ends)
     return fused_attention(
         q, k, v, phi, alibi_slopes, rotate_values=rotate_values, window=window,
-        starts=starts, ends=ends, scale=scale,
+        starts=starts, ends=ends, scale=scale, skip_eps=skip_eps,
     )  # fmt: skip

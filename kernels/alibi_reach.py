@@ -1,0 +1,55 @@
+"""ALiBi's reach: the distance beyond which keys can be skipped with a proven error bound.
+
+For one head, with logits l_ij = scale q_i . k_j - m (i - j) over the keys j that query i sees
+(q and k rotated by any angles, learned or not: rotations preserve norms), every query sees its
+own key, so its softmax denominator is Z_i >= exp(l_ii) and
+
+    p_ij = exp(l_ij) / Z_i <= exp(l_ij - l_ii) <= exp(scale |q_i| (|k_j| + |k_i|) - m (i - j))
+         <= exp(a - m (i - j)),   a = 2 scale max_i |q_i| max_j |k_j|  (over the row).
+
+The keys at distance d >= R then hold at most the mass
+
+    delta_i <= exp(a) sum_{d >= R} exp(-m d) = exp(a - m R) / (1 - exp(-m)).
+
+Dropping keys of total mass delta and renormalising moves the output by at most
+2 delta max_j |v_j|: o - o' = sum_dropped p_j v_j - delta / (1 - delta) sum_kept p_j v_j, each
+term at most delta max|v| (rotated values too: rotations preserve |v_j|). So skipping every key
+at distance >= R with exp(a - m R) / (1 - exp(-m)) <= eps / 2 keeps |o_i - o'_i| <= eps max|v|:
+eps is the output's error relative to the largest value. Documents and windows only remove keys
+(never query i's own), so the bound holds for packed documents; with grouped-query heads a is
+taken per query head over the keys of its key/value head. The backward pass, recomputing
+p_ij <= the same bound, changes each gradient term by the same small mass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+DEFAULT_SKIP_EPS = 1e-6  # output error relative to max |v|, below float32's attention noise
+# Rotated bfloat16 operands are rounded after rotation: their norms can exceed the inputs' by
+# 2^-8 each. Widening a by 2^-6 keeps the bound above what the kernels compute.
+ROUNDING_MARGIN = 1 + 2**-6
+
+
+def alibi_reach(q: Tensor, k: Tensor, slopes: Tensor, scale: float, eps: float) -> Tensor:
+    """Per (row, query head) distance R: keys at i - j >= R carry output error <= eps max|v|.
+
+    q [B, T, HQ, D], k [B, T, H, D], slopes [HQ] (m_h >= 0). Returns int64 [B, HQ] in [1, T];
+    T means nothing is skipped (eps = 0, a zero slope, or a bound that reaches the start).
+    Computed on q's device, without a host synchronisation.
+    """
+    B, T, HQ, _ = q.shape
+    if eps <= 0:
+        return torch.full((B, HQ), T, dtype=torch.int64, device=q.device)
+    q_norm = q.detach().double().norm(dim=-1).amax(dim=1)  # [B, HQ]
+    k_norm = k.detach().double().norm(dim=-1).amax(dim=1)  # [B, H]
+    k_norm = k_norm.repeat_interleave(HQ // k.shape[2], dim=1)
+    a = 2 * scale * ROUNDING_MARGIN * q_norm * k_norm
+    m = slopes.detach().to(device=q.device, dtype=torch.float64).expand(B, HQ)
+    # exp(a - m R) / (1 - exp(-m)) <= eps / 2  <=>  R >= (a - log(eps / 2) - log(1 - e^-m)) / m
+    needed = (a - math.log(eps / 2) - torch.log(-torch.expm1(-m))) / m
+    reach = torch.where(m > 0, needed.ceil(), torch.full_like(needed, T))
+    return reach.clamp(1, T).to(torch.int64)
