@@ -8,6 +8,9 @@ it times forward, backward and forward+backward (median of CUDA-synchronised run
 memory of forward+backward, for:
 
     hybrid        kernels.hybrid_attention: angle scan + fused kernel (q, k, v rotated, ALiBi)
+    hybrid_skip   the same, skipping the key blocks beyond ALiBi's reach (skip_eps 1e-6)
+    fa2_alibi     FlashAttention-2's flash_attn_func with alibi_slopes (every block computed)
+    fa2_window    FlashAttention-2 with a 4096-token sliding window, no bias
     sdpa_flash    torch SDPA, flash backend, plain causal attention: the ceiling
     flex_composed the same hybrid attention composed from torch ops: angles by
                   kernels.angles.accumulate_angles, q, k, v rotated by kernels.rotate,
@@ -36,7 +39,10 @@ from torch import Tensor
 from tqdm import tqdm
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("hybrid", "sdpa_flash", "flex_composed", "fla_path")
+METHODS = (
+    "hybrid", "hybrid_skip", "fa2_alibi", "fa2_window", "sdpa_flash", "flex_composed", "fla_path"
+)  # fmt: skip
+FA2_WINDOW = 4096  # fa2_window's sliding window: what skipping competes with
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -79,6 +85,35 @@ def _hybrid(x: dict[str, Tensor]) -> tuple[Callable[[], Tensor], list[Tensor]]:
         return hybrid_attention(x["q"], x["k"], x["v"], x["delta"], x["slopes"])
 
     return run, [x["q"], x["k"], x["v"], x["delta"]]
+
+
+def _hybrid_skip(x: dict[str, Tensor]) -> tuple[Callable[[], Tensor], list[Tensor]]:
+    from kernels import hybrid_attention
+    from kernels.alibi_reach import DEFAULT_SKIP_EPS
+
+    def run():
+        return hybrid_attention(
+            x["q"], x["k"], x["v"], x["delta"], x["slopes"], skip_eps=DEFAULT_SKIP_EPS
+        )
+
+    return run, [x["q"], x["k"], x["v"], x["delta"]]
+
+
+def _fa2(x: dict[str, Tensor], **options) -> tuple[Callable[[], Tensor], list[Tensor]]:
+    from flash_attn import flash_attn_func
+
+    def run():
+        return flash_attn_func(x["q"], x["k"], x["v"], causal=True, **options)
+
+    return run, [x["q"], x["k"], x["v"]]
+
+
+def _fa2_alibi(x: dict[str, Tensor]) -> tuple[Callable[[], Tensor], list[Tensor]]:
+    return _fa2(x, alibi_slopes=x["slopes"])
+
+
+def _fa2_window(x: dict[str, Tensor]) -> tuple[Callable[[], Tensor], list[Tensor]]:
+    return _fa2(x, window_size=(FA2_WINDOW - 1, 0))
 
 
 def _sdpa_flash(x: dict[str, Tensor]) -> tuple[Callable[[], Tensor], list[Tensor]]:
@@ -133,6 +168,9 @@ def _fla_path(x: dict[str, Tensor]) -> tuple[Callable[[], Tensor], list[Tensor]]
 
 BUILDERS = {
     "hybrid": _hybrid,
+    "hybrid_skip": _hybrid_skip,
+    "fa2_alibi": _fa2_alibi,
+    "fa2_window": _fa2_window,
     "sdpa_flash": _sdpa_flash,
     "flex_composed": _flex_composed,
     "fla_path": _fla_path,
@@ -141,6 +179,11 @@ BUILDERS = {
 
 def _available(method: str) -> str | None:
     """None when the method can run here, else why not."""
+    if method.startswith("fa2"):
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError as error:
+            return f"flash-attn not importable ({error}); it is the `gpu` extra"
     if method == "fla_path":
         try:
             import fla.ops.path_attn.parallel  # noqa: F401
@@ -236,7 +279,8 @@ def _table(report: dict) -> str:
     index = {(r["method"], r["T"], r["d"]): r for r in report["results"]}
     lines = [
         f"{'T':>7} {'d':>4} {'fwd ms':>8} {'bwd ms':>8} {'f+b ms':>8} {'f+b TF/s':>8} "
-        f"{'peak MiB':>9} {'vs sdpa':>8} {'vs flex':>8} {'vs path':>8}"
+        f"{'peak MiB':>9} {'skip':>6} {'vs sdpa':>8} {'fa2 alibi':>9} {'fa2 win':>8} "
+        f"{'vs flex':>8} {'vs path':>8}"
     ]
     for (method, length, head_dim), row in index.items():
         if method != "hybrid" or "error" in row:
@@ -251,9 +295,13 @@ def _table(report: dict) -> str:
         lines.append(
             f"{length:>7} {head_dim:>4} {row['fwd_ms']:>8.2f} {row['bwd_ms']:>8.2f} "
             f"{row['fwd_bwd_ms']:>8.2f} {row['fwd_bwd_tflops']:>8.1f} {row['peak_mib']:>9.0f} "
-            f"{ratio('sdpa_flash'):>8} {ratio('flex_composed'):>8} {ratio('fla_path'):>8}"
+            f"{ratio('hybrid_skip'):>6} {ratio('sdpa_flash'):>8} {ratio('fa2_alibi'):>9} "
+            f"{ratio('fa2_window'):>8} {ratio('flex_composed'):>8} {ratio('fla_path'):>8}"
         )
-    lines.append("ratios: baseline fwd+bwd time / hybrid's (above 1: hybrid is faster)")
+    lines.append(
+        "ratios: baseline fwd+bwd time / hybrid's (above 1: hybrid is faster; skip: "
+        "hybrid_skip's, below 1 when skipping is faster)"
+    )
     return "\n".join(lines)
 
 
