@@ -310,23 +310,26 @@ def test_metrics_and_tensorboard_hold_every_logged_step(uninterrupted):
 
 
 def test_bad_input_stops_before_any_work(uninterrupted, stdlib_dataset, tmp_path):
-    def run(*extra: str) -> tuple[int, str]:
-        [(code, err)] = _finish(_start(_args(tmp_path / "bad", stdlib_dataset, *extra)))
-        return code, err
-
-    code, err = run("model.schem=rope")
-    assert code == EXIT_BAD_INPUT and "did you mean 'model.scheme'" in err
-    code, err = run(f"data.path={tmp_path / 'nowhere'}")
-    assert code == EXIT_BAD_INPUT and "make data" in err
-    code, err = run("model.vocab_size=100")
-    assert code == EXIT_BAD_INPUT and "set model.vocab_size=512" in err
-    assert not (tmp_path / "bad").exists()
-
     foreign = tmp_path / "foreign"
     shutil.copytree(uninterrupted, foreign)
-    [(code, err)] = _finish(_start(_args(foreign, stdlib_dataset, "model.scheme=rope")))
+    # Each start stops before it locks or writes anything: they run side by side.
+    starts = {
+        "typo": _start(_args(tmp_path / "bad", stdlib_dataset, "model.schem=rope")),
+        "no data": _start(_args(tmp_path / "bad", stdlib_dataset, f"data.path={tmp_path / 'x'}")),
+        "vocab": _start(_args(tmp_path / "bad", stdlib_dataset, "model.vocab_size=100")),
+        "foreign": _start(_args(foreign, stdlib_dataset, "model.scheme=rope")),
+    }
+    [(code, err)] = _finish(starts["typo"])
+    assert code == EXIT_BAD_INPUT and "did you mean 'model.scheme'" in err
+    [(code, err)] = _finish(starts["no data"])
+    assert code == EXIT_BAD_INPUT and "make data" in err
+    [(code, err)] = _finish(starts["vocab"])
+    assert code == EXIT_BAD_INPUT and "set model.vocab_size=512" in err
+    assert not (tmp_path / "bad").exists()
+    [(code, err)] = _finish(starts["foreign"])
     assert code == EXIT_BAD_INPUT
     assert "holds checkpoints of a different model (model.scheme: 'hybrid' -> 'rope')" in err
+
     # The CPU attention's tile is not the model: a changed one resumes, with a warning.
     [(code, err)] = _finish(_start(_args(foreign, stdlib_dataset, "model.attn_block=32")))
     assert code == 0 and "changed config: model.attn_block: 64 -> 32" in err, err[-3000:]
@@ -385,15 +388,21 @@ def _small_filesystem(path: Path, *options: str):
 
 
 def test_unwritable_or_full_disk_is_one_line_naming_the_path(stdlib_dataset, tmp_path):
-    with _small_filesystem(tmp_path / "ro", "ro", "size=1m") as ro:
-        [(code, err)] = _finish(_start(_args(ro / "run", stdlib_dataset)))
+    run_dir = tmp_path / "writable"  # but not its checkpoints/
+    run_dir.mkdir()
+    with (
+        _small_filesystem(tmp_path / "ro", "ro", "size=1m") as ro,
+        _small_filesystem(run_dir / "checkpoints", "ro", "size=1m") as checkpoints,
+    ):
+        unwritable_run, unwritable_checkpoints = (
+            _start(_args(ro / "run", stdlib_dataset)),
+            _start(_args(run_dir, stdlib_dataset)),
+        )  # side by side
+        [(code, err)] = _finish(unwritable_run)
         assert code == EXIT_BAD_INPUT, err[-3000:]
         assert f"error: cannot write to {ro / 'run'}: Read-only file system" in err
         assert "MiB free" in err and "Traceback" not in err
-    run_dir = tmp_path / "writable"  # but not its checkpoints/
-    run_dir.mkdir()
-    with _small_filesystem(run_dir / "checkpoints", "ro", "size=1m") as checkpoints:
-        [(code, err)] = _finish(_start(_args(run_dir, stdlib_dataset)))
+        [(code, err)] = _finish(unwritable_checkpoints)
         assert code == EXIT_BAD_INPUT, err[-3000:]
         assert f"error: cannot write to {checkpoints}: Read-only file system" in err
         assert not (run_dir / LOCK_FILE).exists()  # the run directory's lock is released
