@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/tiny.yaml
 ARGS ?=
 
-.PHONY: setup test data train eval compare lm-eval generate study tensorboard slurm slurm-array bench-attention gpu-check check-gpu-compile lint format clean-venv
+.PHONY: setup test data train eval compare lm-eval generate study tensorboard slurm slurm-array bench-attention bench-attention-cpu gpu-check check-gpu-compile lint format clean-venv
 
 setup: $(STAMP)
 
@@ -77,10 +77,16 @@ slurm: setup
 slurm-array: setup
 	$(PY) -m launch.slurm --array $(filter-out %/base.yaml,$(wildcard $(CONFIGS))) $(ARGS)
 
-# Fused attention speed and memory against SDPA-flash and FlexAttention (CUDA only; ARGS: e.g.
+# Fused attention (with and without ALiBi skipping) against SDPA-flash, FlashAttention-2 and
+# FlexAttention: speed and memory (CUDA only; ARGS: e.g.
 # --lengths 8192 --head-dims 128). Writes bench/results/attention-<device>-<time>.json.
 bench-attention: setup
 	$(PY) -m bench.attention $(ARGS)
+
+# The CPU attention path against SDPA with the ALiBi mask, with and without ALiBi skipping
+# (T = 4096, 8192), into bench/results/attention_cpu_<machine>.json. Run it on an idle machine.
+bench-attention-cpu: setup
+	$(PY) -m bench.attention_cpu $(ARGS)
 
 # On a CUDA machine: the compiled kernel tests, bench-attention at 8k-32k and 20 training steps
 # of configs/125m.yaml, in under 8 minutes, into bench/results/gpu_check-<device>-<time>.json.
