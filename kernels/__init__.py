@@ -4,9 +4,11 @@
 the Triton kernels of `kernels.hybrid` (imported on first use) for the schemes those serve:
 rotations with or without the values, ALiBi or no bias, a sliding window, packed documents.
 Everywhere else (the CPU; xPos decay, PaTH transport and non-ALiBi bias tables on CUDA too) they
-run the blockwise PyTorch paths (`kernels.blockwise`, `kernels.path`, `kernels.angles`). No
-forward pass materialises a T x T matrix. Training memory is O(T x block) too, except PaTH's:
-its backward is autograd's, which keeps every step's probabilities (O(T^2) in all).
+run the blockwise PyTorch paths (`kernels.blockwise`, `kernels.path`, `kernels.angles`). Both
+the fused kernel and the blockwise path skip, for ALiBi heads, the key blocks beyond the reach
+`kernels.alibi_reach` proves negligible (skip_eps). No forward pass materialises a T x T
+matrix. Training memory is O(T x block) too, except PaTH's: its backward is autograd's, which
+keeps every step's probabilities (O(T^2) in all).
 """
 
 from __future__ import annotations
