@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 import kernels
+from bench import median_seconds
 from kernels import AlibiTable
 from kernels.alibi_reach import DEFAULT_SKIP_EPS, alibi_reach
 from model.schemes import alibi_slopes, rope_frequencies
@@ -93,18 +92,9 @@ def _measure(run: Callable[[], Tensor], leaves: list[Tensor], repeats: int) -> d
     """Median seconds of forward and of forward+backward; the forward's output."""
     out = run()
     upstream = torch.randn_like(out)
-
-    def timed(fn: Callable[[], object]) -> float:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
     with torch.no_grad():
-        fwd = timed(run)
-    fwd_bwd = timed(lambda: torch.autograd.grad(run(), leaves, upstream))
+        fwd = median_seconds(run, repeats)
+    fwd_bwd = median_seconds(lambda: torch.autograd.grad(run(), leaves, upstream), repeats)
     return {"fwd_s": fwd, "fwd_bwd_s": fwd_bwd, "out": out.detach()}
 
 

@@ -16,14 +16,12 @@ import argparse
 import copy
 import json
 import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from bench import median_seconds
 from launch.config import load_config
 from launch.hf import to_hf
 from model import Transformer
@@ -31,17 +29,6 @@ from model.modeling_rotalibi import DecodingCache, RotalibiForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_SPEEDUP = 20
-
-
-def _seconds(run: Callable[[], object], repeats: int) -> float:
-    """Median wall time of `run` over `repeats` calls, after one warm-up call."""
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -53,8 +40,9 @@ def rotalibi_times(model: Transformer, tokens: torch.Tensor, repeats: int) -> tu
     def cached_step() -> None:
         model.decode(tokens[:, -1:], copy.deepcopy(cache))
 
-    copying = _seconds(lambda: copy.deepcopy(cache), repeats)
-    return _seconds(lambda: model(tokens), repeats), _seconds(cached_step, repeats) - copying
+    copying = median_seconds(lambda: copy.deepcopy(cache), repeats)
+    full = median_seconds(lambda: model(tokens), repeats)
+    return full, median_seconds(cached_step, repeats) - copying
 
 
 @torch.no_grad()
@@ -65,9 +53,9 @@ def hf_times(model: RotalibiForCausalLM, tokens: torch.Tensor, repeats: int) -> 
     def cached_step() -> None:
         model(tokens[:, -1:], past_key_values=copy.deepcopy(cache), use_cache=True)
 
-    copying = _seconds(lambda: copy.deepcopy(cache), repeats)
-    full = _seconds(lambda: model(tokens, use_cache=False), repeats)
-    return full, _seconds(cached_step, repeats) - copying
+    copying = median_seconds(lambda: copy.deepcopy(cache), repeats)
+    full = median_seconds(lambda: model(tokens, use_cache=False), repeats)
+    return full, median_seconds(cached_step, repeats) - copying
 
 
 def main(argv: list[str]) -> int:
