@@ -44,8 +44,10 @@ def alibi_reach(q: Tensor, k: Tensor, slopes: Tensor, scale: float, eps: float) 
     B, T, HQ, _ = q.shape
     if eps <= 0:
         return torch.full((B, HQ), T, dtype=torch.int64, device=q.device)
-    q_norm = q.detach().double().norm(dim=-1).amax(dim=1)  # [B, HQ]
-    k_norm = k.detach().double().norm(dim=-1).amax(dim=1)  # [B, H]
+    # Norms accumulated in at least float32 without copying q or k; ROUNDING_MARGIN covers it.
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    q_norm = torch.linalg.vector_norm(q.detach(), dim=-1, dtype=dtype).amax(dim=1).double()
+    k_norm = torch.linalg.vector_norm(k.detach(), dim=-1, dtype=dtype).amax(dim=1).double()
     k_norm = k_norm.repeat_interleave(HQ // k.shape[2], dim=1)
     a = 2 * scale * ROUNDING_MARGIN * q_norm * k_norm
     m = slopes.detach().to(device=q.device, dtype=torch.float64).expand(B, HQ)
