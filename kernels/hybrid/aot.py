@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import triton
+from tqdm import tqdm
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -225,7 +226,8 @@ def run(*, subset: bool, workers: int) -> list[Result]:
     """Compile every variant (in `workers` processes); the results, in order."""
     items = variants(subset=subset)
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(_compile, items))
+        compiled = pool.map(_compile, items)
+        return list(tqdm(compiled, total=len(items), desc="compiling", unit="kernel"))
 
 
 def main(argv: list[str] | None = None) -> int:
