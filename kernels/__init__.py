@@ -7,8 +7,7 @@ Everywhere else (the CPU; xPos decay, PaTH transport and non-ALiBi bias tables o
 run the blockwise PyTorch paths (`kernels.blockwise`, `kernels.path`, `kernels.angles`). Both
 the fused kernel and the blockwise path skip, for ALiBi heads, the key blocks beyond the reach
 `kernels.alibi_reach` proves negligible (skip_eps). No forward pass materialises a T x T
-matrix. Training memory is O(T x block) too, except PaTH's: its backward is autograd's, which
-keeps every step's probabilities (O(T^2) in all).
+matrix, and no backward saves one: each recomputes its steps (`kernels.path` for PaTH's).
 """
 
 from __future__ import annotations

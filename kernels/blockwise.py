@@ -36,8 +36,7 @@ class DiagonalSweep:
     key within its query heads' reach; heads are sorted by that step, so step s works on the
     heads `first_head(s)`.. only (a slice, not a gather).
 
-    The state is updated in place, except when `differentiable` (PaTH's path, whose backward is
-    autograd's and needs every step's state).
+    The state is updated in place: the backward passes recompute what they need.
     """
 
     def __init__(
@@ -50,22 +49,18 @@ class DiagonalSweep:
         bias: Tensor | None,
         window: int | None,
         reach: Tensor | None = None,
-        differentiable: bool = False,
     ):
         B, T, HQ, D = q.shape
         H = k.shape[2]
         self.block, self.length, self.window = block, T, window
         G, n = HQ // H, -(-T // block)
         self.groups, self.n = G, n
-        self.differentiable = differentiable
         self.dtype = dtype = torch.promote_types(q.dtype, torch.float32)  # scores in >= fp32
         steps = self._steps_needed(H, window, reach)
         order = sorted(range(H), key=steps.__getitem__)
         self.head_steps = [steps[h] for h in order]
         self.order = None
         if order != list(range(H)):
-            if differentiable:
-                raise ValueError("a differentiable sweep visits every head at every step")
             self.order = torch.tensor(order, device=q.device)
         self.bias = None if bias is None else self.reorder_heads(bias.to(dtype).view(H, G, -1), 0)
         local = torch.arange(block, device=q.device)
@@ -152,9 +147,7 @@ class DiagonalSweep:
         return scores
 
     def numerators(self, logits: Tensor, row_max: Tensor) -> Tensor:
-        """exp_or_zero(logits - row_max[..., None]), in place unless differentiable."""
-        if self.differentiable:
-            return exp_or_zero(logits - row_max[..., None])
+        """exp_or_zero(logits - row_max[..., None]), in place."""
         logits.sub_(row_max[..., None])
         return torch.nn.functional.threshold_(logits, EXP_CUTOFF, float("-inf")).exp_()
 
@@ -163,21 +156,14 @@ class DiagonalSweep:
         key blocks'."""
         scores = self.logits(s, scores, h0)
         old_max = self.max[:, h0:, :, s:]
-        # A stabiliser only: softmax does not depend on it, so no gradient flows through it.
-        new_max = torch.maximum(old_max, scores.detach().amax(dim=-1))
+        new_max = torch.maximum(old_max, scores.amax(dim=-1))
         rescale = exp_or_zero(old_max - new_max)
         probs = self.numerators(scores, new_max)
         new_sum = self.sum[:, h0:, :, s:] * rescale + probs.sum(dim=-1)
         pv = torch.einsum("bhgcij,bhcjd->bhgcid", probs, values)
-        if self.differentiable:  # out of place: autograd still needs the old state
-            self.max = torch.cat((self.max[..., :s, :], new_max), dim=-2)
-            self.sum = torch.cat((self.sum[..., :s, :], new_sum), dim=-2)
-            new_acc = self.acc[..., s:, :, :] * rescale[..., None] + pv
-            self.acc = torch.cat((self.acc[..., :s, :, :], new_acc), dim=-3)
-        else:
-            old_max.copy_(new_max)
-            self.sum[:, h0:, :, s:] = new_sum
-            self.acc[:, h0:, :, s:].mul_(rescale[..., None]).add_(pv)
+        old_max.copy_(new_max)
+        self.sum[:, h0:, :, s:] = new_sum
+        self.acc[:, h0:, :, s:].mul_(rescale[..., None]).add_(pv)
 
     def output(self) -> Tensor:
         """The normalised output in blocks, [B, H, G, nblocks, block, D]."""
@@ -185,6 +171,39 @@ class DiagonalSweep:
 
     def log_sum_exp(self) -> Tensor:
         return self.max + torch.log(self.sum)
+
+    def output_gradient(self, dout: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+        """dO in query blocks, and the backward's per-row constant rowsum(dO * O)."""
+        dob = self.query_blocks(dout)
+        return dob, (dob * self.query_blocks(out)).sum(-1)
+
+    def score_gradients(
+        self,
+        s: int,
+        scores: Tensor,
+        values: Tensor,
+        dout: Tensor,
+        lse: Tensor,
+        row_dot: Tensor,
+        h0: int = 0,
+        dbias: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Flash-attention's backward of step s for heads h0..: (d scores, d values) from the
+        raw scores (consumed), the key blocks' values [B, H - h0, n - s, bk, D], and the query
+        blocks' dO [B, H - h0, G, n - s, bq, D], log-sum-exp and rowsum(dO * O). Adds the
+        bias gradient into `dbias` (shaped like `self.bias`) when given."""
+        probs = self.numerators(self.logits(s, scores, h0), lse)
+        dvalues = torch.einsum("bhgcij,bhgcid->bhcjd", probs, dout)
+        dprobs = torch.einsum("bhgcid,bhcjd->bhgcij", dout, values)
+        dscores = dprobs.sub_(row_dot[..., None]).mul_(probs)
+        if dbias is not None:
+            index = (s * self.block + self.local).clamp(0, dbias.shape[-1] - 1).flatten()
+            dbias[h0:].index_add_(-1, index, dscores.sum((0, 3)).flatten(2))
+        return dscores, dvalues
+
+    def bias_gradient(self, dbias: Tensor, bias: Tensor) -> Tensor:
+        """`dbias` accumulated by `score_gradients`, shaped and ordered like `bias`."""
+        return self.reorder_heads(dbias.flatten(0, 1), 0, back=True).reshape_as(bias).to(bias.dtype)
 
 
 def _decay_factors(decay: Tensor, block: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -240,8 +259,7 @@ class _BlockwiseAttention(torch.autograd.Function):
             q, k, block=block, doc_ids=doc_ids, bias=bias, window=ctx.window, reach=reach
         )
         qb, kb, vb = sweep.query_blocks(q, scale), sweep.blocks(k), sweep.blocks(v)
-        dob, ob = sweep.query_blocks(dout), sweep.query_blocks(out)
-        row_dot = (dob * ob).sum(-1)  # rowsum(dO * O)
+        dob, row_dot = sweep.output_gradient(dout, out)
         k_factor = 1.0
         if decay is not None:
             q_factor, k_factor = _decay_factors(decay, block, sweep.dtype)
@@ -255,26 +273,19 @@ class _BlockwiseAttention(torch.autograd.Function):
             if decay is not None:
                 q_step = _query_decay(q_factor, decay, s, block)
                 qs = qs * q_step
-            ks, vs, dos = kb[:, h0:, : n - s], vb[:, h0:, : n - s], dob[:, h0:, :, s:]
-            scores = sweep.logits(s, torch.einsum("bhgcid,bhcjd->bhgcij", qs, ks), h0)
-            probs = sweep.numerators(scores, lse[:, h0:, :, s:])
-            dv[:, h0:, : n - s] += torch.einsum("bhgcij,bhgcid->bhcjd", probs, dos)
-            dprobs = torch.einsum("bhgcid,bhcjd->bhgcij", dos, vs)
-            dscores = dprobs.sub_(row_dot[:, h0:, :, s:, :, None]).mul_(probs)
+            ks = kb[:, h0:, : n - s]
+            dscores, dvalues = sweep.score_gradients(
+                s, torch.einsum("bhgcid,bhcjd->bhgcij", qs, ks), vb[:, h0:, : n - s],
+                dob[:, h0:, :, s:], lse[:, h0:, :, s:], row_dot[:, h0:, :, s:], h0, dbias,
+            )  # fmt: skip
+            dv[:, h0:, : n - s] += dvalues
             dq[:, h0:, :, s:] += torch.einsum("bhgcij,bhcjd->bhgcid", dscores, ks) * q_step
             dk[:, h0:, : n - s] += torch.einsum("bhgcij,bhgcid->bhcjd", dscores, qs)
-            if dbias is not None:
-                index = (s * block + sweep.local).clamp(0, dbias.shape[-1] - 1).flatten()
-                dbias[h0:].index_add_(-1, index, dscores.sum((0, 3)).flatten(2))
         dq = sweep.unblock(dq * scale).to(q.dtype)
         dk = sweep.unblock(dk * k_factor).to(k.dtype)
         dv = sweep.unblock(dv).to(v.dtype)
         if dbias is not None:
-            dbias = (
-                sweep.reorder_heads(dbias.flatten(0, 1), 0, back=True)
-                .reshape_as(bias)
-                .to(bias.dtype)
-            )
+            dbias = sweep.bias_gradient(dbias, bias)
         return dq, dk, dv, dbias, None, None, None, None, None, None
 
 
