@@ -15,7 +15,7 @@ from conftest import ROOT
 from kernels.hybrid.attention import prune_configs, shared_memory_estimate
 
 A100, H100 = 166_912, 232_448  # shared memory per block: sm_80, sm_90
-TUNED = ("_dkdv_kernel", "_dq_kernel", "_fwd_kernel")  # the autotuned attention kernels
+TUNED = ("_dkdv_kernel", "_fwd_kernel")  # the autotuned attention kernels
 
 
 def _tiles(configs: list[triton.Config]) -> set[tuple[int, int, int, int]]:

@@ -54,7 +54,7 @@ def test_kernels_run_compiled_on_cuda_and_in_the_interpreter_otherwise():
     from triton.runtime.interpreter import InterpretedFunction
 
     assert fused.INTERPRETING is not CUDA
-    for kernel in (_scan_kernel, fused._fwd.fn, fused._dkdv.fn, fused._dq.fn, fused._rotate_kernel):
+    for kernel in (_scan_kernel, fused._fwd.fn, fused._dkdv.fn, fused._rotate_kernel):
         assert isinstance(kernel, InterpretedFunction) == (not CUDA), kernel
 
 
@@ -233,7 +233,7 @@ def test_float32_unequal_query_and_key_tiles(tiles, monkeypatch):
     import triton
 
     config = triton.Config({"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]})
-    for tuner in (fused._fwd, fused._dkdv, fused._dq):
+    for tuner in (fused._fwd, fused._dkdv):
         monkeypatch.setattr(tuner, "configs", [config])
     errors = _compare(
         1, 70, 32, rotate=True, rotate_values=True, alibi=True, window=29, packed=PACKED

@@ -104,8 +104,7 @@ _POINTERS = {
     "_rotate_kernel": ("X Y", "", "PHI"),
     "_fwd_kernel": ("Q K V O", "STARTS REACH", "PHI SLOPES LSE"),
     "_row_dot_kernel": ("O DO", "", "OUT"),
-    "_dkdv_kernel": ("QR K V DOR", "STARTS ENDS REACH", "LSE DELTA SLOPES DK DV"),
-    "_dq_kernel": ("QR K V DOR", "STARTS REACH", "LSE DELTA SLOPES DQ"),
+    "_dkdv_kernel": ("QR K V DOR", "STARTS ENDS REACH", "LSE DELTA SLOPES DQ DK DV"),
     "_unrotate_kernel": ("Q DQ O DO K DK V DV", "", "PHI DQR DKR DVR DPHI"),
     "_scan_kernel": ("", "BOUNDS", "X Y"),
 }
@@ -166,7 +165,6 @@ def compile_variant(variant: Variant, arch: int) -> Result:
 _ATTENTION = {
     "_fwd_kernel": attention._fwd,
     "_dkdv_kernel": attention._dkdv,
-    "_dq_kernel": attention._dq,
 }
 
 
@@ -178,11 +176,11 @@ def _flags(kernel: str, dtype: str, d: int, every_feature: bool) -> list[dict]:
     return [{**base, "ROTATE": True, "ROTATE_V": True}]
 
 
-def variants(*, subset: bool) -> list[tuple[Variant, int]]:
-    """(variant, arch) pairs to compile: every autotune config kept for each target, dtype and
-    head dim; with `subset`, bfloat16 at d = 128 and the largest tiles kept only."""
+def variants(*, subset: bool, dtypes: tuple[str, ...] = DTYPES) -> list[tuple[Variant, int]]:
+    """(variant, arch) pairs to compile: every autotune config kept for each target, dtype of
+    `dtypes` and head dim; with `subset`, bfloat16 at d = 128 and the largest tiles kept only."""
     head_dims = (128,) if subset else attention.HEAD_DIMS
-    dtypes = ("bf16",) if subset else DTYPES
+    dtypes = ("bf16",) if subset else dtypes
     found = []
     for arch in ARCHS:
         for dtype in dtypes:
@@ -222,9 +220,9 @@ def _compile(item: tuple[Variant, int]) -> Result:
     return compile_variant(*item)
 
 
-def run(*, subset: bool, workers: int) -> list[Result]:
+def run(*, subset: bool, workers: int, dtypes: tuple[str, ...] = DTYPES) -> list[Result]:
     """Compile every variant (in `workers` processes); the results, in order."""
-    items = variants(subset=subset)
+    items = variants(subset=subset, dtypes=dtypes)
     with ProcessPoolExecutor(max_workers=workers) as pool:
         compiled = pool.map(_compile, items)
         return list(tqdm(compiled, total=len(items), desc="compiling", unit="kernel"))
@@ -234,12 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subset", action="store_true", help="one variant per kernel/target")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--dtype", choices=DTYPES, action="append", help="only these input dtypes (repeatable)"
+    )
     parser.add_argument("--out", type=Path, help="write every result as JSON here")
     args = parser.parse_args(argv)
     if any(os.environ.get(k) != v for k, v in ENVIRONMENT.items()):  # Triton has read it
         command = [sys.executable, "-m", "kernels.hybrid.aot", *sys.argv[1:]]
         os.execve(sys.executable, command, {**os.environ, **ENVIRONMENT})
-    results = run(subset=args.subset, workers=args.workers)
+    dtypes = tuple(args.dtype or DTYPES)
+    results = run(subset=args.subset, workers=args.workers, dtypes=dtypes)
     failures = 0
     for r in results:
         v, problem = r.variant, r.problem()

@@ -16,9 +16,10 @@ Grouped-query heads: query head hq reads key/value head hq // G.
 
 Backward, flash-attention 2 style with recomputation from the saved log-sum-exp: q, k, v and
 dO are rotated (elementwise passes; the forward saves k and v unrotated, at no extra memory),
-one kernel per key block accumulates dk~, dv~ over
-the G query heads of its key/value head (no atomics), one kernel per query block accumulates
-dq~. A last elementwise pass rotates the gradients back (dx = R(-phi) dx~) and collects
+then one kernel per key block accumulates dk~, dv~ over the G query heads of its key/value
+head and adds each query block's share of dq~ atomically (five matmuls per pair of blocks,
+as FlashAttention-2; float32 atomics make dq's last bits depend on the order the GPU adds
+them in). A last elementwise pass rotates the gradients back (dx = R(-phi) dx~) and collects
 dL/dphi_t = sum over x in (q, k, v) of x_1 dx_2 - x_2 dx_1, minus o_1 dO_2 - o_2 dO_1 for the
 output's back-rotation (pairs (x_1, x_2) = (x[p], x[p + d/2]); v and o only when rotated).
 
@@ -356,11 +357,14 @@ def _dkdv_block(
     lse_base,
     delta_base,
     starts_base,
+    dq_base,
     s_t,
+    sdq_t,
     i0,
     j,
     slope2,
     qk_scale2,
+    scale,
     T,
     window,
     D: tl.constexpr,
@@ -371,7 +375,9 @@ def _dkdv_block(
     WINDOW: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Add query block i0's contribution to dk~, dv~ of the key block j ([BLOCK_N, D] each)."""
+    """Add query block i0's contribution to dk~, dv~ of the key block j ([BLOCK_N, D] each),
+    and the key block's contribution to the query block's dq~ (atomically: other key blocks
+    add theirs concurrently)."""
     i = i0 + tl.arange(0, BLOCK_M)
     i_ok = i < T
     offs = i[:, None].to(tl.int64) * s_t + tl.arange(0, D)[None, :]
@@ -395,6 +401,9 @@ def _dkdv_block(
     dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     ds = p * (dp - delta[None, :])
     dk = tl.dot(ds.to(q.dtype), q, dk, input_precision=PRECISION)
+    dq = tl.dot(tl.trans(ds).to(k.dtype), k, input_precision=PRECISION) * scale
+    offs_dq = i[:, None].to(tl.int64) * sdq_t + tl.arange(0, D)[None, :]
+    tl.atomic_add(dq_base + offs_dq, dq, mask=i_ok[:, None], sem="relaxed")
     return dk, dv
 
 
@@ -410,6 +419,7 @@ def _dkdv_kernel(
     STARTS,
     ENDS,
     REACH,
+    DQ,
     DK,
     DV,
     sq_b,
@@ -421,6 +431,9 @@ def _dkdv_kernel(
     sv_b,
     sv_t,
     sv_h,
+    sdq_b,
+    sdq_t,
+    sdq_h,
     sg_b,
     sg_t,
     sg_h,
@@ -441,7 +454,8 @@ def _dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """dk~, dv~ (float32) of one key block, summed over the G query heads that read it."""
+    """dk~, dv~ (float32) of one key block, summed over the G query heads that read it, and
+    its contributions to those heads' dq~ (float32, accumulated atomically in DQ)."""
     b = (tl.program_id(1) // H).to(tl.int64)
     h = tl.program_id(1) % H
     j0 = tl.program_id(0) * BLOCK_N
@@ -472,6 +486,7 @@ def _dkdv_kernel(
         slope2 = _log2_slope(SLOPES, hq, ALIBI)
         q_base = QR + b * sq_b + hq * sq_h
         do_base = DOR + b * sq_b + hq * sq_h
+        dq_base = DQ + b * sdq_b + hq * sdq_h
         row_base = (b * (H * G) + hq) * T
         hi_g = hi
         if SKIP:  # query blocks with every row at distance >= reach from the whole key block
@@ -481,150 +496,24 @@ def _dkdv_kernel(
         for i0 in range(lo, a_mid_g, BLOCK_M):
             dk, dv = _dkdv_block(
                 dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, starts_base,
-                sq_t, i0, j, slope2, qk_scale2, T, window, D, BLOCK_M, True, ALIBI, DOCS,
-                WINDOW, PRECISION,
+                dq_base, sq_t, sdq_t, i0, j, slope2, qk_scale2, scale, T, window, D, BLOCK_M,
+                True, ALIBI, DOCS, WINDOW, PRECISION,
             )  # fmt: skip
         for i0 in range(a_mid_g, b_mid_g, BLOCK_M):
             dk, dv = _dkdv_block(
                 dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, starts_base,
-                sq_t, i0, j, slope2, qk_scale2, T, window, D, BLOCK_M, False, ALIBI, DOCS,
-                WINDOW, PRECISION,
+                dq_base, sq_t, sdq_t, i0, j, slope2, qk_scale2, scale, T, window, D, BLOCK_M,
+                False, ALIBI, DOCS, WINDOW, PRECISION,
             )  # fmt: skip
         for i0 in range(b_mid_g, hi_g, BLOCK_M):
             dk, dv = _dkdv_block(
                 dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, starts_base,
-                sq_t, i0, j, slope2, qk_scale2, T, window, D, BLOCK_M, True, ALIBI, DOCS,
-                WINDOW, PRECISION,
+                dq_base, sq_t, sdq_t, i0, j, slope2, qk_scale2, scale, T, window, D, BLOCK_M,
+                True, ALIBI, DOCS, WINDOW, PRECISION,
             )  # fmt: skip
     offs_g = j[:, None].to(tl.int64) * sg_t + tl.arange(0, D)[None, :]
     tl.store(DK + b * sg_b + h * sg_h + offs_g, dk * scale, mask=j_ok[:, None])
     tl.store(DV + b * sg_b + h * sg_h + offs_g, dv, mask=j_ok[:, None])
-
-
-@triton.jit
-def _dq_block(
-    dq,
-    q,
-    do,
-    lse,
-    delta,
-    k_base,
-    v_base,
-    sk_t,
-    sv_t,
-    j0,
-    i,
-    starts_i,
-    slope2,
-    qk_scale2,
-    T,
-    window,
-    D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,
-    ALIBI: tl.constexpr,
-    DOCS: tl.constexpr,
-    WINDOW: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """Add key block j0's contribution to dq~ of the query block ([BLOCK_M, D])."""
-    j = j0 + tl.arange(0, BLOCK_N)
-    j_ok = j < T
-    d = tl.arange(0, D)
-    k = tl.load(k_base + j[:, None].to(tl.int64) * sk_t + d[None, :], mask=j_ok[:, None], other=0.0)
-    v = tl.load(v_base + j[:, None].to(tl.int64) * sv_t + d[None, :], mask=j_ok[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
-    if ALIBI:
-        s = s - slope2 * (i[:, None] - j[None, :]).to(tl.float32)
-    if MASKED:
-        s = _logits_masked(s, i, j, starts_i, window, DOCS, WINDOW)
-    p = tl.exp2(s - lse[:, None])
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    ds = p * (dp - delta[:, None])
-    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
-
-
-@triton.jit
-def _dq_kernel(
-    QR,
-    K,
-    V,
-    DOR,
-    LSE,
-    DELTA,
-    SLOPES,
-    STARTS,
-    REACH,
-    DQ,
-    sq_b,
-    sq_t,
-    sq_h,
-    sk_b,
-    sk_t,
-    sk_h,
-    sv_b,
-    sv_t,
-    sv_h,
-    sg_b,
-    sg_t,
-    sg_h,
-    sd_b,
-    T,
-    HQ,
-    G,
-    qk_scale2,
-    scale,
-    window,
-    T_BUCKET,  # the autotuner's key: T rounded up to a power of two (unused in the kernel)
-    D: tl.constexpr,
-    ALIBI: tl.constexpr,
-    DOCS: tl.constexpr,
-    WINDOW: tl.constexpr,
-    SKIP: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """dq~ (float32) of one query block."""
-    bh = tl.program_id(1)
-    b = (bh // HQ).to(tl.int64)
-    hq = bh % HQ
-    h = hq // G
-    i0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    i = i0 + tl.arange(0, BLOCK_M)
-    i_ok = i < T
-    offs = i[:, None].to(tl.int64) * sq_t + tl.arange(0, D)[None, :]
-    q = tl.load(QR + b * sq_b + hq * sq_h + offs, mask=i_ok[:, None], other=0.0)
-    do = tl.load(DOR + b * sq_b + hq * sq_h + offs, mask=i_ok[:, None], other=0.0)
-    lse = tl.load(LSE + bh.to(tl.int64) * T + i, mask=i_ok, other=0.0)
-    delta = tl.load(DELTA + bh.to(tl.int64) * T + i, mask=i_ok, other=0.0)
-    slope2 = _log2_slope(SLOPES, hq, ALIBI)
-    reach = T
-    if SKIP:
-        reach = tl.load(REACH + bh)
-    starts_i, lo, a_mid, b_mid, hi = _key_range(
-        STARTS, b, sd_b, i, i0, T, window, reach, BLOCK_M, BLOCK_N, DOCS, WINDOW, SKIP
-    )
-    k_base = K + b * sk_b + h * sk_h
-    v_base = V + b * sv_b + h * sv_h
-    dq = tl.zeros([BLOCK_M, D], tl.float32)
-    for j0 in range(lo, a_mid, BLOCK_N):
-        dq = _dq_block(
-            dq, q, do, lse, delta, k_base, v_base, sk_t, sv_t, j0, i, starts_i, slope2,
-            qk_scale2, T, window, D, BLOCK_N, True, ALIBI, DOCS, WINDOW, PRECISION,
-        )  # fmt: skip
-    for j0 in range(a_mid, b_mid, BLOCK_N):
-        dq = _dq_block(
-            dq, q, do, lse, delta, k_base, v_base, sk_t, sv_t, j0, i, starts_i, slope2,
-            qk_scale2, T, window, D, BLOCK_N, False, ALIBI, DOCS, WINDOW, PRECISION,
-        )  # fmt: skip
-    for j0 in range(b_mid, hi, BLOCK_N):
-        dq = _dq_block(
-            dq, q, do, lse, delta, k_base, v_base, sk_t, sv_t, j0, i, starts_i, slope2,
-            qk_scale2, T, window, D, BLOCK_N, True, ALIBI, DOCS, WINDOW, PRECISION,
-        )  # fmt: skip
-    offs_g = i[:, None].to(tl.int64) * sg_t + tl.arange(0, D)[None, :]
-    tl.store(DQ + b * sg_b + hq * sg_h + offs_g, dq * scale, mask=i_ok[:, None])
 
 
 @triton.jit
@@ -715,25 +604,21 @@ def _configs(candidates: list[tuple[int, int, int, int]]) -> list[triton.Config]
     ]
 
 
-_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-
-
 def shared_memory_estimate(config: triton.Config, *, kernel: str, dtype: str, head_dim: int) -> int:
-    """Bytes of shared memory `config` needs, in [rows, d] operand tiles (a model fitted to
-    Triton 3.8's allocations on sm_80 and sm_90, and an upper bound of them: kernels.hybrid.aot
-    checks it against every compiled variant). With 16-bit inputs the forward holds its q and
-    k/v tiles once, dq its q, dO, k and v tiles, dk/dv those and a second q tile; float32
-    pipelines the streamed tiles (k and v in the forward and dq, q and dO in dk/dv), 2 stages
-    - 1 of them."""
+    """Bytes of shared memory `config` needs: a model fitted to Triton 3.8's allocations on
+    sm_80 and sm_90, and an upper bound of them (kernels.hybrid.aot checks it against every
+    compiled variant; bench/results/check_gpu_compile_vm.json has them). In [rows, d] operand
+    tiles: with 16-bit inputs the forward holds its q and k/v tiles once, dk/dv its q, dO, k
+    and v tiles and a second q tile. Float32 holds its resident tiles (q in the forward, k and
+    v in dk/dv), two streamed tiles per extra pipeline stage, and one [BLOCK_M, BLOCK_N]
+    float32 tile of probabilities on its way to the second matmul."""
     m, n, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
     if dtype == "fp32":
-        resident, streamed = {"_fwd_kernel": (m, n), "_dq_kernel": (2 * m, n)}.get(
-            kernel, (2 * n, m)
-        )
-        rows = resident + (2 * stages - 1) * streamed
-    else:
-        rows = {"_fwd_kernel": m + n, "_dq_kernel": 2 * (m + n)}.get(kernel, 2 * (m + n) + m)
-    return rows * head_dim * _BYTES[dtype] + 2048
+        resident, streamed = (m, n) if kernel == "_fwd_kernel" else (2 * n, m)
+        rows = resident + 2 * (stages - 1) * streamed
+        return rows * head_dim * 4 + m * n * 4 + 2048
+    rows = m + n if kernel == "_fwd_kernel" else 2 * (m + n) + m
+    return rows * head_dim * 2 + 2048
 
 
 def prune_configs(
@@ -775,12 +660,8 @@ _dkdv = triton.autotune(
     _configs([(32, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 8, 2)]),
     key=_TUNING_KEY,
     prune_configs_by=None if INTERPRETING else _prune_for_device("_dkdv_kernel"),
+    reset_to_zero=["DQ"],  # each tuning run adds into it
 )(_dkdv_kernel)
-_dq = triton.autotune(
-    _configs([(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3)]),
-    key=_TUNING_KEY,
-    prune_configs_by=None if INTERPRETING else _prune_for_device("_dq_kernel"),
-)(_dq_kernel)
 
 
 def elementwise_block(head_dim: int) -> int:
@@ -861,27 +742,17 @@ class _FusedAttention(torch.autograd.Function):
         )
         qr, kr = (q, k) if phi is None else (_rotate(q, phi), _rotate(k, phi))
         vr, dor = (_rotate(v, phi), _rotate(do, phi)) if ctx.rotate_v else (v, do)
-        dqr = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        dqr = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dkr = torch.empty(kr.shape, dtype=torch.float32, device=q.device)
         dvr = torch.empty_like(dkr)
         flags = _flags(q, slopes, starts, ctx.window, reach)
-        common = (
-            q if slopes is None else slopes,
-            q if starts is None else starts,
-        )
-        reach_or_any = q if reach is None else reach
-        doc_stride = 0 if starts is None else starts.stride(0)
         _dkdv[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)](
-            qr, kr, vr, dor, lse, delta, *common, q if ends is None else ends, reach_or_any,
-            dkr, dvr,
-            *_strides(qr), *_strides(kr), *_strides(vr), *_strides(dkr), doc_stride,
+            qr, kr, vr, dor, lse, delta, q if slopes is None else slopes,
+            q if starts is None else starts, q if ends is None else ends,
+            q if reach is None else reach, dqr, dkr, dvr,
+            *_strides(qr), *_strides(kr), *_strides(vr), *_strides(dqr), *_strides(dkr),
+            0 if starts is None else starts.stride(0),
             T, H, G, ctx.scale * LOG2E, ctx.scale, ctx.window or 0, triton.next_power_of_2(T),
-            D=D, **flags,
-        )  # fmt: skip
-        _dq[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * HQ)](
-            qr, kr, vr, dor, lse, delta, *common, reach_or_any, dqr,
-            *_strides(qr), *_strides(kr), *_strides(vr), *_strides(dqr), doc_stride,
-            T, HQ, G, ctx.scale * LOG2E, ctx.scale, ctx.window or 0, triton.next_power_of_2(T),
             D=D, **flags,
         )  # fmt: skip
         if phi is None:
