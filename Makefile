@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/tiny.yaml
 ARGS ?=
 
-.PHONY: setup test data train eval compare lm-eval generate study tensorboard slurm slurm-array bench-attention bench-attention-cpu gpu-check check-gpu-compile lint format clean-venv
+.PHONY: setup test data train eval compare lm-eval generate study tensorboard slurm slurm-array bench-attention bench-attention-cpu bench-attention-cost gpu-check check-gpu-compile lint format clean-venv
 
 setup: $(STAMP)
 
@@ -87,6 +87,11 @@ bench-attention: setup
 # (T = 4096, 8192), into bench/results/attention_cpu_<machine>.json. Run it on an idle machine.
 bench-attention-cpu: setup
 	$(PY) -m bench.attention_cpu $(ARGS)
+
+# The fused kernel's matmul FLOPs and HBM bytes per pass next to FlashAttention-2's, from a
+# documented model (no GPU needed), into bench/results/attention_cost.json.
+bench-attention-cost: setup
+	$(PY) -m bench.attention_cost $(ARGS)
 
 # On a CUDA machine: the compiled kernel tests, bench-attention at 8k-32k and 20 training steps
 # of configs/125m.yaml, in under 8 minutes, into bench/results/gpu_check-<device>-<time>.json.

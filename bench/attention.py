@@ -19,8 +19,10 @@ memory of forward+backward, for:
     fla_path      flash-linear-attention's PaTH kernel, when `fla` is importable
 
 TFLOP/s use the causal attention count for every method: forward 2 * B * HQ * T^2 * d (two
-matmuls over half the score matrix), backward 2.5x that. The JSON (with the device name) goes to
-bench/results/; the table printed at the end gives hybrid's ratios to the baselines.
+matmuls over half the score matrix), backward 2.5x that. Each shape also carries
+`bench.attention_cost`'s model of the fused kernel's matmul FLOPs and HBM bytes, pass by pass,
+next to FlashAttention-2's. The JSON (with the device name) goes to bench/results/; the tables
+printed at the end give hybrid's ratios to the baselines, and the modelled FLOPs and bytes.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
+
+from bench.attention_cost import Shape as CostShape
+from bench.attention_cost import summary as cost_summary
+from bench.attention_cost import table as cost_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = (
@@ -233,7 +239,7 @@ def _difference(x: dict[str, Tensor]) -> float:
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
-    rows, skipped = [], {}
+    rows, skipped, costs = [], {}, []
     for method in args.methods:
         if (why := _available(method)) is not None:
             skipped[method] = why
@@ -246,6 +252,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         x = _inputs(batch, length, heads, head_dim)
         flops = _flops(batch, heads, length, head_dim)
         shape = dict(T=length, d=head_dim, B=batch, HQ=heads, H=heads)
+        costs.append(cost_summary(CostShape(batch, length, heads, heads, head_dim)))
         if "hybrid" in methods and "flex_composed" in methods and length <= 32768:
             shape["hybrid_vs_flex_rel_diff"] = _difference(x)
         for method in methods:
@@ -271,6 +278,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         args={k: str(v) for k, v in vars(args).items()},
         skipped=skipped,
         results=rows,
+        cost_model=costs,
     )
 
 
@@ -329,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run_benchmark(args)
     out.write_text(json.dumps(report, indent=2))
     print(_table(report))
+    print(cost_table(report["cost_model"]))
     print(f"wrote {out}")
     return 0
 
