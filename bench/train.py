@@ -26,7 +26,6 @@ from data.loader import build_train_loader
 from launch.config import load_config
 from launch.engine import lr_multiplier, parameter_groups
 from model import Transformer
-from model.transformer import cross_entropy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +48,7 @@ def plain_loop(config: str, steps: int, warmup: int) -> float:
             if step == warmup:
                 start = time.perf_counter()
             batch = next(batches)
-            loss = cross_entropy(model(batch["tokens"], batch["doc_ids"]), batch["targets"])
+            loss = model.loss(batch["tokens"], batch["targets"], batch["doc_ids"])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             optimizer.step()

@@ -37,6 +37,16 @@ class RankInfo:
         return self.world_size // self.local_world_size
 
 
+def data_layout(info: RankInfo, sequence_parallel: int) -> RankInfo:
+    """The rank whose data `info` reads when each `sequence_parallel` consecutive ranks share
+    one sequence: the group's index among the groups (node-wise when groups lie within nodes)."""
+    n = sequence_parallel
+    if n == 1:
+        return info
+    local = info.local_world_size // n if info.local_world_size % n == 0 else info.world_size // n
+    return RankInfo(info.rank // n, info.world_size // n, local)
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name, str(default))
     try:

@@ -46,7 +46,7 @@ from data.cache import (
     streaming_setup_lock,
     verify_cached_split,
 )
-from data.distributed import RankInfo, gather, init_process_group, rank_info
+from data.distributed import RankInfo, data_layout, gather, init_process_group, rank_info
 from data.documents import Part, RankDocuments
 from data.manifest import LENGTHS, MANIFEST, DatasetError, parse_manifest, read_manifest
 from data.packing import Position, ShuffledRows, make_batch
@@ -183,9 +183,10 @@ def _streaming_dataset(sources: list[StreamSource], directory: Path, seed: int) 
 
 
 def build_train_loader(
-    data_cfg: DataConfig, *, seq_len: int, batch_size: int, seed: int
+    data_cfg: DataConfig, *, seq_len: int, batch_size: int, seed: int, sequence_parallel: int = 1
 ) -> TrainLoader:
-    """This rank's training loader (rank, world size from the torch.distributed environment).
+    """This rank's training loader (rank, world size from the torch.distributed environment);
+    each `sequence_parallel` consecutive ranks read the same batches (`data_layout`).
 
     Collective: every rank of the job calls it at the same time."""
     if seq_len < 1 or batch_size < 1:
@@ -216,15 +217,16 @@ def build_train_loader(
         if initialised:
             dist.destroy_process_group()
     streams_per_rank = max(data_cfg.num_workers, 1)
-    if dataset.epoch_size < info.world_size * streams_per_rank:
+    layout = data_layout(info, sequence_parallel)
+    if dataset.epoch_size < layout.world_size * streams_per_rank:
         if slot is not None:
             slot.release()
         raise DatasetError(
             f"an epoch has {dataset.epoch_size} documents, fewer than ranks x workers = "
-            f"{info.world_size} x {streams_per_rank}; use a bigger dataset or fewer workers"
+            f"{layout.world_size} x {streams_per_rank}; use a bigger dataset or fewer workers"
         )
     return TrainLoader(
-        RankDocuments(dataset, info, streams_per_rank, _document_lengths(sources)),
+        RankDocuments(dataset, layout, streams_per_rank, _document_lengths(sources)),
         seq_len=seq_len,
         batch_size=batch_size,
         boundaries=data_cfg.packing == "boundaries",

@@ -82,6 +82,9 @@ class TrainConfig:
     keep_checkpoints: int = field(default=3, metadata={"min": 1})
     log_every: int = field(default=10, metadata={"min": 1})
     activation_checkpointing: bool = False
+    # Ranks that share one sequence, each holding 1/N of its tokens (DeepSpeed-Ulysses; README
+    # "Long contexts"): the world is N x (data-parallel ranks).
+    sequence_parallel: int = field(default=1, metadata={"min": 1})
     max_bad_steps: int = field(default=5, metadata={"min": 1})  # non-finite steps in a row
     # Per-device peak TFLOP/s for MFU; None: a known GPU's datasheet, or measured on the CPU.
     peak_tflops: float | None = None
@@ -286,6 +289,28 @@ def run_name_problem(name: str) -> str | None:
     return f"'run.name' is {name!r}; use {RUN_NAME_RULE}"
 
 
+def sequence_parallel_problems(cfg: Config, world_size: int | None = None) -> list[str]:
+    """Why train.sequence_parallel does not fit the model, the length or `world_size` ranks."""
+    n, problems = cfg.train.sequence_parallel, []
+    if n == 1:
+        return problems
+    for what, count in (
+        ("data.seq_len", cfg.data.seq_len),
+        ("model.n_heads", cfg.model.n_heads),
+        ("model.n_kv_heads", cfg.model.kv_heads),
+    ):
+        if count % n:
+            problems.append(
+                f"train.sequence_parallel={n} does not divide {what}={count}: each rank of a "
+                "group takes 1/N of the tokens, then 1/N of the heads"
+            )
+    if world_size is not None and world_size % n:
+        problems.append(
+            f"train.sequence_parallel={n} does not divide the {world_size} rank(s) of this job"
+        )
+    return problems
+
+
 def validate(cfg: Config) -> Config:
     """Raise ConfigError listing every problem of a merged config."""
     problems = _check_values(cfg) + cfg.model.check()
@@ -299,6 +324,7 @@ def validate(cfg: Config) -> Config:
         )
     if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
         problems.append(f"'train.betas' is {cfg.train.betas}; give two numbers in [0, 1)")
+    problems += sequence_parallel_problems(cfg)
     if cfg.train.peak_tflops is not None and cfg.train.peak_tflops <= 0:
         problems.append(
             f"'train.peak_tflops' is {cfg.train.peak_tflops}; give the device's peak TFLOP/s "

@@ -14,8 +14,12 @@ import socket
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from model.sequence_parallel import SequenceParallel
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -108,6 +112,21 @@ def init_world() -> World:
         local_rank=local_rank,
         device=device,
     )
+
+
+def sequence_parallel_group(world: World, size: int) -> SequenceParallel | None:
+    """Collective: the job's ranks in consecutive groups of `size` that share one sequence
+    (rank r holds slice r % size); this rank's group, or None when size is 1."""
+    if size == 1:
+        return None
+    from model.sequence_parallel import SequenceParallel
+
+    mine = None
+    for first in range(0, world.world_size, size):
+        group = torch.distributed.new_group(list(range(first, first + size)))
+        if first <= world.rank < first + size:
+            mine = group
+    return SequenceParallel(mine, size, world.rank % size)
 
 
 def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:

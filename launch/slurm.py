@@ -47,6 +47,7 @@ from launch.config import (
     check_evaluation_overrides,
     file_layers,
     load_config,
+    sequence_parallel_problems,
     to_yaml,
 )
 
@@ -597,6 +598,9 @@ def submit_training(
     check_script_paths(working_directory=workdir)
     for run in runs:
         check_script_paths(run_directory=run.run_dir)
+        ranks = run.cfg.slurm.nodes * tasks_per_node(run.cfg.slurm)
+        if problems := sequence_parallel_problems(run.cfg, ranks):
+            raise SlurmError(f"{run.source}: {problems[0]} (slurm.nodes x tasks per node)")
     if array:
         script, output = render_array_script(runs, workdir=workdir), array_batch_log(runs)
     else:

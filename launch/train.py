@@ -31,12 +31,13 @@ import yaml
 
 from data.manifest import DatasetError
 from launch import checkpoint as ckpt
-from launch.config import Config, ConfigError, load_config, to_yaml
+from launch.config import Config, ConfigError, load_config, sequence_parallel_problems, to_yaml
 from launch.distributed import (
     World,
     complete_environment,
     init_world,
     mean_over_ranks,
+    sequence_parallel_group,
     single_threaded_comm_start,
 )
 from launch.engine import build_engine, build_model, repair_universal_load
@@ -48,7 +49,6 @@ from launch.metrics import (
     training_flops_per_token,
 )
 from launch.rundir import RunDirError, RunLock, probe_writable
-from model.transformer import cross_entropy
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_REQUEUE = 0, 1, 2, 3, 75
 EXIT_INTERRUPTED = 128 + signal.SIGINT
@@ -73,12 +73,15 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 def check_global_batch(checkpoint: ckpt.Checkpoint, cfg: Config, world_size: int) -> None:
     """ConfigError unless resuming `checkpoint` on `world_size` ranks keeps its global batch,
-    data.batch_size x train.grad_accum x ranks (or train.allow_batch_change lets it change)."""
-    saved = yaml.safe_load(checkpoint.manifest["config"])
+    data.batch_size x train.grad_accum x data-parallel ranks (ranks / train.sequence_parallel),
+    or train.allow_batch_change lets it change."""
+    manifest = checkpoint.manifest
+    saved = yaml.safe_load(manifest["config"])
     batch, accum = saved["data"]["batch_size"], saved["train"]["grad_accum"]
-    saved_world = checkpoint.manifest["world_size"]
-    before = batch * accum * saved_world
-    per_step = cfg.data.batch_size * world_size
+    saved_groups = manifest["world_size"] // manifest.get("sequence_parallel", 1)
+    groups = world_size // cfg.train.sequence_parallel
+    before = batch * accum * saved_groups
+    per_step = cfg.data.batch_size * groups
     now = per_step * cfg.train.grad_accum
     if before == now or cfg.train.allow_batch_change:
         return
@@ -89,8 +92,9 @@ def check_global_batch(checkpoint: ckpt.Checkpoint, cfg: Config, world_size: int
     )
     raise ConfigError(
         f"{checkpoint.path} was saved with a global batch of {before} rows ({batch} x "
-        f"train.grad_accum={accum} x {saved_world} ranks); on {world_size} rank(s) this run's "
-        f"would be {now}: {fix}, or set train.allow_batch_change=true to change it"
+        f"train.grad_accum={accum} x {saved_groups} data-parallel ranks); on {groups} "
+        f"data-parallel rank(s) this run's would be {now}: {fix}, or set "
+        "train.allow_batch_change=true to change it"
     )
 
 
@@ -180,15 +184,22 @@ class Trainer:
         self.cfg, self.world, self.hooks = cfg, world, list(hooks)
         self.run_dir, self.checkpoint_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
         resume = self._verified(resume)
-        resharding = resume is not None and resume.manifest["world_size"] != world.world_size
+        sp_size = cfg.train.sequence_parallel
+        resharding = resume is not None and (
+            resume.manifest["world_size"] != world.world_size
+            or resume.manifest.get("sequence_parallel", 1) != sp_size
+        )
+        self.sequence_parallel = sequence_parallel_group(world, sp_size)
         self.model = build_model(cfg, world.world_size, world.device)
         self.model.activation_checkpointing = cfg.train.activation_checkpointing
+        self.model.sequence_parallel = self.sequence_parallel
         self.engine = build_engine(
             self.model, cfg, world.world_size, world.device, load_universal=resharding
         )
         self.loader = build_train_loader(
-            cfg.data, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, seed=cfg.run.seed
-        )
+            cfg.data, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+            seed=cfg.run.seed, sequence_parallel=sp_size,
+        )  # fmt: skip
         self.step, self.tokens, self.skipped = 0, 0, 0
         torch.manual_seed(cfg.run.seed + 1000 * world.rank)  # a resumed run restores its own
         # A checkpoint saved on a stop signal at a checkpoint step owes its hooks (evaluation).
@@ -196,8 +207,8 @@ class Trainer:
         if resume is not None:
             self._restore(resume)
             self.hooks_owed = resume.manifest["hooks_owed"]
-        self.tokens_per_step = (
-            cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum * world.world_size
+        self.tokens_per_step = (cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum) * (
+            world.world_size // sp_size
         )
         window = self.model.blocks[0].attn.position.window
         self.flops_per_token = training_flops_per_token(self.model, cfg.data.seq_len, window)
@@ -232,26 +243,33 @@ class Trainer:
         from data.loader import reshard
 
         rank, world_size = self.world.rank, self.world.world_size
+        sp_size = self.cfg.train.sequence_parallel
         saved_world = checkpoint.manifest["world_size"]
-        if saved_world == world_size:
+        saved_sp = checkpoint.manifest.get("sequence_parallel", 1)
+        if (saved_world, saved_sp) == (world_size, sp_size):
             ckpt.load(self.engine, checkpoint)
             state = ckpt.trainer_state(checkpoint, rank)
             loader_state, rng = state["loader"], state["rng"]
         else:
             ckpt.load_universal(self.engine, checkpoint)
             repair_universal_load(self.engine, self.cfg)
-            states = [ckpt.trainer_state(checkpoint, r) for r in range(saved_world)]
+            # The ranks of a sequence-parallel group read the same data: one state per group.
+            data_states = [
+                ckpt.trainer_state(checkpoint, r)["loader"] for r in range(0, saved_world, saved_sp)
+            ]
             loader_state = reshard(
-                [s["loader"] for s in states], rank, world_size, self.cfg.data.num_workers
+                data_states, rank // sp_size, world_size // sp_size, self.cfg.data.num_workers
             )
-            rng = states[rank]["rng"] if rank < saved_world else None
+            rng = ckpt.trainer_state(checkpoint, rank)["rng"] if rank < saved_world else None
             log.warning(
-                "resumed %s, saved by %d rank(s), on %d: weights and optimizer through "
-                "DeepSpeed's universal checkpoint; each rank serves %d of the saved job's data "
-                "streams",
+                "resumed %s, saved by %d rank(s) (sequence_parallel=%d), on %d "
+                "(sequence_parallel=%d): weights and optimizer through DeepSpeed's universal "
+                "checkpoint; each rank serves %d of the saved job's data streams",
                 checkpoint.path,
                 saved_world,
+                saved_sp,
                 world_size,
+                sp_size,
                 len(loader_state["parts"]),
             )
         self.loader.load_state_dict(loader_state)
@@ -269,6 +287,7 @@ class Trainer:
             "skipped_steps": self.skipped,
             "hooks_owed": hooks_owed,
             "world_size": self.world.world_size,
+            "sequence_parallel": self.cfg.train.sequence_parallel,
             "config": to_yaml(self.cfg),
             "tokenizer_sha256": self.loader.tokenizer_sha256,
         }
@@ -287,8 +306,13 @@ class Trainer:
     def _run_hooks(self, metrics: MetricsLogger | None) -> None:
         """The checkpoint hooks of the current step; their scalars go to the metrics."""
         results = {}
-        for hook in self.hooks:
-            results.update(hook(self, self.step))
+        # The hooks (evaluation) run whole sequences on every rank.
+        self.model.sequence_parallel = None
+        try:
+            for hook in self.hooks:
+                results.update(hook(self, self.step))
+        finally:
+            self.model.sequence_parallel = self.sequence_parallel
         if metrics is not None and results:
             metrics.log({"step": self.step, **results})
 
@@ -299,12 +323,7 @@ class Trainer:
             start = time.perf_counter()
             batch = next(batches)
             waited += time.perf_counter() - start
-            doc_ids = batch["doc_ids"]
-            logits = self.engine(
-                batch["tokens"].to(self.world.device),
-                None if doc_ids is None else doc_ids.to(self.world.device),
-            )
-            loss = cross_entropy(logits, batch["targets"].to(self.world.device))
+            loss = self._loss(batch)
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.item())
@@ -316,6 +335,23 @@ class Trainer:
             lr,
             documents / len(losses),
         )
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        """The micro-batch's loss on this rank. DeepSpeed averages gradients over all ranks:
+        each rank of a sequence-parallel group of N gives N x (its tokens' summed cross
+        entropy) / (the group's target count), so the mean over ranks is the mean over the
+        data-parallel groups of each group's token mean, as one rank holding the sequence."""
+        device, doc_ids = self.world.device, batch["doc_ids"]
+        total, count = self.engine(
+            batch["tokens"].to(device),
+            None if doc_ids is None else doc_ids.to(device),
+            targets=batch["targets"].to(device),
+        )
+        sp = self.sequence_parallel
+        if sp is None:
+            return total / count
+        torch.distributed.all_reduce(count, group=sp.group)
+        return total * sp.size / count
 
     def _record(self, interval: Interval, lr: float, step_start: float) -> dict:
         """The metrics.jsonl record of the current step, over the interval since the last."""
@@ -455,6 +491,9 @@ def main(argv: list[str]) -> int:
     setup_logging(rank)
     try:
         cfg = load_config(*parse_args(argv))
+        problems = sequence_parallel_problems(cfg, int(os.environ["WORLD_SIZE"]))
+        if problems:
+            raise ConfigError(problems[0])
         check_dataset(cfg)
         # A foreign run directory, or a global batch that would change, stops here.
         resume = resume_point(cfg, int(os.environ["WORLD_SIZE"]))

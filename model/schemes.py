@@ -202,29 +202,59 @@ class PositionScheme(Float64Constants):
 
     def forward(self, x: Tensor, positions: Tensor, doc_ids: Tensor | None) -> dict:
         """x [B, T, d_model]; positions [B, T] (within document). Returns attention kwargs."""
+        return self.plan(self.token_inputs(x), positions, doc_ids, x.dtype)
+
+    def token_inputs(self, x: Tensor) -> dict[str, Tensor]:
+        """The scheme's learned per-token inputs, each [B, T, H, ...] (what sequence
+        parallelism moves with k and v): angle increments `delta` [.., P]; PaTH's projections
+        `u` [.., D] (before its convolution) and `beta` [.., 1]."""
         B, T, _ = x.shape
-        H, spec = self.cfg.kv_heads, self.spec
+        inputs = {}
+        if self.spec.rotation in ("learned", "random"):
+            inputs["delta"] = self._increments(x)
+        if self.spec.transport:
+            inputs["u"] = self.w_up(self.w_down(x)).view(B, T, self.cfg.kv_heads, -1)
+            inputs["beta"] = self._beta(x)[..., None]
+        return inputs
+
+    def plan(
+        self,
+        inputs: dict[str, Tensor],
+        positions: Tensor,
+        doc_ids: Tensor | None,
+        dtype: torch.dtype,
+        heads: slice | None = None,
+    ) -> dict:
+        """The attention kwargs from `token_inputs` over the whole sequence; positions [B, T];
+        dtype: the layer input's. heads: the key/value heads the inputs hold (sequence
+        parallelism), else all of them."""
+        B, T = positions.shape
+        spec, cfg = self.spec, self.cfg
+        heads = heads or slice(0, cfg.kv_heads)
+        groups = cfg.n_heads // cfg.kv_heads
+        query_heads = slice(heads.start * groups, heads.stop * groups)
         plan: dict = {"window": self.window}
         # Angles are never kept in bfloat16/float16: 2 pi in bfloat16 is off by 0.02 rad.
-        angle_dtype = torch.promote_types(x.dtype, torch.float32)
+        angle_dtype = torch.promote_types(dtype, torch.float32)
         if spec.rotation == "rope":
             # t * theta in float64, reduced mod 2 pi: exact at any length.
             phi = (positions[..., None].double() * self.theta).remainder(2 * math.pi)
-            plan["angles"] = phi[:, :, None, :].expand(B, T, H, -1).to(angle_dtype)
+            count = heads.stop - heads.start
+            plan["angles"] = phi[:, :, None, :].expand(B, T, count, -1).to(angle_dtype)
         elif spec.rotation in ("learned", "random"):
-            plan["angles"] = accumulate_angles(self._increments(x), doc_ids)
+            plan["angles"] = accumulate_angles(inputs["delta"], doc_ids)
         plan["rotate_values"] = spec.rotate_values
         if spec.bias is not None:
             # Distances in at least float32: bfloat16 holds integers exactly only up to 256.
-            table = self.bias(torch.arange(T, device=x.device, dtype=angle_dtype))
+            distances = torch.arange(T, device=positions.device, dtype=angle_dtype)
+            table = self.bias(distances)[query_heads]
             # ALiBi's table keeps its slopes: the fused CUDA kernel computes the bias from them.
-            is_alibi = spec.bias == "alibi"
-            slopes = self.bias.slopes.to(angle_dtype)
-            plan["bias"] = AlibiTable.wrap(table, slopes) if is_alibi else table
+            slopes = self.bias.slopes[query_heads].to(angle_dtype)
+            plan["bias"] = AlibiTable.wrap(table, slopes) if spec.bias == "alibi" else table
         if spec.decay:
             plan["decay"] = self.decay.to(angle_dtype)
         if spec.transport:
-            plan["transport"] = self._householders(x, positions)
+            plan["transport"] = self._householders(inputs, positions, heads)
         return plan
 
     def decoding_inputs(self, x: Tensor) -> dict:
@@ -259,17 +289,18 @@ class PositionScheme(Float64Constants):
         """PaTH's beta_t = 2 sigmoid(.) in (0, 2), [B, T, H]."""
         return 2 * torch.sigmoid(self.beta(x))
 
-    def _householders(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """PaTH's w_t (low-rank projection, short causal conv within the document, L2-normed)
-        and beta_t."""
-        B, T, _ = x.shape
-        H = self.cfg.kv_heads
-        u = self.w_up(self.w_down(x))
+    def _householders(
+        self, inputs: dict[str, Tensor], positions: Tensor, heads: slice
+    ) -> tuple[Tensor, Tensor]:
+        """PaTH's w_t (the projections u through a short causal conv within the document,
+        L2-normed) and beta_t [B, T, H], for the key/value heads `heads`."""
+        u = inputs["u"]
+        T, D = u.shape[1], u.shape[3]
         width = self.w_conv.shape[1]
+        conv = self.w_conv.view(self.cfg.kv_heads, D, width)[heads]
         w = torch.zeros_like(u)
         for lag in range(width):
-            shifted = F.pad(u, (0, 0, lag, 0))[:, :T]
-            same_doc = (positions >= lag)[..., None]
-            w = w + self.w_conv[:, width - 1 - lag] * torch.where(same_doc, shifted, 0.0)
-        w = F.normalize(w.view(B, T, H, -1), dim=-1)
-        return w, self._beta(x)
+            shifted = F.pad(u, (0, 0, 0, 0, lag, 0))[:, :T]
+            same_doc = (positions >= lag)[..., None, None]
+            w = w + conv[..., width - 1 - lag] * torch.where(same_doc, shifted, 0.0)
+        return F.normalize(w, dim=-1), inputs["beta"][..., 0]

@@ -20,6 +20,9 @@ from model.schemes import SCHEMES, PositionScheme
 
 if TYPE_CHECKING:
     from model.modeling_rotalibi import DecodingCache, LayerCache, Step
+    from model.sequence_parallel import SequenceParallel
+
+LOSS_CHUNK = 2048  # positions whose logits exist at once when the model computes the loss
 
 # Called by each attention layer with (layer, q, k, v, kwargs of `kernels.attention`) before it
 # attends; see `Transformer.attention_probe`.
@@ -43,6 +46,7 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         self.probe: AttentionProbe | None = None
+        self.sequence_parallel: SequenceParallel | None = None
         D, HQ, H = cfg.head_dim, cfg.n_heads, cfg.kv_heads
         self.wq = Projection(cfg.d_model, HQ * D)
         self.wk = Projection(cfg.d_model, H * D)
@@ -65,14 +69,39 @@ class Attention(nn.Module):
         return *self.project(x), self.position(x, positions, doc_ids)
 
     def forward(self, x: Tensor, positions: Tensor, doc_ids: Tensor | None) -> Tensor:
-        q, k, v, plan = self.prepare(x, positions, doc_ids)
+        """x [B, T, d_model]: the whole sequence, or this rank's slice of it under sequence
+        parallelism (positions and doc_ids [B, T] are the whole sequence's either way)."""
+        q, k, v = self.project(x)
+        inputs = self.position.token_inputs(x)
+        sp = self.sequence_parallel
+        if sp is None:
+            o = self._attend(q, k, v, inputs, positions, doc_ids, x.dtype)
+        else:
+            inputs = {name: sp.to_heads(t) for name, t in inputs.items()}
+            heads = sp.heads(self.cfg.kv_heads)
+            o = sp.attention(self._attend)(q, k, v, inputs, positions, doc_ids, x.dtype, heads)
+        return self.wo(o.flatten(2))
+
+    def _attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        inputs: dict[str, Tensor],
+        positions: Tensor,
+        doc_ids: Tensor | None,
+        dtype: torch.dtype,
+        heads: slice | None = None,
+    ) -> Tensor:
+        """Attention over the whole sequence for the heads q, k, v hold (`heads` of the key/value
+        heads; all when None)."""
+        plan = self.position.plan(inputs, positions, doc_ids, dtype, heads)
         kwargs = dict(
             plan, doc_ids=doc_ids, skip_eps=self.cfg.alibi_skip_eps, block=self.cfg.attn_block
         )
         if self.probe is not None:
             self.probe(self.layer, q, k, v, kwargs)
-        o = kernels.attention(q, k, v, **kwargs)
-        return self.wo(o.flatten(2))
+        return kernels.attention(q, k, v, **kwargs)
 
     def decode(self, x: Tensor, state: LayerCache, step: Step) -> Tensor:
         """Attention of a decoding step's new tokens over the cache (`Transformer.decode`)."""
@@ -117,11 +146,6 @@ def sinusoidal_embedding(positions: Tensor, dim: int) -> Tensor:
     return torch.cat((angle.sin(), angle.cos()), dim=-1)
 
 
-def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean next-token cross entropy in float32; targets equal to -100 are ignored."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-
-
 class Transformer(nn.Module):
     """Decoder-only LM. `window` is the sliding window of the `local` scheme (the trained
     length unless the config names one). With `activation_checkpointing` set, training
@@ -163,24 +187,70 @@ class Transformer(nn.Module):
                 init(linear.weight, residual_std)
             attn.position.reset_parameters()
 
+    @property
+    def sequence_parallel(self) -> SequenceParallel | None:
+        """This rank's sequence-parallel group (model/sequence_parallel.py), or None."""
+        return self.blocks[0].attn.sequence_parallel
+
+    @sequence_parallel.setter
+    def sequence_parallel(self, sp: SequenceParallel | None) -> None:
+        for block in self.blocks:
+            block.attn.sequence_parallel = sp
+
     def forward(
-        self, tokens: Tensor, doc_ids: Tensor | None = None, *, head: bool = True
-    ) -> Tensor:
+        self,
+        tokens: Tensor,
+        doc_ids: Tensor | None = None,
+        *,
+        head: bool = True,
+        targets: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """tokens [B, T] -> logits [B, T, vocab]. doc_ids [B, T] marks packed documents.
         head=False returns the final normalised hidden states [B, T, d_model] instead, for
-        callers that apply `lm_head` a chunk of positions at a time (long-context evaluation)."""
+        callers that apply `lm_head` a chunk of positions at a time (long-context evaluation).
+        With targets [B, T] (-100: ignored): (the sum of the next-token cross entropies in
+        float32, the number of targets counted), the logits made LOSS_CHUNK positions at a time
+        and remade in the backward, so no [T, vocab] tensor ever exists.
+        Under sequence parallelism tokens, doc_ids and targets are the whole sequence's and
+        everything returned is this rank's slice of the positions (`sequence_parallel`)."""
         B, T = tokens.shape
+        sp = self.sequence_parallel
+        if sp is not None and T % sp.size:
+            raise ValueError(
+                f"sequence length {T} is not a multiple of sequence_parallel={sp.size}"
+            )
         positions = kernels.document_positions(doc_ids, B, T, tokens.device)
-        x = self.embed(tokens)
+        x = self.embed(tokens if sp is None else sp.local(tokens))
         if SCHEMES[self.cfg.scheme].absolute:
-            x = x + sinusoidal_embedding(positions, self.cfg.d_model).to(x.dtype)
+            local = positions if sp is None else sp.local(positions)
+            x = x + sinusoidal_embedding(local, self.cfg.d_model).to(x.dtype)
         for block in self.blocks:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, positions, doc_ids, use_reentrant=False)
             else:
                 x = block(x, positions, doc_ids)
         x = self.norm(x)
+        if targets is not None:
+            return self._loss_terms(x, targets if sp is None else sp.local(targets))
         return self.lm_head(x) if head else x
+
+    def _loss_terms(self, hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """(Sum of the cross entropies, count of targets) of hidden [B, T, d] and targets [B, T],
+        LOSS_CHUNK positions at a time; in training each chunk's logits are recomputed in the
+        backward instead of kept."""
+        hidden, targets = hidden.flatten(0, 1), targets.flatten()
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, len(targets), LOSS_CHUNK):
+            chunk = (hidden[start : start + LOSS_CHUNK], targets[start : start + LOSS_CHUNK])
+            if torch.is_grad_enabled():
+                total = total + checkpoint(self._chunk_loss, *chunk, use_reentrant=False)
+            else:
+                total = total + self._chunk_loss(*chunk)
+        return total, (targets != -100).sum()
+
+    def _chunk_loss(self, hidden: Tensor, targets: Tensor) -> Tensor:
+        logits = self.lm_head(hidden).float()
+        return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
 
     @torch.no_grad()
     def decode(self, tokens: Tensor, cache: DecodingCache) -> Tensor:
@@ -210,4 +280,5 @@ class Transformer(nn.Module):
 
     def loss(self, tokens: Tensor, targets: Tensor, doc_ids: Tensor | None = None) -> Tensor:
         """Mean next-token cross entropy; targets equal to -100 are ignored."""
-        return cross_entropy(self.forward(tokens, doc_ids), targets)
+        total, count = self.forward(tokens, doc_ids, targets=targets)
+        return total / count

@@ -722,3 +722,23 @@ def test_paths_in_the_batch_script_are_checked(tmp_path, capsys, monkeypatch):
         render([str(TINY), "slurm.time=10:00", *good], tmp_path, capsys, monkeypatch)
     )
     assert "--constraint=h100&ib" in options and "--gres=gpu:8" in options
+
+
+def test_long_context_config_renders_and_sequence_groups_must_fit_the_job(
+    tmp_path, capsys, monkeypatch
+):
+    """configs/7b_128k.yaml (sequence parallel 8 on 4 nodes x 8 GPUs) renders; on 4 GPUs its
+    groups of 8 cannot form, which is one line before anything is written."""
+    config = ROOT / "configs" / "7b_128k.yaml"
+    script = render([str(config)], tmp_path, capsys, monkeypatch)
+    options = sbatch_options(script)
+    assert "--nodes=4" in options and "--ntasks-per-node=8" in options
+    resolved = load_config(config, [])
+    assert (resolved.train.sequence_parallel, resolved.data.seq_len) == (8, 131072)
+    assert main([str(config), "slurm.nodes=1", "slurm.gpus_per_node=4", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(
+        "train.sequence_parallel=8 does not divide the 4 rank(s) of this job "
+        "(slurm.nodes x tasks per node)"
+    ), err
+    assert not (tmp_path / "runs").exists()

@@ -209,6 +209,69 @@ def test_two_ranks_resume_exactly_when_one_rank_is_signalled(
     assert _losses(run_dir) == _losses(straight)
 
 
+SEQUENCE_PARALLEL = ("train.sequence_parallel=2", "eval.every_checkpoint=true", *EVAL_ARGS)
+
+
+@pytest.fixture(scope="module")
+def sequence_parallel_run(stdlib_dataset, tmp_path_factory) -> Path:
+    """train.sequence_parallel=2 on 2 ranks, each holding half of every sequence (documents
+    cross the boundary), evaluated at its checkpoints (steps 20 and 40)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "sp_straight"
+    args = _args(run_dir, stdlib_dataset, *SEQUENCE_PARALLEL)
+    done = _run([*TORCHRUN, "2", "-m", "launch.train", *args])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
+
+
+def test_sequence_parallel_trains_as_one_rank_evaluates_and_resumes_exactly(
+    sequence_parallel_run, uninterrupted, stdlib_dataset, tmp_path
+):
+    """The first 20 steps' losses equal one rank's with the same global batch within 1e-5
+    relative (later, Adam amplifies the float32 rounding of a differently ordered sum: 1e-3 by
+    step 40); each checkpoint is evaluated; a run stopped by SIGTERM resumes to exactly the
+    uninterrupted one's losses."""
+    straight = sequence_parallel_run
+    one, two = dict(_losses(uninterrupted)), dict(_losses(straight))
+    assert list(two) == list(one) == list(range(1, STEPS + 1))
+    for step in range(1, 21):
+        assert two[step] == pytest.approx(one[step], rel=1e-5), step
+    records: dict[int, dict] = {}  # a step's training and evaluation records, merged
+    for record in _records(straight):
+        records.setdefault(record["step"], {}).update(record)
+    assert records[STEPS]["tokens"] == STEPS * 4 * 64  # one sequence-parallel group
+    for step in (20, STEPS):
+        assert (
+            "extrap/ppl@256" in records[step]
+            and (straight / "eval" / f"step_{step}.json").is_file()
+        )
+
+    run_dir = tmp_path / "sp_interrupted"
+    args = _args(run_dir, stdlib_dataset, *SEQUENCE_PARALLEL)
+    procs = _start(args, world=2, port=29615)
+    _interrupt(procs, run_dir, victim=0, after_step=10)
+    codes = _finish(procs)
+    assert [code for code, _ in codes] == [EXIT_REQUEUE, EXIT_REQUEUE], codes[0][1][-3000:]
+    resumed = _finish(_start(args, world=2, port=29616))
+    assert [code for code, _ in resumed] == [0, 0], resumed[0][1][-3000:]
+    assert _losses(run_dir) == _losses(straight)
+
+
+def test_a_sequence_parallel_run_resumes_on_one_rank_without_it(
+    sequence_parallel_run, stdlib_dataset, tmp_path
+):
+    """Saved by 2 ranks sharing each sequence (one data-parallel group), resumed on 1 rank
+    holding whole sequences through the universal checkpoint: the global batch is the same 4
+    rows, read from the group's data position, so steps 21-40 give the saved run's losses."""
+    run_dir = _stopped_at_20(sequence_parallel_run, tmp_path, "sp_resumed")
+    [(code, err)] = _finish(_start(_args(run_dir, stdlib_dataset)))
+    assert code == 0, err[-3000:]
+    assert "saved by 2 rank(s) (sequence_parallel=2), on 1 (sequence_parallel=1)" in err
+    resumed, expected = dict(_losses(run_dir)), dict(_losses(sequence_parallel_run))
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in range(21, STEPS + 1):
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-4), step
+
+
 def _run(command: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
@@ -318,6 +381,8 @@ def test_bad_input_stops_before_any_work(uninterrupted, stdlib_dataset, tmp_path
         "no data": _start(_args(tmp_path / "bad", stdlib_dataset, f"data.path={tmp_path / 'x'}")),
         "vocab": _start(_args(tmp_path / "bad", stdlib_dataset, "model.vocab_size=100")),
         "foreign": _start(_args(foreign, stdlib_dataset, "model.scheme=rope")),
+        "heads": _start(_args(tmp_path / "bad", stdlib_dataset, "train.sequence_parallel=3")),
+        "ranks": _start(_args(tmp_path / "bad", stdlib_dataset, "train.sequence_parallel=2")),
     }
     [(code, err)] = _finish(starts["typo"])
     assert code == EXIT_BAD_INPUT and "did you mean 'model.scheme'" in err
@@ -325,6 +390,15 @@ def test_bad_input_stops_before_any_work(uninterrupted, stdlib_dataset, tmp_path
     assert code == EXIT_BAD_INPUT and "make data" in err
     [(code, err)] = _finish(starts["vocab"])
     assert code == EXIT_BAD_INPUT and "set model.vocab_size=512" in err
+    [(code, err)] = _finish(starts["heads"])
+    assert code == EXIT_BAD_INPUT and "init_process_group" not in err
+    for what in ("data.seq_len=64", "model.n_heads=4", "model.n_kv_heads=4"):
+        assert f"train.sequence_parallel=3 does not divide {what}" in err
+    [(code, err)] = _finish(starts["ranks"])  # alone, without a launcher: one rank
+    assert code == EXIT_BAD_INPUT
+    assert err.strip().splitlines()[-1] == (
+        "error: train.sequence_parallel=2 does not divide the 1 rank(s) of this job"
+    )
     assert not (tmp_path / "bad").exists()
     [(code, err)] = _finish(starts["foreign"])
     assert code == EXIT_BAD_INPUT

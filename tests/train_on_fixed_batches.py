@@ -2,8 +2,9 @@
 
 Usage (any launcher): python tests/train_on_fixed_batches.py GLOBAL_BATCH CONFIG [key=value ...]
 
-Step s's global batch is GLOBAL_BATCH seeded random sequences; rank r trains on its contiguous
-slice, so 1 rank x 8 sequences and 2 ranks x 4 sequences see the same data. An extra argument
+Step s's global batch is GLOBAL_BATCH seeded random sequences; data-parallel rank r trains on
+its contiguous slice, so 1 rank x 8 sequences and 2 ranks x 4 sequences see the same data (the
+ranks of a sequence-parallel group share theirs). An extra argument
 `nan_steps=6,7` makes the loss of those steps (1-based) NaN on every rank.
 """
 
@@ -24,8 +25,11 @@ import launch.train
 class FixedBatches:
     tokenizer_sha256 = "none: fixed random batches"
 
-    def __init__(self, global_batch: int, seq_len: int, batch_size: int, vocab: int):
-        self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    def __init__(
+        self, global_batch: int, seq_len: int, batch_size: int, vocab: int, sequence_parallel: int
+    ):
+        self.rank = int(os.environ["RANK"]) // sequence_parallel
+        self.world = int(os.environ["WORLD_SIZE"]) // sequence_parallel
         if global_batch != batch_size * self.world:
             raise SystemExit(f"global batch {global_batch} != {batch_size} x {self.world} ranks")
         self.global_batch, self.seq_len, self.batch_size = global_batch, seq_len, batch_size
@@ -68,23 +72,17 @@ def main(argv: list[str]) -> int:
     # Stand-ins for the dataset modules that launch.train imports.
     tokenizer, loader = types.ModuleType("data.tokenizer"), types.ModuleType("data.loader")
     tokenizer.load_tokenizer = lambda path: _Vocab()
-    loader.build_train_loader = lambda cfg, *, seq_len, batch_size, seed: FixedBatches(
-        global_batch, seq_len, batch_size, 64
+    loader.build_train_loader = lambda cfg, *, seq_len, batch_size, seed, sequence_parallel: (
+        FixedBatches(global_batch, seq_len, batch_size, 64, sequence_parallel)
     )
     sys.modules |= {"data.tokenizer": tokenizer, "data.loader": loader}
-    real_step, real_loss = launch.train.Trainer._train_step, launch.train.cross_entropy
-    poisoned = {"now": False}
+    real_loss = launch.train.Trainer._loss
 
-    def train_step(trainer, batches):
-        poisoned["now"] = trainer.step + 1 in nan_steps
-        return real_step(trainer, batches)
+    def poisoned_loss(trainer, batch):
+        loss = real_loss(trainer, batch)
+        return loss * float("nan") if trainer.step + 1 in nan_steps else loss
 
-    def cross_entropy(logits, targets):
-        loss = real_loss(logits, targets)
-        return loss * float("nan") if poisoned["now"] else loss
-
-    launch.train.Trainer._train_step = train_step
-    launch.train.cross_entropy = cross_entropy
+    launch.train.Trainer._loss = poisoned_loss
     return launch.train.main(rest)
 
 
