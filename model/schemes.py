@@ -72,6 +72,13 @@ def alibi_slopes(n_heads: int) -> Tensor:
     return torch.cat((alibi_slopes(closest), extra))
 
 
+def query_heads(kv_heads: Tensor, groups: int) -> Tensor:
+    """The query heads that attend with key/value heads `kv_heads` under GQA (`groups` query
+    heads to each), in the same order."""
+    offsets = torch.arange(groups, device=kv_heads.device)
+    return (kv_heads[:, None] * groups + offsets).flatten()
+
+
 def _inverse_softplus(x: Tensor) -> Tensor:
     return x + torch.log(-torch.expm1(-x))
 
@@ -223,23 +230,24 @@ class PositionScheme(Float64Constants):
         positions: Tensor,
         doc_ids: Tensor | None,
         dtype: torch.dtype,
-        heads: slice | None = None,
+        heads: Tensor | None = None,
     ) -> dict:
         """The attention kwargs from `token_inputs` over the whole sequence; positions [B, T];
-        dtype: the layer input's. heads: the key/value heads the inputs hold (sequence
-        parallelism), else all of them."""
+        dtype: the layer input's. heads: the indices of the key/value heads the inputs hold
+        (sequence parallelism), else all of them in order."""
         B, T = positions.shape
         spec, cfg = self.spec, self.cfg
-        heads = heads or slice(0, cfg.kv_heads)
-        groups = cfg.n_heads // cfg.kv_heads
-        query_heads = slice(heads.start * groups, heads.stop * groups)
+        if heads is None:
+            kv, query, count = slice(None), slice(None), cfg.kv_heads
+        else:
+            kv, query = heads, query_heads(heads, cfg.n_heads // cfg.kv_heads)
+            count = len(heads)
         plan: dict = {"window": self.window}
         # Angles are never kept in bfloat16/float16: 2 pi in bfloat16 is off by 0.02 rad.
         angle_dtype = torch.promote_types(dtype, torch.float32)
         if spec.rotation == "rope":
             # t * theta in float64, reduced mod 2 pi: exact at any length.
             phi = (positions[..., None].double() * self.theta).remainder(2 * math.pi)
-            count = heads.stop - heads.start
             plan["angles"] = phi[:, :, None, :].expand(B, T, count, -1).to(angle_dtype)
         elif spec.rotation in ("learned", "random"):
             plan["angles"] = accumulate_angles(inputs["delta"], doc_ids)
@@ -247,14 +255,14 @@ class PositionScheme(Float64Constants):
         if spec.bias is not None:
             # Distances in at least float32: bfloat16 holds integers exactly only up to 256.
             distances = torch.arange(T, device=positions.device, dtype=angle_dtype)
-            table = self.bias(distances)[query_heads]
+            table = self.bias(distances)[query]
             # ALiBi's table keeps its slopes: the fused CUDA kernel computes the bias from them.
-            slopes = self.bias.slopes[query_heads].to(angle_dtype)
+            slopes = self.bias.slopes[query].to(angle_dtype)
             plan["bias"] = AlibiTable.wrap(table, slopes) if spec.bias == "alibi" else table
         if spec.decay:
             plan["decay"] = self.decay.to(angle_dtype)
         if spec.transport:
-            plan["transport"] = self._householders(inputs, positions, heads)
+            plan["transport"] = self._householders(inputs, positions, kv)
         return plan
 
     def decoding_inputs(self, x: Tensor) -> dict:
@@ -290,7 +298,7 @@ class PositionScheme(Float64Constants):
         return 2 * torch.sigmoid(self.beta(x))
 
     def _householders(
-        self, inputs: dict[str, Tensor], positions: Tensor, heads: slice
+        self, inputs: dict[str, Tensor], positions: Tensor, heads: slice | Tensor
     ) -> tuple[Tensor, Tensor]:
         """PaTH's w_t (the projections u through a short causal conv within the document,
         L2-normed) and beta_t [B, T, H], for the key/value heads `heads`."""

@@ -33,10 +33,24 @@ class SequenceParallel:
         n = x.shape[dim] // self.size
         return x.narrow(dim, self.rank * n, n)
 
-    def heads(self, count: int) -> slice:
-        """The heads of `count` that this rank attends with after the all-to-all."""
+    def head_order(self, count: int) -> list[int] | None:
+        """The `count` key/value heads in the order the all-to-all deals them, 1/N to each rank
+        (rank r: `heads(count)`), or None for the heads' own order. ALiBi skipping makes steep
+        heads cheap and shallow ones dear, and the slopes fall with the head index, so the
+        heads are dealt in a snake over the ranks (0, 1, .., N-1, N-1, .., 0, ..): each rank
+        gets steep and shallow heads alike and no rank waits on one holding all the dear ones.
+        None when every rank gets one head."""
+        if count == self.size:
+            return None
+        N = self.size
+        rank_of = [h % N if h // N % 2 == 0 else N - 1 - h % N for h in range(count)]
+        return sorted(range(count), key=lambda h: (rank_of[h], h))
+
+    def heads(self, count: int) -> list[int]:
+        """The key/value heads of `count` that this rank attends with after the all-to-all."""
         n = count // self.size
-        return slice(self.rank * n, (self.rank + 1) * n)
+        order = self.head_order(count) or list(range(count))
+        return order[self.rank * n : (self.rank + 1) * n]
 
     def to_heads(self, x: Tensor) -> Tensor:
         """[B, T/N, H, ...] (this rank's tokens, every head) -> [B, T, H/N, ...] (every token,

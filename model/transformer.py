@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 import kernels
 from model.config import ModelConfig
 from model.partitioned import full
-from model.schemes import SCHEMES, PositionScheme
+from model.schemes import SCHEMES, PositionScheme, query_heads
 
 if TYPE_CHECKING:
     from model.modeling_rotalibi import DecodingCache, LayerCache, Step
@@ -76,10 +76,18 @@ class Attention(nn.Module):
         sp = self.sequence_parallel
         if sp is None:
             o = self._attend(q, k, v, inputs, positions, doc_ids, x.dtype)
-        else:
-            inputs = {name: sp.to_heads(t) for name, t in inputs.items()}
-            heads = sp.heads(self.cfg.kv_heads)
-            o = sp.attention(self._attend)(q, k, v, inputs, positions, doc_ids, x.dtype, heads)
+            return self.wo(o.flatten(2))
+        order = sp.head_order(self.cfg.kv_heads)
+        if order is not None:  # dealt to the ranks in this order (SequenceParallel.head_order)
+            kv_order = torch.tensor(order, device=x.device)
+            q_order = query_heads(kv_order, self.cfg.n_heads // self.cfg.kv_heads)
+            q, k, v = q[:, :, q_order], k[:, :, kv_order], v[:, :, kv_order]
+            inputs = {name: t[:, :, kv_order] for name, t in inputs.items()}
+        inputs = {name: sp.to_heads(t) for name, t in inputs.items()}
+        heads = torch.tensor(sp.heads(self.cfg.kv_heads), device=x.device)
+        o = sp.attention(self._attend)(q, k, v, inputs, positions, doc_ids, x.dtype, heads)
+        if order is not None:
+            o = o[:, :, q_order.argsort()]
         return self.wo(o.flatten(2))
 
     def _attend(
@@ -91,10 +99,10 @@ class Attention(nn.Module):
         positions: Tensor,
         doc_ids: Tensor | None,
         dtype: torch.dtype,
-        heads: slice | None = None,
+        heads: Tensor | None = None,
     ) -> Tensor:
-        """Attention over the whole sequence for the heads q, k, v hold (`heads` of the key/value
-        heads; all when None)."""
+        """Attention over the whole sequence for the heads q, k, v hold (`heads`: the indices of
+        their key/value heads; all, in order, when None)."""
         plan = self.position.plan(inputs, positions, doc_ids, dtype, heads)
         kwargs = dict(
             plan, doc_ids=doc_ids, skip_eps=self.cfg.alibi_skip_eps, block=self.cfg.attn_block

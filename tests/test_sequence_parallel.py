@@ -11,6 +11,7 @@ from pathlib import Path
 from conftest import ROOT
 
 from model import SCHEMES
+from model.sequence_parallel import SequenceParallel
 
 TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node"]
 
@@ -47,3 +48,14 @@ def test_each_rank_saves_half_and_no_logits_of_the_whole_length_exist(tmp_path):
     assert parallel["saved_bytes"] <= 0.6 * whole["saved_bytes"], report
     for step in (parallel, whole):
         assert step["largest_numel"] < 8192 * report["vocab_size"], report
+
+
+def test_heads_are_dealt_in_a_snake_so_steep_and_shallow_slopes_share_each_rank():
+    """Every key/value head goes to exactly one rank, 1/N each; with an even number of rounds
+    each rank's head indices (ALiBi's slopes fall with them) sum to the same total."""
+    for count, size in ((4, 2), (8, 2), (8, 4), (16, 4)):
+        dealt = [SequenceParallel(None, size, r).heads(count) for r in range(size)]
+        assert sorted(h for heads in dealt for h in heads) == list(range(count))
+        assert all(len(heads) == count // size for heads in dealt)
+        assert len({sum(heads) for heads in dealt}) == 1, dealt
+    assert SequenceParallel(None, 4, 0).head_order(4) is None  # one head a rank: as they are
