@@ -261,15 +261,17 @@ class Trainer:
                 data_states, rank // sp_size, world_size // sp_size, self.cfg.data.num_workers
             )
             rng = ckpt.trainer_state(checkpoint, rank)["rng"] if rank < saved_world else None
+            groups = (
+                f", train.sequence_parallel {saved_sp} -> {sp_size}" if saved_sp != sp_size else ""
+            )
             log.warning(
-                "resumed %s, saved by %d rank(s) (sequence_parallel=%d), on %d "
-                "(sequence_parallel=%d): weights and optimizer through DeepSpeed's universal "
-                "checkpoint; each rank serves %d of the saved job's data streams",
+                "resumed %s, saved by %d rank(s), on %d%s: weights and optimizer through "
+                "DeepSpeed's universal checkpoint; each rank serves %d of the saved job's data "
+                "streams",
                 checkpoint.path,
                 saved_world,
-                saved_sp,
                 world_size,
-                sp_size,
+                groups,
                 len(loader_state["parts"]),
             )
         self.loader.load_state_dict(loader_state)

@@ -8,7 +8,8 @@ every head for the whole sequence of 1/N of the heads: q, k, v through its
 projections and beta) through the same `_SeqAllToAll`. The head-sharded side therefore runs
 the scheme over the whole length, unchanged: angles accumulated over each document from its
 first token, ALiBi distances, windows, PaTH's transport and its short convolution, document
-masks. The output goes back the same way.
+masks. The output goes back the same way. The key/value heads are dealt to the ranks in a
+snake (`SequenceParallel.head_order`) so that ALiBi skipping's work is shared evenly.
 """
 
 from __future__ import annotations

@@ -265,7 +265,7 @@ def test_a_sequence_parallel_run_resumes_on_one_rank_without_it(
     run_dir = _stopped_at_20(sequence_parallel_run, tmp_path, "sp_resumed")
     [(code, err)] = _finish(_start(_args(run_dir, stdlib_dataset)))
     assert code == 0, err[-3000:]
-    assert "saved by 2 rank(s) (sequence_parallel=2), on 1 (sequence_parallel=1)" in err
+    assert "saved by 2 rank(s), on 1, train.sequence_parallel 2 -> 1" in err
     resumed, expected = dict(_losses(run_dir)), dict(_losses(sequence_parallel_run))
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step in range(21, STEPS + 1):
