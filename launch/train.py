@@ -254,13 +254,16 @@ class Trainer:
             ckpt.load_universal(self.engine, checkpoint)
             repair_universal_load(self.engine, self.cfg)
             # The ranks of a sequence-parallel group read the same data: one state per group.
-            data_states = [
-                ckpt.trainer_state(checkpoint, r)["loader"] for r in range(0, saved_world, saved_sp)
-            ]
+            leaders = range(0, saved_world, saved_sp)
+            wanted = {*leaders, rank} & set(range(saved_world))
+            states = {r: ckpt.trainer_state(checkpoint, r) for r in wanted}
             loader_state = reshard(
-                data_states, rank // sp_size, world_size // sp_size, self.cfg.data.num_workers
+                [states[r]["loader"] for r in leaders],
+                rank // sp_size,
+                world_size // sp_size,
+                self.cfg.data.num_workers,
             )
-            rng = ckpt.trainer_state(checkpoint, rank)["rng"] if rank < saved_world else None
+            rng = states[rank]["rng"] if rank in states else None
             groups = (
                 f", train.sequence_parallel {saved_sp} -> {sp_size}" if saved_sp != sp_size else ""
             )
