@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet "torch>=2.6"
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation "deepspeed>=0.16"
-	$(PY) -m pip install --quiet -e ".[dev,eval]"
+	$(PY) -m pip install --quiet -e ".[dev,eval,trackers]"
 	touch $(STAMP)
 
 test: setup

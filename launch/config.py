@@ -65,6 +65,19 @@ class DataConfig:
     cache_dir: str | None = None  # local shard cache; None: <tmp>/rotalibi-streaming
 
 
+TRACKERS = ("tensorboard", "jsonl", "wandb", "mlflow")
+# The package each tracker needs beyond the core dependencies (the `trackers` extra).
+TRACKER_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}
+
+
+@dataclass
+class ProfileConfig:
+    """`torch.profiler` over steps start .. start + steps - 1 (launch/profiling.py)."""
+
+    start: int = field(default=1, metadata={"min": 1})
+    steps: int = field(default=3, metadata={"min": 1})
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = field(default=300, metadata={"min": 1})
@@ -88,6 +101,10 @@ class TrainConfig:
     max_bad_steps: int = field(default=5, metadata={"min": 1})  # non-finite steps in a row
     # Per-device peak TFLOP/s for MFU; None: a known GPU's datasheet, or measured on the CPU.
     peak_tflops: float | None = None
+    # Where rank 0's records go (launch/metrics.py): any of tensorboard, jsonl, wandb, mlflow.
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard", "jsonl"])
+    tracker_project: str = "rotalibi"  # the W&B project and MLflow experiment
+    profile: ProfileConfig | None = None  # e.g. {start: 10, steps: 3}; None: no profiling
 
 
 @dataclass
@@ -330,9 +347,36 @@ def validate(cfg: Config) -> Config:
             f"'train.peak_tflops' is {cfg.train.peak_tflops}; give the device's peak TFLOP/s "
             "(> 0), or null to look it up or measure it"
         )
+    problems += tracker_problems(cfg.train)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     return cfg
+
+
+def tracker_problems(train: TrainConfig) -> list[str]:
+    """Unknown or repeated train.loggers, a tracker whose package is not installed, and a
+    train.profile that ends after train.max_steps."""
+    import importlib.util
+
+    loggers, problems = train.loggers, []
+    unknown = [name for name in loggers if name not in TRACKERS]
+    if unknown or len(set(loggers)) != len(loggers):
+        problems.append(
+            f"'train.loggers' is {loggers}; give each of {', '.join(TRACKERS)} at most once"
+        )
+    for name in set(loggers) & set(TRACKER_PACKAGES):
+        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+            problems.append(
+                f"'train.loggers' names {name}, which is not installed: "
+                f"pip install -e '.[trackers]' (or pip install {TRACKER_PACKAGES[name]})"
+            )
+    profile = train.profile
+    if profile is not None and profile.start + profile.steps - 1 > train.max_steps:
+        problems.append(
+            f"'train.profile' covers steps {profile.start}..{profile.start + profile.steps - 1}, "
+            f"past train.max_steps={train.max_steps}"
+        )
+    return problems
 
 
 def file_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[DictConfig, str]]:

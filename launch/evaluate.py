@@ -40,10 +40,13 @@ from launch.config import Config, ConfigError, check_evaluation_overrides, load_
 from launch.distributed import World
 from launch.engine import precision
 from launch.extrapolation import Extrapolation, plan_lengths, scalars
+from launch.metrics import TensorBoardTracker
 from launch.plots import curve_of, ppl_vs_length
 from model import Transformer
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from launch.train import Trainer
 
 log = logging.getLogger("rotalibi")
@@ -110,15 +113,14 @@ def _lost_finite_results(old: dict, new: dict) -> list[str]:
     ]
 
 
-def write_outputs(
-    results: dict, eval_dir: Path, tb_dir: Path, *, with_scalars: bool, force: bool = False
-) -> Path:
-    """step_<N>.json (merged into an earlier one of the same checkpoint), the plot over every
-    checkpoint evaluated so far, and TensorBoard's image `extrap/ppl_vs_length` (and, with
-    `with_scalars`, the scalars). Returns the JSON's path. ResultsError, before anything is
-    written, when a recorded finite perplexity would become non-finite (unless `force`)."""
-    from torch.utils.tensorboard import SummaryWriter
+PLOT_TAG = "extrap/ppl_vs_length"  # the plot's name in TensorBoard and the other trackers
 
+
+def write_outputs(results: dict, eval_dir: Path, *, force: bool = False) -> tuple[Path, Figure]:
+    """step_<N>.json (merged into an earlier one of the same checkpoint) and the plot over
+    every checkpoint evaluated so far (ppl_vs_length.png). Returns the JSON's path and the
+    plot, for the trackers. ResultsError, before anything is written, when a recorded finite
+    perplexity would become non-finite (unless `force`)."""
     eval_dir.mkdir(parents=True, exist_ok=True)
     path = eval_dir / f"step_{results['step']}.json"
     if path.is_file():
@@ -137,15 +139,7 @@ def write_outputs(
     curves = [curve_of(r, f"step {r['step']}") for r in every]
     figure = ppl_vs_length(curves, results["train_length"], title)
     figure.savefig(eval_dir / "ppl_vs_length.png", dpi=110)
-    writer = SummaryWriter(str(tb_dir))
-    try:
-        writer.add_figure("extrap/ppl_vs_length", figure, results["step"], close=False)
-        if with_scalars:
-            for key, value in scalars(results).items():
-                writer.add_scalar(key, value, results["step"])
-    finally:
-        writer.close()
-    return path
+    return path, figure
 
 
 # ---------------------------------------------------------------------- inside training
@@ -167,8 +161,8 @@ def evaluation_hook(cfg: Config) -> Callable[[Trainer, int], dict]:
 def checkpoint_hook(trainer: Trainer, step: int) -> dict:
     """launch.train's CheckpointHook: evaluate the checkpoint just saved, on every rank (each
     on its share of the windows, ZeRO-3 gathering the weights in the engine's forward); rank
-    0 writes the outputs. Returns the scalars for metrics.jsonl and TensorBoard. A failure is
-    logged, and training goes on (the checkpoint is saved; `launch.evaluate` can redo it)."""
+    0 writes the outputs. Returns the scalars and (rank 0) the plot for the metrics. A failure
+    is logged, and training goes on (the checkpoint is saved; `launch.evaluate` can redo it)."""
     cfg, module = trainer.cfg, trainer.engine.module
     was_training = module.training
     module.eval()
@@ -182,8 +176,9 @@ def checkpoint_hook(trainer: Trainer, step: int) -> dict:
             gathered=_zero3_gathered,
         )
         results = evaluation.run(step=step, tokens=trainer.tokens)
+        found = scalars(results)
         if trainer.world.is_main:
-            write_outputs(results, cfg.run_dir / "eval", cfg.run_dir / "tb", with_scalars=False)
+            found[PLOT_TAG] = write_outputs(results, cfg.run_dir / "eval")[1]
     except Exception:
         log.exception(
             "evaluation of step %d failed; training goes on. Redo it with "
@@ -195,7 +190,7 @@ def checkpoint_hook(trainer: Trainer, step: int) -> dict:
         return {}
     finally:
         module.train(was_training)
-    return scalars(results)
+    return found
 
 
 # ---------------------------------------------------------------------- standalone
@@ -339,7 +334,11 @@ def evaluate(
     results = Extrapolation(model, cfg, world, train_length=train_length).run(
         step=target.step, tokens=tokens
     )
-    path = write_outputs(results, out / "eval", out / "tb", with_scalars=True, force=force)
+    path, figure = write_outputs(results, out / "eval", force=force)
+    tensorboard = TensorBoardTracker(out / "tb")
+    tensorboard.scalars(results["step"], scalars(results))
+    tensorboard.figure(PLOT_TAG, figure, results["step"])
+    tensorboard.close(0)
     log.info("wrote %s and %s", path, path.parent / "ppl_vs_length.png")
     return results
 

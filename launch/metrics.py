@@ -1,4 +1,4 @@
-"""What rank 0 reports: `metrics.jsonl`, TensorBoard scalars, a console progress bar, and MFU.
+"""What rank 0 reports (`metrics.jsonl`, TensorBoard, W&B, MLflow, a progress bar) and MFU.
 
 MFU is the model's training FLOPs per second over the hardware peak of the devices used.
 Training FLOPs per token are 6 N for the matrix products (N = the weights of every linear map,
@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from launch.checkpoint import write_atomically
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger("rotalibi")
 
@@ -106,42 +111,232 @@ def _parsed(line: str) -> dict | None:
         return None
 
 
-class MetricsLogger:
-    """Rank 0's sinks. `log` appends a record to metrics.jsonl and writes TensorBoard scalars
-    under `train/` (or the record's own `group/name` keys)."""
+def tracker_key(key: str) -> str:
+    """A record's key as the trackers name it: `train/<key>` unless it has a group already."""
+    return key if "/" in key else f"train/{key}"
 
-    def __init__(self, run_dir: Path, *, start_step: int, max_steps: int):
+
+def scalars_of(record: dict) -> dict[str, float]:
+    """The numeric values of a record (not its step), under their tracker names."""
+    return {
+        tracker_key(key): value
+        for key, value in record.items()
+        if key != "step" and isinstance(value, int | float) and not isinstance(value, bool)
+    }
+
+
+class Tracker(Protocol):
+    """One destination of rank 0's records besides metrics.jsonl."""
+
+    def scalars(self, step: int, values: dict[str, float]) -> None: ...
+
+    def figure(self, tag: str, figure: Figure, step: int) -> None: ...
+
+    def close(self, exit_code: int) -> None: ...
+
+
+class TensorBoardTracker:
+    """Scalars and images under `<directory>`. With `purge_after`, the steps after it (left by
+    a run that died after the checkpoint resumed from) are purged: the resumed run writes them
+    again."""
+
+    def __init__(self, directory: Path, purge_after: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        # Records past the step resumed from (written after its checkpoint by a run that then
-        # died), and a line cut short by the kill, are dropped: one continuous history.
+        purge = None if purge_after is None else purge_after + 1
+        self.writer = SummaryWriter(str(directory), purge_step=purge)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def figure(self, tag: str, figure: Figure, step: int) -> None:
+        self.writer.add_figure(tag, figure, step, close=False)
+        self.writer.flush()
+
+    def close(self, exit_code: int) -> None:
+        self.writer.close()
+
+
+class WandbTracker:
+    """A W&B run under `<run_dir>/wandb`, resumed by the id kept in trackers.json. Its x axis
+    is the training step (`step`), so that evaluations logged at a step already charted land
+    on it (W&B's own step only grows)."""
+
+    def __init__(self, run_dir: Path, config: dict, project: str, run_id: str | None):
+        import wandb
+
+        self.wandb = wandb
+        self.run = wandb.init(
+            project=project,
+            name=config["run"]["name"],
+            id=run_id,  # None: a new run
+            resume="allow",
+            dir=str(run_dir),
+            config=config,
+        )
+        self.id = self.run.id
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self.run.log({**values, "step": step})
+
+    def figure(self, tag: str, figure: Figure, step: int) -> None:
+        self.run.log({tag: self.wandb.Image(figure), "step": step})
+
+    def close(self, exit_code: int) -> None:
+        self.run.finish(exit_code=exit_code)
+
+
+def _flat(config: dict, prefix: str = "") -> dict[str, str]:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value)
+    return flat
+
+
+def mlflow_tracking_uri(runs_dir: Path) -> str:
+    """MLFLOW_TRACKING_URI, else a file store beside the runs: `<run.dir>/mlruns`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or (runs_dir / "mlruns").resolve().as_uri()
+
+
+class MlflowTracker:
+    """An MLflow run, resumed by the id kept in trackers.json; the config as its parameters.
+    The tracking URI is MLFLOW_TRACKING_URI, else a file store under `<run.dir>/mlruns`
+    (allowed with MLFLOW_ALLOW_FILE_STORE, which MLflow >= 3.7 asks for). MLflow's names have
+    no '@': `extrap/ppl@256` is logged as `extrap/ppl:256`."""
+
+    def __init__(self, runs_dir: Path, config: dict, experiment: str, run_id: str | None):
+        from mlflow.entities import Metric, Param
+        from mlflow.tracking import MlflowClient
+
+        uri = mlflow_tracking_uri(runs_dir)
+        if uri.startswith("file:"):
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.client, self.metric = MlflowClient(tracking_uri=uri), Metric
+        if run_id is not None:
+            self.client.update_run(run_id, status="RUNNING")
+            self.id = run_id
+            return
+        found = self.client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.id = self.client.create_run(experiment_id, run_name=config["run"]["name"]).info.run_id
+        params = list(_flat(config).items())
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 per batch
+            batch = [Param(key, value[:6000]) for key, value in params[i : i + 100]]
+            self.client.log_batch(self.id, params=batch)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        metrics = [self.metric(k.replace("@", ":"), float(v), now, step) for k, v in values.items()]
+        self.client.log_batch(self.id, metrics=metrics)
+
+    def figure(self, tag: str, figure: Figure, step: int) -> None:
+        self.client.log_figure(self.id, figure, f"{tag}/step_{step:08d}.png")
+
+    def close(self, exit_code: int) -> None:
+        status = "FINISHED" if exit_code == 0 else "KILLED"
+        self.client.set_terminated(self.id, status=status)
+
+
+EXTERNAL_TRACKERS = {"wandb": WandbTracker, "mlflow": MlflowTracker}
+
+
+class MetricsLogger:
+    """Rank 0's sinks: metrics.jsonl, the trackers of train.loggers and the progress bar.
+
+    `log` takes a record (its `step`, numbers, and matplotlib figures such as the evaluation's
+    plot) to each sink. A resumed run continues the same W&B and MLflow runs, whose ids
+    `<run_dir>/trackers.json` keeps with the last step each of them got of each key: a value
+    is sent once (a run that died after its last checkpoint keeps, in those trackers, what it
+    sent of the steps after it), and values of metrics.jsonl a tracker lacks (a tracker added
+    at a resume) are sent first. metrics.jsonl and TensorBoard drop the dead run's records
+    after the checkpoint resumed from: the resumed run writes them again."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict,
+        *,
+        loggers: list[str],
+        project: str,
+        start_step: int,
+        max_steps: int,
+    ):
+        run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "metrics.jsonl"
         kept = [
-            line
+            record
             for line in (path.read_text().splitlines() if path.exists() else [])
             if (record := _parsed(line)) is not None and record["step"] <= start_step
         ]
-        write_atomically(path, "".join(line + "\n" for line in kept))
-        self.jsonl = path.open("a")
-        self.tensorboard = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
+        self.jsonl = None
+        if "jsonl" in loggers:
+            write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
+            self.jsonl = path.open("a")
+        self.trackers: dict[str, Tracker] = {}
+        if "tensorboard" in loggers:
+            self.trackers["tensorboard"] = TensorBoardTracker(
+                run_dir / "tb", purge_after=start_step
+            )
+        self.state_path = run_dir / "trackers.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        for name in loggers:
+            if name in EXTERNAL_TRACKERS:
+                saved = self.state.setdefault(name, {"id": None, "last_step": {}})
+                runs_dir = Path(config["run"]["dir"])
+                where = run_dir if name == "wandb" else runs_dir
+                tracker = EXTERNAL_TRACKERS[name](where, config, project, saved["id"])
+                saved["id"] = tracker.id
+                self.trackers[name] = tracker
+                for record in kept:
+                    self._send(name, record["step"], scalars_of(record), {})
+        self._save_state()
         self.progress = tqdm(
             total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
         )
 
+    def _send(self, name: str, step: int, values: dict[str, float], figures: dict) -> None:
+        """What tracker `name` has not got yet of this step's values and figures."""
+        last = self.state[name]["last_step"] if name in self.state else None
+        if last is not None:
+            values = {k: v for k, v in values.items() if last.get(k, 0) < step}
+            figures = {k: v for k, v in figures.items() if last.get(k, 0) < step}
+            last.update(dict.fromkeys([*values, *figures], step))
+        if values:
+            self.trackers[name].scalars(step, values)
+        for tag, figure in figures.items():
+            self.trackers[name].figure(tag, figure, step)
+
+    def _save_state(self) -> None:
+        if self.state:
+            write_atomically(self.state_path, json.dumps(self.state, indent=1))
+
     def log(self, record: dict) -> None:
+        from matplotlib.figure import Figure
+
         step = record["step"]
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-        for key, value in record.items():
-            if key != "step" and isinstance(value, int | float):
-                self.tensorboard.add_scalar(key if "/" in key else f"train/{key}", value, step)
-        self.tensorboard.flush()
+        figures = {k: v for k, v in record.items() if isinstance(v, Figure)}
+        record = {k: v for k, v in record.items() if k not in figures}
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        for name in self.trackers:
+            self._send(name, step, scalars_of(record), figures)
+        self._save_state()
 
     def advance(self, steps: int, loss: float, lr: float) -> None:
         self.progress.update(steps)
         self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
 
-    def close(self) -> None:
+    def close(self, exit_code: int) -> None:
         self.progress.close()
-        self.jsonl.close()
-        self.tensorboard.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        for tracker in self.trackers.values():
+            tracker.close(exit_code)

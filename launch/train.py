@@ -48,7 +48,9 @@ from launch.metrics import (
     peak_tflops,
     training_flops_per_token,
 )
+from launch.profiling import StepProfiler
 from launch.rundir import RunDirError, RunLock, probe_writable
+from launch.summary import RunProgress, run_summary
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_REQUEUE = 0, 1, 2, 3, 75
 EXIT_INTERRUPTED = 128 + signal.SIGINT
@@ -201,6 +203,7 @@ class Trainer:
             seed=cfg.run.seed, sequence_parallel=sp_size,
         )  # fmt: skip
         self.step, self.tokens, self.skipped = 0, 0, 0
+        self.last_loss: float | None = None  # the mean over the ranks, at the last step
         torch.manual_seed(cfg.run.seed + 1000 * world.rank)  # a resumed run restores its own
         # A checkpoint saved on a stop signal at a checkpoint step owes its hooks (evaluation).
         self.hooks_owed = False
@@ -375,16 +378,15 @@ class Trainer:
             "skipped_steps": self.skipped,
         }
 
-    def run(self, stop: StopFlag) -> int:
-        """Train to `train.max_steps`; returns the exit code."""
+    def run(self, stop: StopFlag, metrics: MetricsLogger | None) -> int:
+        """Train to `train.max_steps`, rank 0 logging to `metrics`; returns the exit code."""
         cfg, world = self.cfg, self.world
-        metrics = None
         if world.is_main:
             peak, source = self.peak_tflops
             log.info("MFU against %s TFLOP/s per device (%s)", peak and f"{peak:.3g}", source)
-            metrics = MetricsLogger(
-                self.run_dir, start_step=self.step, max_steps=cfg.train.max_steps
-            )
+        profiler = StepProfiler(
+            cfg.train.profile, self.run_dir / "profile", world.rank, world.device
+        )
         batches, interval, bad_in_row = iter(self.loader), Interval(), 0
         try:
             if self.hooks_owed:
@@ -392,7 +394,9 @@ class Trainer:
                 self._run_hooks(metrics)
             while self.step < cfg.train.max_steps:
                 step_start = time.perf_counter()
+                profiler.before(self.step + 1)
                 result = self._train_step(batches)
+                profiler.after(self.step + 1)
                 # One collective per step: the mean loss, and whether any rank skipped or
                 # was signalled (by Ctrl-C), so that every rank takes the same decision.
                 flags = [not result.applied, stop.raised, stop.signal == signal.SIGINT]
@@ -401,6 +405,7 @@ class Trainer:
                 )
                 self.step += 1
                 self.tokens += self.tokens_per_step
+                self.last_loss = loss
                 good = skipped == 0 and math.isfinite(loss)
                 interval.add(loss, good, result.data_wait, self.tokens_per_step, result.documents)
                 bad_in_row = 0 if good else bad_in_row + 1
@@ -437,9 +442,8 @@ class Trainer:
                     self._run_hooks(metrics)
             return EXIT_OK
         finally:
+            profiler.close()
             self.loader.close()
-            if metrics is not None:
-                metrics.close()
 
 
 def parse_args(argv: list[str]) -> tuple[str, list[str]]:
@@ -470,6 +474,14 @@ def _failed(error: Exception, rank: int, code: int) -> int:
     return code
 
 
+def _share_problem(problem: str | None, error: type[Exception]) -> None:
+    """Collective: raise `error` on every rank if rank 0 had a problem."""
+    shared = [problem]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    if shared[0] is not None:
+        raise error(shared[0])
+
+
 def lock_run_dir(run_dir: Path, world: World) -> RunLock | None:
     """Collective: rank 0 locks the run directory and checks that checkpoints/ is writable;
     RunDirError on every rank if it could not. Rank 0's lock, None on the others."""
@@ -482,11 +494,28 @@ def lock_run_dir(run_dir: Path, world: World) -> RunLock | None:
             if lock is not None:
                 lock.release()
             problem = str(e)
-    shared = [problem]
-    torch.distributed.broadcast_object_list(shared, src=0)
-    if shared[0] is not None:
-        raise RunDirError(shared[0])
+    _share_problem(problem, RunDirError)
     return lock
+
+
+def open_metrics(cfg: Config, start_step: int, world: World) -> MetricsLogger | None:
+    """Collective: rank 0's MetricsLogger; ConfigError on every rank if a tracker could not
+    start (W&B not logged in, an MLflow URI that does not answer)."""
+    metrics = problem = None
+    if world.is_main:
+        try:
+            metrics = MetricsLogger(
+                cfg.run_dir,
+                yaml.safe_load(to_yaml(cfg)),
+                loggers=cfg.train.loggers,
+                project=cfg.train.tracker_project,
+                start_step=start_step,
+                max_steps=cfg.train.max_steps,
+            )
+        except Exception as e:  # the trackers' own errors, whatever their types
+            problem = f"train.loggers: {type(e).__name__}: {str(e).splitlines()[0]}"
+    _share_problem(problem, ConfigError)
+    return metrics
 
 
 def main(argv: list[str]) -> int:
@@ -542,10 +571,30 @@ def _train(
             return _failed(e, rank, EXIT_FAILED)
         if world.is_main:
             (cfg.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        first_step, start = trainer.step, time.perf_counter()
         try:
-            return trainer.run(stop)
+            metrics = open_metrics(cfg, first_step, world)
+        except ConfigError as e:
+            return _failed(e, rank, EXIT_BAD_INPUT)
+        code = EXIT_FAILED
+        try:
+            code = trainer.run(stop, metrics)
         except ckpt.CheckpointError as e:
-            return _failed(e, rank, EXIT_FAILED)
+            code = _failed(e, rank, EXIT_FAILED)
+        finally:
+            if metrics is not None:
+                metrics.close(code)
+        if world.is_main:
+            progress = RunProgress(
+                first_step=first_step,
+                last_step=trainer.step,
+                tokens=trainer.tokens,
+                tokens_now=(trainer.step - first_step) * trainer.tokens_per_step,
+                seconds=time.perf_counter() - start,
+                loss=trainer.last_loss,
+            )
+            print(run_summary(cfg, progress, code), file=sys.stderr, flush=True)
+        return code
     finally:
         if lock is not None:
             lock.release()

@@ -213,9 +213,12 @@ def test_resumed_metrics_keep_the_steps_up_to_the_checkpoint_and_drop_a_torn_lin
     """A run killed mid-write leaves records past its checkpoint and a cut line; both go."""
     lines = [json.dumps({"step": s, "loss": 1 / s}) for s in (1, 2, 3)] + ['{"step": 4, "lo']
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
-    logger = MetricsLogger(tmp_path, start_step=2, max_steps=5)
+    config = {"run": {"name": tmp_path.name, "dir": str(tmp_path.parent)}}
+    logger = MetricsLogger(
+        tmp_path, config, loggers=["jsonl"], project="test", start_step=2, max_steps=5
+    )
     logger.log({"step": 3, "loss": 0.25})
-    logger.close()
+    logger.close(0)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records == [
         {"step": 1, "loss": 1.0},
