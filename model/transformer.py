@@ -109,7 +109,8 @@ class Attention(nn.Module):
         )
         if self.probe is not None:
             self.probe(self.layer, q, k, v, kwargs)
-        return kernels.attention(q, k, v, **kwargs)
+        with torch.profiler.record_function("rotalibi.attention"):  # named in train.profile
+            return kernels.attention(q, k, v, **kwargs)
 
     def decode(self, x: Tensor, state: LayerCache, step: Step) -> Tensor:
         """Attention of a decoding step's new tokens over the cache (`Transformer.decode`)."""

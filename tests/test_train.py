@@ -21,6 +21,7 @@ import torch
 from conftest import EVAL_ARGS
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tracker_records import mlflow_history, wandb_history
 
 from launch import checkpoint as ckpt
 from launch.evaluate import main as evaluate_main
@@ -119,9 +120,20 @@ def _interrupt(procs: list[subprocess.Popen], run_dir: Path, victim: int, after_
 @pytest.fixture(scope="module")
 def uninterrupted(stdlib_dataset, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "straight"
-    [(code, err)] = _finish(_start(_args(run_dir, stdlib_dataset)))
+    profiled = "train.profile={start: 3, steps: 2}"  # changes no number (same losses resumed)
+    [(code, err)] = _finish(_start(_args(run_dir, stdlib_dataset, profiled)))
     assert code == 0, err[-3000:]
     return run_dir
+
+
+def test_profile_writes_a_chrome_trace_naming_the_attention(uninterrupted):
+    [trace] = (uninterrupted / "profile").glob("rank0.*.pt.trace.json")
+    events = json.loads(trace.read_text())["traceEvents"]
+    spans = [e for e in events if e.get("ph") == "X"]
+    names = {e["name"] for e in spans}
+    assert "rotalibi.attention" in names and "aten::mm" in names
+    attention = [e for e in spans if e["name"] == "rotalibi.attention"]
+    assert len(attention) == 2 * 2  # two profiled steps x the tiny model's two layers
 
 
 def test_sigterm_saves_exits_75_and_resumes_to_the_same_losses(
@@ -152,11 +164,15 @@ def test_sigterm_saves_exits_75_and_resumes_to_the_same_losses(
 
 
 def test_a_signal_on_a_checkpoint_step_defers_its_evaluation_to_the_resumed_run(
-    stdlib_dataset, tmp_path
+    stdlib_dataset, tmp_path, monkeypatch
 ):
     """Every step is a checkpoint step: the signalled one is saved without its evaluation,
-    which the next start runs before it trains on; no step's evaluation is lost."""
+    which the next start runs before it trains on; no step's evaluation is lost. W&B
+    (offline) and MLflow continue their runs and record each value once; the resumed run
+    ends with its summary."""
     run_dir, steps = tmp_path / "deferred", 6
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
     args = _args(
         run_dir,
         stdlib_dataset,
@@ -166,6 +182,7 @@ def test_a_signal_on_a_checkpoint_step_defers_its_evaluation_to_the_resumed_run(
         "eval.every_checkpoint=true",
         "eval.lengths=[128]",
         "eval.windows=1",
+        "train.loggers=[tensorboard,jsonl,wandb,mlflow]",
     )
     procs = _start(args)
     _interrupt(procs, run_dir, victim=0, after_step=2)
@@ -182,6 +199,22 @@ def test_a_signal_on_a_checkpoint_step_defers_its_evaluation_to_the_resumed_run(
     assert evaluated == list(range(1, steps + 1))
     logged = [r["step"] for r in _records(run_dir) if "extrap/ppl@128" in r]
     assert logged == list(range(1, steps + 1))
+    assert f"run deferred: finished\n  steps {saved} -> {steps} of {steps}" in err
+    assert f"perplexity at step {steps} (trained at 64)" in err and "128 tokens:" in err
+
+    # Both trackers hold exactly metrics.jsonl's values (training and extrap/*), each once.
+    expected = sorted(
+        (r["step"], key if "/" in key else f"train/{key}", value)
+        for r in _records(run_dir)
+        for key, value in r.items()
+        if key != "step" and isinstance(value, int | float)
+    )
+    scalars = [e for e in wandb_history(run_dir) if e[1] != "extrap/ppl_vs_length"]
+    assert sorted(scalars) == expected
+    ids = json.loads((run_dir / "trackers.json").read_text())
+    renamed = sorted((s, k.replace("@", ":"), v) for s, k, v in expected)
+    uri = (tmp_path / "mlruns").as_uri()
+    assert sorted(mlflow_history(uri, ids["mlflow"]["id"])) == renamed
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def wandb_history(run_dir: Path) -> list[tuple[int, str, object]]:
 
 def mlflow_history(uri: str, run_id: str) -> list[tuple[int, str, float]]:
     """(step, key, value) of every metric value of MLflow run `run_id`, by key then step."""
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow >= 3.7 asks for it
     client = MlflowClient(tracking_uri=uri)
     keys = sorted(client.get_run(run_id).data.metrics)
     return [(m.step, key, m.value) for key in keys for m in client.get_metric_history(run_id, key)]
