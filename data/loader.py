@@ -162,13 +162,29 @@ def resolve_streams(cfg: DataConfig) -> tuple[dict[str, Any], list[StreamSource]
     return main, sources
 
 
+def documents_per_epoch(sources: list[StreamSource]) -> list[int] | None:
+    """How many documents each stream gives an epoch so that its share of the epoch's tokens is
+    its proportion (normalised) and the epoch holds as many tokens as all the streams together;
+    None without proportions (every document once). A stream of short documents is drawn more
+    often: proportions are shares of training tokens, not of documents."""
+    if sources[0].proportion is None:
+        return None
+    shares = np.array([s.proportion for s in sources], np.float64)
+    shares /= shares.sum()
+    tokens = np.array([s.manifest[SPLIT]["tokens"] for s in sources], np.float64)
+    documents = np.array([s.manifest[SPLIT]["documents"] for s in sources], np.float64)
+    return [max(1, round(n)) for n in shares * tokens.sum() / (tokens / documents)]
+
+
 def _streaming_dataset(sources: list[StreamSource], directory: Path, seed: int) -> StreamingDataset:
-    """The StreamingDataset of the streams, cached under `directory`: it supplies the shuffled
-    global order of documents, the proportions, checksums and reading; not its iteration."""
+    """The StreamingDataset of the streams, cached under `directory`: it supplies each epoch's
+    documents of every stream (`documents_per_epoch`, drawn anew each epoch) in a shuffled global
+    order, checksums and reading; not its iteration."""
+    choose = documents_per_epoch(sources) or [None] * len(sources)
     return StreamingDataset(
         streams=[
-            Stream(remote=s.location, local=str(directory / f"stream-{i}"), proportion=s.proportion)
-            for i, s in enumerate(sources)
+            Stream(remote=s.location, local=str(directory / f"stream-{i}"), choose=n)
+            for i, (s, n) in enumerate(zip(sources, choose, strict=True))
         ],
         split=SPLIT,
         download_timeout=DOWNLOAD_TIMEOUT_S,
@@ -233,7 +249,12 @@ def build_train_loader(
         num_workers=data_cfg.num_workers,
         eos_id=main["eos_id"],
         tokenizer_sha256=main["tokenizer_sha256"],
-        identity={"streams": key, "seed": seed, "seq_len": seq_len},
+        identity={
+            "streams": key,
+            "seed": seed,
+            "seq_len": seq_len,
+            "documents_per_epoch": documents_per_epoch(sources),  # the mixture
+        },
         slot=slot,
     )
 
@@ -373,7 +394,8 @@ class TrainLoader:
         if differ:
             raise DatasetError(
                 "the loader state does not belong to this loader (" + "; ".join(differ) + "); "
-                "resume with the same ranks, data.num_workers, data.seq_len, datasets and run.seed"
+                "resume with the same ranks, data.num_workers, data.seq_len, datasets, mixture "
+                "proportions and run.seed"
             )
         parts = [Part(**p) for p in state["parts"]]
         if len(parts) % max(self.num_workers, 1):

@@ -49,7 +49,7 @@ class RunConfig:
 @dataclass
 class StreamConfig:
     path: str = ""  # a dataset from `python -m data.prepare`: local path or remote URL (s3://...)
-    proportion: float | None = None  # share of the documents of each epoch; all or none set
+    proportion: float | None = None  # share of the training tokens (normalised); all or none set
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import random
 import shutil
 import signal
 import stat
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from data_helpers import (
+    WORDS,
     assert_rows_are_windows,
     build_dataset,
     epoch_rows,
@@ -286,30 +288,82 @@ def second_dataset(dataset, tmp_path_factory):
 
 
 def test_mixture_follows_proportions_from_remote_streams(dataset, second_dataset, tmp_path):
-    n_first = read_manifest(dataset)["train"]["documents"]
-    n_second = read_manifest(second_dataset)["train"]["documents"]
+    first, second = (read_manifest(d)["train"] for d in (dataset, second_dataset))
     cfg = DataConfig(
         path=str(dataset),
         cache_dir=str(tmp_path / "cache"),
         streams=[StreamConfig(str(dataset), 3.0), StreamConfig(str(second_dataset) + "/", 1.0)],
     )
+    # Shares of tokens (3/4, 1/4) of an epoch holding both datasets' tokens, in documents.
+    total = first["tokens"] + second["tokens"]
+    drawn = [
+        round(share * total * m["documents"] / m["tokens"])
+        for share, m in ((3 / 4, first), (1 / 4, second))
+    ]
     before = sorted(p.relative_to(second_dataset) for p in second_dataset.rglob("*"))
     with build_train_loader(cfg, **SHAPE) as loader:
         for epoch in (0, 1):
             order = np.array(loader.epoch_documents(epoch))
-            total = n_first + n_second  # streaming's default epoch size
-            from_second = int((order >= n_first).sum())
-            assert len(order) == total
-            assert abs(from_second - total / 4) <= 1  # proportion 1 of 3 + 1
+            assert len(order) == sum(drawn)
+            assert int((order >= first["documents"]).sum()) == drawn[1]
         batches = take(loader, 50)
         first_docs = read_split(dataset, "train")
         second_docs = read_split(second_dataset, "train")
         documents = first_docs + second_docs  # sample ids number the streams in order
         orders = [loader.epoch_documents(e) for e in range(2)]
+        state = loader.state_dict()
     assert_rows_are_windows(batches, stream_tokens(documents, orders), 37)
+    cfg.streams[1].proportion = 3.0  # another mixture: its position would mean other documents
+    with build_train_loader(cfg, **SHAPE) as loader:
+        with pytest.raises(DatasetError, match="documents_per_epoch: saved"):
+            loader.load_state_dict(state)
     # The streams were read as remotes: copied into the cache, their directories untouched.
     assert sorted(p.relative_to(second_dataset) for p in second_dataset.rglob("*")) == before
     assert list((tmp_path / "cache").rglob("*.mds"))
+
+
+def test_mixture_proportions_are_shares_of_training_tokens(dataset, tmp_path):
+    """Streams of ~20- and ~2000-token documents mixed 0.5/0.5 each give 50 +- 3% of the targets
+    of 200 batches (by documents, the short one would give about 1%)."""
+    rng = random.Random(0)
+    paths, manifests = [], []
+    for name, count, words in (("short", 2000, (14, 24)), ("long", 100, (1900, 2100))):
+        corpus = tmp_path / name / "docs.jsonl"
+        corpus.parent.mkdir()
+        lines = (
+            json.dumps({"text": " ".join(rng.choices(WORDS, k=rng.randint(*words)))})
+            for _ in range(count)
+        )
+        corpus.write_text("\n".join(lines))
+        paths.append(tmp_path / name / "dataset")
+        prepare(
+            [str(corpus)],
+            paths[-1],
+            tokenizer_file=dataset / "tokenizer.json",
+            val_fraction=0.02,
+            progress=False,
+        )
+        manifests.append(read_manifest(paths[-1])["train"])
+    short, long = (m["tokens"] / m["documents"] for m in manifests)
+    assert 17 <= short <= 23 and 1800 <= long <= 2200, (short, long)
+    cfg = DataConfig(
+        path=str(dataset),
+        cache_dir=str(tmp_path / "cache"),
+        streams=[StreamConfig(str(p), 0.5) for p in paths],
+    )
+    length, rows = 128, 16
+    with build_train_loader(cfg, seq_len=length, batch_size=rows, seed=3) as loader:
+        batches = take(loader, 200)
+        orders = [loader.epoch_documents(e) for e in range(3)]
+    documents = read_split(paths[0], "train") + read_split(paths[1], "train")
+    tokens = stream_tokens(documents, orders)
+    assert_rows_are_windows(batches, tokens, length)
+    from_long = np.concatenate(
+        [np.full(len(documents[i]), i >= manifests[0]["documents"]) for o in orders for i in o]
+    )
+    targets = [k * length + 1 + np.arange(length) for b in batches for k in b["rows"].tolist()]
+    share = from_long[np.concatenate(targets)].mean()
+    assert abs(share - 0.5) <= 0.03, share
 
 
 def test_mixture_errors(dataset, tmp_path):
