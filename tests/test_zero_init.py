@@ -35,9 +35,9 @@ def full_construction(spec: str) -> tuple[dict[str, str], int]:
 
 def test_zero_init_builds_the_same_weights_without_any_rank_holding_them(tmp_path):
     """Every scheme (small) and a 1.6B model, built on 2 ranks: every weight and float64
-    constant equals a full construction's bit for bit, and each rank's peak resident memory
-    while building the large model (its VmHWM, reset before) stays below 0.65x the model's
-    float32 size."""
+    constant equals a full construction's bit for bit, and how far each rank's peak resident
+    memory while building the large model (its VmHWM, reset before) rises above its resident
+    memory before stays below 0.6x the model's float32 size (a whole model would be 1x)."""
     out = tmp_path / "zero_init.json"
     specs = [SMALL + scheme for scheme in sorted(SCHEMES)] + [LARGE]
     # glibc would keep the freed full tensors of each module's construction as heap it does
@@ -59,5 +59,5 @@ def test_zero_init_builds_the_same_weights_without_any_rank_holding_them(tmp_pat
         assert report[spec]["hashes"] == expected[spec][0], spec
     size = expected[LARGE][1]
     assert size > 1.6e9 * 4
-    peaks = report[LARGE]["peak_rss"]
-    assert max(peaks) < 0.65 * size, [f"{p / size:.2f}x" for p in peaks]
+    peaks = report[LARGE]["rss_growth"]  # each rank's half: 0.5x
+    assert max(peaks) < 0.6 * size, [f"{p / size:.2f}x" for p in peaks]

@@ -1,6 +1,7 @@
-"""Run by test_scale under torchrun: build models the way launch.train does (zero.Init on
-several ranks), report each rank's peak resident memory during the construction and the sha256
-of every gathered weight and buffer, as JSON, for comparison with a full construction."""
+"""Run by test_zero_init under torchrun: build models the way launch.train does (zero.Init on
+several ranks), report how far each rank's peak resident memory during the construction rises
+above its resident memory before (imports, allocator) and the sha256 of every gathered weight
+and buffer, as JSON, for comparison with a full construction."""
 
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ def digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.detach().contiguous().view(torch.uint8).numpy()).hexdigest()
 
 
-def peak_rss_bytes() -> int:
-    """The resident set's high-water mark since the last `reset_peak_rss`."""
+def status_bytes(field: str) -> int:
+    """A size from /proc/self/status: VmRSS (resident now) or VmHWM (its high-water mark
+    since the last `reset_peak_rss`)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def reset_peak_rss() -> None:
@@ -56,10 +58,11 @@ def main(out: str, *configs: str) -> None:
         assert zero_init(cfg, world.world_size)
         torch.distributed.barrier()
         reset_peak_rss()
+        before = status_bytes("VmRSS")  # the imports' and the allocator's, not the model's
         model = build_model(cfg, world.world_size, world.device)
         peaks: list = [None] * world.world_size
-        torch.distributed.all_gather_object(peaks, peak_rss_bytes())
-        report.append({"config": spec, "peak_rss": peaks, "hashes": hashes(model, world.is_main)})
+        torch.distributed.all_gather_object(peaks, status_bytes("VmHWM") - before)
+        report.append({"config": spec, "rss_growth": peaks, "hashes": hashes(model, world.is_main)})
         del model
     if world.is_main:
         Path(out).write_text(json.dumps(report))
