@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/tiny.yaml
 ARGS ?=
 
-.PHONY: setup test data train eval compare lm-eval generate study tensorboard slurm slurm-array bench-attention bench-attention-cpu bench-attention-cost gpu-check check-gpu-compile lint format clean-venv
+.PHONY: setup test data train plan eval compare lm-eval generate study tensorboard slurm slurm-array bench-attention bench-attention-cpu bench-attention-cost gpu-check check-gpu-compile lint format clean-venv
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ data: setup
 # Train CONFIG (default: the tiny CPU config on the default corpus); ARGS: key=value overrides.
 train: setup data
 	$(PY) -m launch.train $(CONFIG) $(ARGS)
+
+# Memory and throughput plan of CONFIG before it is queued (ARGS: key=value overrides, --gpus N,
+# --device cpu, --mfu 0.4, --peak-tflops T). README "Planning".
+plan: setup
+	$(PY) -m launch.plan $(CONFIG) $(ARGS)
 
 # Extrapolation evaluation of RUN (a run, checkpoint or export; default runs/tiny, its newest
 # checkpoint); ARGS: key=value overrides, --step N, --all, --out DIR. README "Evaluation".
