@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from bench import median_seconds
+from launch.distributed import exit_process
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -188,4 +189,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

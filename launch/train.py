@@ -35,6 +35,7 @@ from launch.config import Config, ConfigError, load_config, sequence_parallel_pr
 from launch.distributed import (
     World,
     complete_environment,
+    exit_process,
     init_world,
     mean_over_ranks,
     sequence_parallel_group,
@@ -540,10 +541,8 @@ def main(argv: list[str]) -> int:
         return _failed(e, rank, EXIT_BAD_INPUT)
     world = init_world()
     code = _train(cfg, world, resume, hooks, stop)
-    # Every rank gets here (errors are shared before returning). Left to interpreter exit,
-    # gloo's threads can abort the process after the error was reported ("terminate called
-    # without an active exception", exit -6). Not on an exception: a rank still in a
-    # collective would keep the others waiting.
+    # Every rank gets here (errors are shared before returning). Not on an exception: a rank
+    # still in a collective would keep the others waiting.
     torch.distributed.destroy_process_group()
     return code
 
@@ -601,4 +600,4 @@ def _train(
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_process(main(sys.argv[1:]))

@@ -12,7 +12,7 @@ import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
 from launch.config import load_config
-from launch.distributed import complete_environment, init_world
+from launch.distributed import complete_environment, exit_process, init_world
 from launch.train import Trainer, resume_point
 
 
@@ -37,3 +37,4 @@ def main(out: str, config: str, *overrides: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    exit_process(0)

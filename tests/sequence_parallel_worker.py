@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.sequence_parallel import saved_for_backward
+from launch.distributed import exit_process
 from model import ModelConfig, Transformer
 from model.sequence_parallel import SequenceParallel
 
@@ -141,3 +142,4 @@ def main(mode: str, out: str, rest: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    exit_process(0)

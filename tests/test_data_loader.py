@@ -314,9 +314,11 @@ def test_mixture_follows_proportions_from_remote_streams(dataset, second_dataset
         state = loader.state_dict()
     assert_rows_are_windows(batches, stream_tokens(documents, orders), 37)
     cfg.streams[1].proportion = 3.0  # another mixture: its position would mean other documents
-    with build_train_loader(cfg, **SHAPE) as loader:
-        with pytest.raises(DatasetError, match="documents_per_epoch: saved"):
-            loader.load_state_dict(state)
+    with (
+        build_train_loader(cfg, **SHAPE) as loader,
+        pytest.raises(DatasetError, match="documents_per_epoch: saved"),
+    ):
+        loader.load_state_dict(state)
     # The streams were read as remotes: copied into the cache, their directories untouched.
     assert sorted(p.relative_to(second_dataset) for p in second_dataset.rglob("*")) == before
     assert list((tmp_path / "cache").rglob("*.mds"))

@@ -14,7 +14,7 @@ import deepspeed
 import torch
 
 from launch.config import load_config
-from launch.distributed import init_world
+from launch.distributed import exit_process, init_world
 from launch.engine import build_model, zero_init
 
 
@@ -71,3 +71,4 @@ def main(out: str, *configs: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    exit_process(0)
