@@ -1,25 +1,66 @@
-"""Input files to documents: paths, directories and globs to files; files to documents.
+"""Inputs to documents: paths, directories and globs to inputs; inputs to chunks of documents.
 
-A plain text file is one document (its exact UTF-8 text); a `.jsonl` file holds one document per
-non-blank line (a field of a JSON object); a `.parquet` file one per row (a string column).
+A plain text file is one document (its exact UTF-8 text); a `.jsonl` file (also `.jsonl.gz`,
+`.jsonl.zst`) holds one document per non-blank line (a field of a JSON object); a `.parquet`
+file one per row (a string column), and so does a directory written by `datasets`'
+`Dataset.save_to_disk` (read with `datasets.load_from_disk`, in row order; an optional
+dependency). An input is read as chunks of raw documents (`read_chunks`: file reading and
+decompression, cheap) that `decode_chunk` turns into text (UTF-8 and JSON decoding, the errors
+naming the file and line), so that the decoding can run in worker processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import gzip
 import hashlib
+import io
 import json
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 from data.manifest import DatasetError
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
 GLOB_CHARS = "*?["
+KINDS = {
+    ".jsonl": "jsonl",
+    ".jsonl.gz": "jsonl.gz",
+    ".jsonl.zst": "jsonl.zst",
+    ".parquet": "parquet",
+}
+SAVED_DATASET = ("state.json", "dataset_info.json")  # what Dataset.save_to_disk writes
+DATASET_DICT = "dataset_dict.json"  # what DatasetDict.save_to_disk writes
+TABLE_ROWS = 1024  # rows of a parquet file or saved dataset per chunk
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Consecutive raw documents of one input: `data` is a text file's bytes (kind "text"),
+    whole jsonl lines ("jsonl", the first of them line `start`) or the rows of a string column
+    ("table", the first of them row `start`); `size` is the input bytes they were read from."""
+
+    source: Path
+    kind: str
+    start: int
+    data: bytes | pa.Array
+    size: int
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of text it holds (about)."""
+        return len(self.data) if isinstance(self.data, bytes) else self.data.nbytes
 
 
 def resolve_inputs(inputs: Sequence[str]) -> list[Path]:
-    """The input files, in order: each path as given, each directory walked recursively (hidden
-    entries skipped) and each glob expanded, sorted; a file named twice is kept once."""
+    """The inputs, in order: each path as given, each directory walked recursively (hidden
+    entries skipped, a saved dataset in it one input) and each glob expanded, sorted; an input
+    named twice is kept once."""
     files: list[Path] = []
     for pattern in inputs:
         if any(c in pattern for c in GLOB_CHARS):
@@ -29,6 +70,8 @@ def resolve_inputs(inputs: Sequence[str]) -> list[Path]:
         else:
             raise DatasetError(f"input {pattern} does not exist")
         found = [f for m in matches for f in (_walk(m) if m.is_dir() else [m])]
+        saved = [f for f in found if f.is_dir()]  # a glob may match their files too: not inputs
+        found = [f for f in found if f.is_dir() or not any(f.is_relative_to(d) for d in saved)]
         if not found:
             raise DatasetError(f"no files matched input {pattern}")
         files += found
@@ -37,42 +80,116 @@ def resolve_inputs(inputs: Sequence[str]) -> list[Path]:
 
 
 def _walk(directory: Path) -> list[Path]:
+    """The files under `directory` and the saved datasets in it (directories), sorted (with
+    the saved datasets' own files, which resolve_inputs leaves out)."""
+    if _is_saved_dataset(directory):
+        return [directory]
     return sorted(
         p
         for p in directory.rglob("*")
-        if not p.is_dir()
-        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+        if not any(part.startswith(".") for part in p.relative_to(directory).parts)
+        and (not p.is_dir() or _is_saved_dataset(p))
     )
 
 
+def _is_saved_dataset(directory: Path) -> bool:
+    """Whether `directory` holds a `Dataset.save_to_disk`; a DatasetDict's is an error (which of
+    its splits to read is the user's choice)."""
+    if (directory / DATASET_DICT).is_file():
+        try:
+            splits = json.loads((directory / DATASET_DICT).read_text())["splits"]
+        except (OSError, ValueError, KeyError, TypeError):
+            splits = sorted(p.name for p in directory.iterdir() if p.is_dir())
+        example = directory / splits[0] if splits else directory / "SPLIT"
+        raise DatasetError(
+            f"{directory} is a datasets DatasetDict (splits: {', '.join(splits)}); pass the "
+            f"directory of the split to read, e.g. {example}"
+        )
+    return all((directory / name).is_file() for name in SAVED_DATASET)
+
+
+def _saved_dataset_files(directory: Path) -> list[Path]:
+    """The files `datasets.load_from_disk` reads: state.json, dataset_info.json and the data
+    files state.json lists (not cache files that `map` may have left beside them)."""
+    state = directory / SAVED_DATASET[0]
+    try:
+        names = [entry["filename"] for entry in json.loads(state.read_text())["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DatasetError(
+            f"{state} is not a datasets save_to_disk state ({e}); save the dataset again"
+        ) from None
+    return [directory / name for name in (*SAVED_DATASET, *names)]
+
+
 def file_kind(file: Path) -> str:
-    """How a file holds documents: "jsonl", "parquet" or "text" (the whole file)."""
-    return {".jsonl": "jsonl", ".parquet": "parquet"}.get(file.suffix, "text")
+    """How an input holds documents: "jsonl", "jsonl.gz", "jsonl.zst", "parquet", "dataset" (a
+    save_to_disk directory) or "text" (the whole file)."""
+    if file.is_dir():
+        return "dataset"
+    return next((kind for suffix, kind in KINDS.items() if file.name.endswith(suffix)), "text")
+
+
+def input_size(file: Path) -> int:
+    """The bytes of an input (a saved dataset's data files)."""
+    if file.is_dir():
+        return sum(f.stat().st_size for f in _saved_dataset_files(file)[len(SAVED_DATASET) :])
+    return file.stat().st_size
 
 
 def file_digest(files: Sequence[Path]) -> str:
-    """SHA-256 over the kind and bytes of every file, in order: what a dataset was built from."""
+    """SHA-256 over the kind and bytes of every input, in order (a saved dataset: the name and
+    bytes of each file it is read from): what a dataset was built from."""
     digest = hashlib.sha256()
     for file in files:
-        with _open(file) as f:
-            digest.update(file_kind(file).encode() + hashlib.file_digest(f, "sha256").digest())
+        digest.update(file_kind(file).encode())
+        if file.is_dir():
+            for part in _saved_dataset_files(file):
+                digest.update(part.name.encode() + _sha256(part))
+        else:
+            digest.update(_sha256(file))
     return digest.hexdigest()
 
 
-def read_documents(file: Path, text_field: str) -> Iterator[tuple[str, int]]:
-    """Each document of `file` with the number of input bytes it came from."""
+def _sha256(file: Path) -> bytes:
+    with _open(file) as f:
+        return hashlib.file_digest(f, "sha256").digest()
+
+
+def read_chunks(file: Path, text_field: str, chunk_bytes: int) -> Iterator[Chunk]:
+    """The documents of `file`, undecoded, in order, in chunks of about `chunk_bytes` or
+    TABLE_ROWS rows (a text file is one chunk)."""
     kind = file_kind(file)
-    if kind == "jsonl":
-        yield from _jsonl_documents(file, text_field)
-    elif kind == "parquet":
-        yield from _parquet_documents(file, text_field)
-    else:
+    if kind == "parquet":
+        yield from _parquet_chunks(file, text_field)
+    elif kind == "dataset":
+        yield from _saved_dataset_chunks(file, text_field)
+    elif kind == "text":
         with _open(file) as f:
             raw = f.read()
-        yield _decode(raw, file), len(raw)
+        yield Chunk(file, "text", 0, raw, len(raw))
+    else:
+        yield from _jsonl_chunks(file, kind, chunk_bytes)
 
 
-def _open(file: Path):
+def decode_chunk(chunk: Chunk, text_field: str) -> list[str]:
+    """The documents of a chunk as text; DatasetError naming the file and line or row of a bad
+    one."""
+    if chunk.kind == "text":
+        return [_decode(chunk.data, chunk.source)]
+    if chunk.kind == "table":
+        texts = chunk.data.to_pylist()
+        if chunk.data.null_count:
+            row = chunk.start + texts.index(None)
+            raise DatasetError(f"{chunk.source} row {row}: column {text_field!r} is null")
+        return texts
+    return [
+        _jsonl_text(raw, f"{chunk.source} line {number}", text_field)
+        for number, raw in enumerate(chunk.data.split(b"\n"), start=chunk.start)
+        if raw.strip()
+    ]
+
+
+def _open(file: Path) -> IO[bytes]:
     try:
         return open(file, "rb")
     except OSError as e:
@@ -90,28 +207,53 @@ def _decode(raw: bytes, where: object) -> str:
         ) from None
 
 
-def _jsonl_documents(file: Path, text_field: str) -> Iterator[tuple[str, int]]:
-    with _open(file) as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            where = f"{file} line {number}"
+def _jsonl_chunks(file: Path, kind: str, chunk_bytes: int) -> Iterator[Chunk]:
+    """Whole lines of a (compressed) jsonl file, about `chunk_bytes` of them at a time."""
+    with _open(file) as raw, _decompressed(raw, kind) as stream:
+        line, read = 1, 0
+        while True:
             try:
-                record = json.loads(_decode(raw, where))
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{where} is not valid JSON: {e}") from None
-            if not isinstance(record, dict) or text_field not in record:
-                keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-                raise DatasetError(
-                    f"{where} has no field {text_field!r} (found: {keys}); pass --text-field"
-                )
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise DatasetError(f"{where}: field {text_field!r} is not a string")
-            yield text, len(raw)
+                data = stream.read(chunk_bytes)
+                data += stream.readline()
+            except Exception as e:  # gzip, zlib and zstandard raise assorted errors on bad bytes
+                raise DatasetError(f"cannot read input {file} ({e}); fix or leave it out") from None
+            if not data:
+                return
+            yield Chunk(file, "jsonl", line, data, raw.tell() - read)
+            line += data.count(b"\n")
+            read = raw.tell()
 
 
-def _parquet_documents(file: Path, column: str) -> Iterator[tuple[str, int]]:
+def _decompressed(raw: IO[bytes], kind: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+    if kind == "jsonl.gz":
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if kind == "jsonl.zst":
+        import zstandard
+
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            raw, read_across_frames=True, closefd=False
+        )
+        return io.BufferedReader(reader)
+    return contextlib.nullcontext(raw)
+
+
+def _jsonl_text(raw: bytes, where: str, text_field: str) -> str:
+    try:
+        record = json.loads(_decode(raw, where))
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{where} is not valid JSON: {e}") from None
+    if not isinstance(record, dict) or text_field not in record:
+        keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+        raise DatasetError(
+            f"{where} has no field {text_field!r} (found: {keys}); pass --text-field"
+        )
+    text = record[text_field]
+    if not isinstance(text, str):
+        raise DatasetError(f"{where}: field {text_field!r} is not a string")
+    return text
+
+
+def _parquet_chunks(file: Path, column: str) -> Iterator[Chunk]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -127,12 +269,42 @@ def _parquet_documents(file: Path, column: str) -> Iterator[tuple[str, int]]:
     kind = table.schema_arrow.field(column).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise DatasetError(f"{file}: column {column!r} is not a string column")
-    rows = max(table.metadata.num_rows, 1)
-    size = file.stat().st_size
+    rows, size = max(table.metadata.num_rows, 1), file.stat().st_size
     row = 0
-    for batch in table.iter_batches(columns=[column], batch_size=1024):
-        for text in batch.column(0).to_pylist():
-            if text is None:
-                raise DatasetError(f"{file} row {row}: column {column!r} is null")
-            row += 1
-            yield text, size // rows
+    for batch in table.iter_batches(columns=[column], batch_size=TABLE_ROWS):
+        yield _table_chunk(file, row, [batch.column(0)], size * batch.num_rows // rows)
+        row += batch.num_rows
+
+
+def _saved_dataset_chunks(directory: Path, column: str) -> Iterator[Chunk]:
+    try:
+        import datasets
+    except ImportError:
+        raise DatasetError(
+            f"{directory} is a datasets save_to_disk directory: reading it needs the datasets "
+            f"package (pip install datasets)"
+        ) from None
+    try:
+        dataset = datasets.load_from_disk(str(directory))
+    except Exception as e:  # datasets and pyarrow raise assorted errors on damaged files
+        raise DatasetError(f"cannot read saved dataset {directory}: {e}") from None
+    if column not in dataset.column_names:
+        names = ", ".join(dataset.column_names)
+        raise DatasetError(
+            f"{directory} has no column {column!r} (columns: {names}); pass --text-field"
+        )
+    feature = dataset.features[column]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise DatasetError(f"{directory}: column {column!r} is not a string column")
+    rows, size = max(len(dataset), 1), input_size(directory)
+    batches = dataset.select_columns([column]).with_format("arrow").iter(batch_size=TABLE_ROWS)
+    for row, batch in zip(range(0, len(dataset), TABLE_ROWS), batches, strict=True):
+        yield _table_chunk(directory, row, batch.column(0).chunks, size * batch.num_rows // rows)
+
+
+def _table_chunk(source: Path, row: int, arrays: list[pa.Array], size: int) -> Chunk:
+    """A chunk of rows, copied out of the arrays they may be slices of (a pickled slice would
+    carry its whole parent)."""
+    import pyarrow as pa
+
+    return Chunk(source, "table", row, pa.concat_arrays(arrays), size)

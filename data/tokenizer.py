@@ -39,11 +39,26 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
+def tokenizer_path(path: str | Path) -> Path:
+    """The tokenizer.json file `path` names: itself, or the one in the directory `path` (a
+    dataset, an HF model); DatasetError when there is none."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / TOKENIZER_FILE).is_file():
+            raise DatasetError(
+                f"tokenizer directory {path} has no {TOKENIZER_FILE}; give a {TOKENIZER_FILE} "
+                f"file or a directory holding one"
+            )
+        return path / TOKENIZER_FILE
+    if not path.is_file():
+        raise DatasetError(f"tokenizer file {path} does not exist")
+    return path
+
+
 def read_tokenizer_file(file: str | Path) -> Tokenizer:
-    """A tokenizer from a tokenizer.json file, with a clear error when it is not one."""
-    file = Path(file)
-    if not file.is_file():
-        raise DatasetError(f"tokenizer file {file} does not exist")
+    """A tokenizer from a tokenizer.json file (or a directory holding one), with a clear error
+    when it is not one."""
+    file = tokenizer_path(file)
     try:
         return Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception for malformed files

@@ -4,6 +4,7 @@ an independent reader of packed batches, and a rank process for multi-rank loade
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -106,6 +107,15 @@ def build_dataset(tmp_path_factory, name: str = "corpus", **options) -> tuple[Pa
         prepare(corpus_inputs(root / "corpus"), root / "dataset", progress=False, **options)
         _BUILT[name] = (root / "dataset", documents)
     return _BUILT[name]
+
+
+def dataset_files(path: Path) -> dict[str, str]:
+    """Every file of a dataset directory, by relative path: the SHA-256 of its bytes."""
+    return {
+        f.relative_to(path).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(path.rglob("*"))
+        if f.is_file()
+    }
 
 
 def read_split(dataset: Path, split: str) -> list[np.ndarray]:

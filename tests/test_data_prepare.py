@@ -1,8 +1,11 @@
-"""data.prepare: exact round trip of real files, stable split, idempotence, clear errors on bad
-input, and never a half-written dataset at the output path."""
+"""data.prepare: exact round trip of real files, stable split, idempotence, the same bytes
+whatever --workers, every input format giving the same tokens, clear errors on bad input, and
+never a half-written dataset (nor a worker left running) at the output path."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import shutil
 import signal
@@ -10,15 +13,28 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
-from data_helpers import build_dataset, corpus_inputs, read_split, write_corpus
+import zstandard
+from data_helpers import (
+    TRICKY,
+    build_dataset,
+    corpus_inputs,
+    dataset_files,
+    read_split,
+    synthetic_documents,
+    write_corpus,
+)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+import data.prepare
+import data.sources
 from data.default_corpus import EXCLUDED_DIRS, default_corpus_files
-from data.manifest import DatasetError, read_manifest
+from data.manifest import SPLITS, DatasetError, read_manifest
 from data.prepare import main, prepare
 from data.sources import resolve_inputs
 from data.tokenizer import EOS_TOKEN, decode_document, load_tokenizer
@@ -83,9 +99,7 @@ def test_same_inputs_same_bytes_and_second_run_does_nothing(dataset, tmp_path):
     again = tmp_path / "again"
     options = dict(vocab_size=400, val_fraction=0.2, shard_size="8kb", progress=False)
     prepare(corpus_inputs(corpus), again, **options)
-    files = sorted(p.relative_to(path) for p in path.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
-    assert all((path / f).read_bytes() == (again / f).read_bytes() for f in files)
+    assert dataset_files(again) == dataset_files(path)
 
     stamp = (again / "dataset.json").stat().st_mtime_ns
     assert prepare(corpus_inputs(corpus), again, **options) == read_manifest(again)
@@ -152,6 +166,9 @@ def _bad_inputs(root: Path) -> dict[str, tuple[list[str], str]]:
 
     pq.write_table(pa.table({"body": ["x"]}), root / "col.parquet")
     (root / "fake.parquet").write_text("not parquet")
+    (root / "bad.jsonl.gz").write_bytes(gzip.compress((root / "bad.jsonl").read_bytes()))
+    (root / "bytes.jsonl.zst").write_bytes(zstandard.compress((root / "bytes.jsonl").read_bytes()))
+    (root / "fake.jsonl.gz").write_text('{"text": "not compressed"}\n')
     return {
         "glob": ([str(root / "*.nothing")], "no files matched"),
         "missing": ([str(root / "nope.txt")], "does not exist"),
@@ -163,6 +180,9 @@ def _bad_inputs(root: Path) -> dict[str, tuple[list[str], str]]:
         "jsonl utf-8": ([str(root / "bytes.jsonl")], "bytes.jsonl line 2 is not valid UTF-8"),
         "column": ([str(root / "col.parquet")], "no column 'text' .*body"),
         "parquet": ([str(root / "fake.parquet")], "cannot read parquet input"),
+        "gzip json": ([str(root / "bad.jsonl.gz")], "bad.jsonl.gz line 2 is not valid JSON"),
+        "zstd utf-8": ([str(root / "bytes.jsonl.zst")], "zst line 2 is not valid UTF-8"),
+        "gzip": ([str(root / "fake.jsonl.gz")], "cannot read input .*fake.jsonl.gz"),
     }
 
 
@@ -331,4 +351,181 @@ def test_a_signal_mid_build_leaves_no_partial_directory(tmp_path):
         time.sleep(0.01)
     build.send_signal(signal.SIGTERM)
     assert build.wait(timeout=60) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_workers_write_the_same_bytes_as_one(dataset, tmp_path, monkeypatch):
+    path, _ = dataset
+    corpus = path.parent / "corpus"
+    options = dict(vocab_size=400, val_fraction=0.2, shard_size="8kb", progress=False)
+    monkeypatch.setattr(data.prepare, "ENCODE_BATCH_BYTES", 8 << 10)  # several batches
+    batches = []
+
+    class CountingPool(ProcessPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):
+            batches.append(args[0])
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(data.prepare, "ProcessPoolExecutor", CountingPool)
+    prepare(corpus_inputs(corpus), tmp_path / "one", workers=1, **options)
+    assert not batches  # one worker: encoded in this process
+    prepare(corpus_inputs(corpus), tmp_path / "two", workers=2, **options)
+    assert len(batches) > 4  # and docs.jsonl was read in several chunks:
+    assert sum(chunk.source.name == "docs.jsonl" for batch in batches for chunk in batch) > 1
+    assert len(read_manifest(tmp_path / "one")["train"]["shard_tokens"]) > 1
+    assert dataset_files(tmp_path / "two") == dataset_files(tmp_path / "one")
+    assert dataset_files(path) == dataset_files(tmp_path / "one")  # the batch size no matter
+
+    # --workers is not what the dataset is: with others it is up to date.
+    stamp = (tmp_path / "one" / "dataset.json").stat().st_mtime_ns
+    prepare(corpus_inputs(corpus), tmp_path / "one", workers=3, **options)
+    assert (tmp_path / "one" / "dataset.json").stat().st_mtime_ns == stamp
+
+
+def _write_formats(root: Path, documents: list[str]) -> dict[str, list[str]]:
+    """The documents as .jsonl, .jsonl.gz, .jsonl.zst (two frames) and a save_to_disk
+    directory, given and found in a directory: --input arguments by name."""
+    import datasets
+
+    root.mkdir()
+    lines = "".join(json.dumps({"text": text}) + "\n" for text in documents).encode() + b"\n"
+    (root / "docs.jsonl").write_bytes(lines)
+    (root / "docs.jsonl.gz").write_bytes(gzip.compress(lines))
+    half = len(lines) // 2  # a frame ends mid-line
+    frames = zstandard.compress(lines[:half]) + zstandard.compress(lines[half:])
+    (root / "docs.jsonl.zst").write_bytes(frames)
+    saved = datasets.Dataset.from_dict({"id": list(range(len(documents))), "text": documents})
+    saved.save_to_disk(str(root / "holder" / "saved"))
+    names = ("docs.jsonl", "docs.jsonl.gz", "docs.jsonl.zst", "holder/saved", "holder")
+    return {name: [str(root / name)] for name in names}
+
+
+def test_compressed_and_saved_dataset_inputs_give_the_same_tokens(dataset, tmp_path, monkeypatch):
+    path, _ = dataset
+    monkeypatch.setattr(data.prepare, "ENCODE_BATCH_BYTES", 8 << 10)  # chunks span lines, frames
+    monkeypatch.setattr(data.sources, "TABLE_ROWS", 16)
+    documents = [*synthetic_documents(80, seed=3), *TRICKY.values(), "", "multi\nline ✓"]
+    inputs = _write_formats(tmp_path / "in", documents)
+    options = dict(tokenizer_file=path, val_fraction=0.3, shard_size="8kb", progress=False)
+    tokens = {}
+    for name, given in inputs.items():
+        manifest = prepare(given, tmp_path / name.replace("/", "_"), **options)
+        assert manifest["input_files"] == 1, name
+        tokens[name] = {s: read_split(tmp_path / name.replace("/", "_"), s) for s in SPLITS}
+    reference = tokens.pop("docs.jsonl")
+    assert reference["val"] and len(reference["train"]) + len(reference["val"]) == len(documents)
+    for name, splits in tokens.items():
+        for split in SPLITS:
+            assert len(splits[split]) == len(reference[split]), (name, split)
+            for got, expected in zip(splits[split], reference[split], strict=True):
+                np.testing.assert_array_equal(got, expected)
+    decoded = decoded_samples(tmp_path / "holder_saved")
+    assert Counter(decoded["train"] + decoded["val"]) == Counter(documents)
+
+    # The fingerprint covers the saved dataset's files: other rows are another dataset.
+    import datasets
+
+    shutil.rmtree(tmp_path / "in" / "holder" / "saved")
+    datasets.Dataset.from_dict({"text": documents[1:]}).save_to_disk(inputs["holder/saved"][0])
+    with pytest.raises(DatasetError, match="already holds a different dataset"):
+        prepare(inputs["holder/saved"], tmp_path / "holder_saved", **options)
+
+
+def test_saved_dataset_errors_are_clear(dataset, tmp_path, monkeypatch):
+    import datasets
+
+    path, _ = dataset
+    monkeypatch.setattr(data.sources, "TABLE_ROWS", 16)
+    options = dict(tokenizer_file=path, val_fraction=0.3, progress=False)
+    rows = datasets.Dataset.from_dict({"text": ["a row"] * 17 + [None], "n": list(range(18))})
+    rows.save_to_disk(str(tmp_path / "in" / "nulls"))
+    with pytest.raises(DatasetError, match=r"nulls row 17: column 'text' is null"):
+        prepare([str(tmp_path / "in" / "nulls")], tmp_path / "out", **options)
+    with pytest.raises(DatasetError, match=r"nulls has no column 'body' \(columns: text, n\)"):
+        prepare([str(tmp_path / "in" / "nulls")], tmp_path / "out", text_field="body", **options)
+    with pytest.raises(DatasetError, match="nulls: column 'n' is not a string column"):
+        prepare([str(tmp_path / "in" / "nulls")], tmp_path / "out", text_field="n", **options)
+
+    clean = datasets.Dataset.from_dict({"text": synthetic_documents(20, seed=4)})
+    splits = datasets.DatasetDict({"train": clean, "test": clean})
+    splits.save_to_disk(str(tmp_path / "in" / "splits"))
+    message = r"splits is a datasets DatasetDict \(splits: train, test\); pass the directory of "
+    for given in (tmp_path / "in" / "splits", tmp_path / "in"):  # given, or found in a walk
+        with pytest.raises(DatasetError, match=message + r"the split to read, e\.g\. .*train"):
+            prepare([str(given)], tmp_path / "out", **options)
+    prepare([str(tmp_path / "in" / "splits" / "test")], tmp_path / "out", **options)
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(DatasetError, match=r"needs the datasets package \(pip install datasets\)"):
+        prepare([str(tmp_path / "in" / "nulls")], tmp_path / "other", **options)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
+
+
+def test_tokenizer_can_be_a_directory_holding_one(dataset, tmp_path, capsys):
+    path, _ = dataset
+    real = [str(path.parent / "corpus" / "real")]
+    options = dict(val_fraction=0.3, progress=False)
+    built = prepare(real, tmp_path / "a", tokenizer_file=path, **options)
+    assert built["tokenizer_sha256"] == read_manifest(path)["tokenizer_sha256"]
+    stamp = (tmp_path / "a" / "dataset.json").stat().st_mtime_ns
+    assert prepare(real, tmp_path / "a", tokenizer_file=path / "tokenizer.json", **options) == built
+    assert (tmp_path / "a" / "dataset.json").stat().st_mtime_ns == stamp  # the same dataset
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"tokenizer directory .*empty has no tokenizer\.json"):
+        prepare(real, tmp_path / "b", tokenizer_file=tmp_path / "empty", **options)
+    args = ["--input", *real, "--output", str(tmp_path / "b"), "--tokenizer", str(tmp_path)]
+    assert main(args) == 2 and "has no tokenizer.json" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_bad_workers_is_a_one_line_error(dataset, tmp_path, capsys):
+    path, _ = dataset
+    real = [str(path.parent / "corpus" / "real")]
+    for bad in (0, -2):
+        with pytest.raises(DatasetError, match=f"--workers {bad} is not a number of processes"):
+            prepare(real, tmp_path / "a", vocab_size=300, workers=bad, progress=False)
+    assert main(["--input", *real, "--output", str(tmp_path / "a"), "--workers", "0"]) == 2
+    error = "error: --workers 0 is not a number of processes: give 1 or more\n"
+    assert capsys.readouterr().err == error
+    assert not (tmp_path / "a").exists()
+
+
+def _ready_workers(pid: int) -> list[psutil.Process]:
+    """The build's worker processes that are past their start (ignoring SIGINT)."""
+    ready = []
+    for child in psutil.Process(pid).children():
+        try:
+            status = Path(f"/proc/{child.pid}/status").read_text()
+            ignored = int(status.split("SigIgn:")[1].split()[0], 16)
+            if "spawn_main" in " ".join(child.cmdline()) and ignored & 1 << signal.SIGINT - 1:
+                ready.append(child)
+        except (OSError, psutil.Error):
+            pass  # ended meanwhile
+    return ready
+
+
+@pytest.mark.parametrize("ctrl_c", [False, True], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stop_while_workers_encode_ends_them_and_leaves_nothing(dataset, tmp_path, ctrl_c):
+    path, _ = dataset
+    inputs = [str(f) for f in default_corpus_files()]
+    options = ["--output", str(tmp_path / "out"), "--tokenizer", str(path), "--workers", "2"]
+    build = subprocess.Popen(
+        [sys.executable, "-m", "data.prepare", "--input", *inputs, *options, "--no-progress"],
+        cwd=Path(__file__).resolve().parents[1],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while len(workers := _ready_workers(build.pid)) < 2:
+        assert build.poll() is None and time.monotonic() < deadline, build.stderr.read()
+        time.sleep(0.01)
+    if ctrl_c:
+        os.killpg(build.pid, signal.SIGINT)  # what a terminal sends: the build and its workers
+    else:
+        build.send_signal(signal.SIGTERM)
+    expected = -signal.SIGINT if ctrl_c else 128 + signal.SIGTERM
+    assert build.wait(timeout=60) == expected, build.stderr.read()
+    assert psutil.wait_procs(workers, timeout=30)[1] == []  # none left running
     assert list(tmp_path.iterdir()) == []
