@@ -42,6 +42,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -382,6 +383,11 @@ def _encoding(
         # Handed out at once: the workers start while this process goes on (importing streaming).
         first = itertools.islice(batches, QUEUED_PER_WORKER * workers)
         yield _in_order(pool, batches, deque(_submit(pool, batch) for batch in first))
+    except BrokenProcessPool:
+        raise DatasetError(
+            "a worker process died (killed, or out of memory?); run again, with fewer --workers "
+            "if memory is short"
+        ) from None
     finally:
         pool.shutdown(cancel_futures=True)  # stopped or failed: the batches being encoded end
 

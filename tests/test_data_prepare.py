@@ -505,8 +505,8 @@ def _ready_workers(pid: int) -> list[psutil.Process]:
     return ready
 
 
-@pytest.mark.parametrize("ctrl_c", [False, True], ids=["SIGTERM", "Ctrl-C"])
-def test_a_stop_while_workers_encode_ends_them_and_leaves_nothing(dataset, tmp_path, ctrl_c):
+@pytest.mark.parametrize("stop", ["SIGTERM", "Ctrl-C", "a worker killed"])
+def test_a_stop_while_workers_encode_ends_them_and_leaves_nothing(dataset, tmp_path, stop):
     path, _ = dataset
     inputs = [str(f) for f in default_corpus_files()]
     options = ["--output", str(tmp_path / "out"), "--tokenizer", str(path), "--workers", "2"]
@@ -521,11 +521,15 @@ def test_a_stop_while_workers_encode_ends_them_and_leaves_nothing(dataset, tmp_p
     while len(workers := _ready_workers(build.pid)) < 2:
         assert build.poll() is None and time.monotonic() < deadline, build.stderr.read()
         time.sleep(0.01)
-    if ctrl_c:
+    if stop == "SIGTERM":
+        build.send_signal(signal.SIGTERM)
+    elif stop == "Ctrl-C":
         os.killpg(build.pid, signal.SIGINT)  # what a terminal sends: the build and its workers
     else:
-        build.send_signal(signal.SIGTERM)
-    expected = -signal.SIGINT if ctrl_c else 128 + signal.SIGTERM
+        workers[0].kill()  # the out-of-memory killer, say
+    expected = {"SIGTERM": 128 + signal.SIGTERM, "Ctrl-C": -signal.SIGINT}.get(stop, 2)
     assert build.wait(timeout=60) == expected, build.stderr.read()
+    if stop == "a worker killed":
+        assert "error: a worker process died" in build.stderr.read()
     assert psutil.wait_procs(workers, timeout=30)[1] == []  # none left running
     assert list(tmp_path.iterdir()) == []
