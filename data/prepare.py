@@ -6,12 +6,13 @@
 
 Inputs are files, directories (walked recursively, hidden entries skipped) and globs. A plain
 text file is one document; a line of a `.jsonl`, `.jsonl.gz` or `.jsonl.zst` file, a row of a
-`.parquet` file or of a `datasets` save_to_disk directory (needs `pip install datasets`) is one
-(its --text-field). With no --tokenizer (a tokenizer.json, or a directory holding one), a
-byte-level BPE tokenizer of --vocab-size tokens is trained on the documents. Each document
-becomes one MDS sample, column `tokens` = its ids + EOS (uint16 when the vocabulary fits, else
-uint32), in DIR/train or DIR/val by a hash of its text (a stable split); each split also keeps
-every document's token count (lengths.npy). Shards are zstd compressed with xxh64 checksums.
+`.parquet` file or of a `datasets` save_to_disk directory (one input, not walked; needs `pip
+install datasets`; of a DatasetDict, pass a split's directory) is one (its --text-field).
+With no --tokenizer (a tokenizer.json, or a directory holding one), a byte-level BPE tokenizer
+of --vocab-size tokens is trained on the documents. Each document becomes one MDS sample,
+column `tokens` = its ids + EOS (uint16 when the vocabulary fits, else uint32), in DIR/train or
+DIR/val by a hash of its text (a stable split); each split also keeps every document's token
+count (lengths.npy). Shards are zstd compressed with xxh64 checksums.
 
 --workers processes (default: the CPUs this process may use) decode and tokenize batches of
 documents, one core each; this process reads the inputs and writes the shards in input order,
