@@ -2,22 +2,34 @@
 the tiny model's training tokens/s measured in the same run.
 
     python -m bench.data [--train-steps N]
+    python -m bench.data --workers N
 
 prepare: the default corpus (the stdlib sources) built into a temporary directory, tokenizer
 training included. load: `build_train_loader` on that dataset at the tiny config's shape
 (16 x 128, boundaries packing, num_workers 0) and at 2 x 4096. train: plain PyTorch forward,
 backward and AdamW steps of the tiny model on 16 x 128 loader batches. The issue asks for a
 load / train ratio of at least 20. Prints a table and writes bench/results/data_<machine>.json.
+
+--workers N instead times `data.prepare --workers 1` and `--workers N` (the CLI, each in a fresh
+interpreter, one after the other) on a 20 MB jsonl of the stdlib's .py sources with a tokenizer
+trained beforehand on its first 2 MB (so both time reading, tokenizing and writing), checks that
+the two datasets are byte-identical, and writes bench/results/data_workers_<machine>.json: wall
+times, speedup, each run's CPU seconds in the main process and in its workers, and the load
+average before (timings on a busy machine are noise). The issue asks for a speedup of at least
+1.6 with 2 workers on 2 cores (80% of linear: required 0.8 N).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import os
 import platform
+import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -26,12 +38,25 @@ import torch
 
 from data.default_corpus import VAL_FRACTION, VOCAB_SIZE, default_corpus_files
 from data.loader import build_train_loader
-from data.prepare import prepare
+from data.manifest import read_manifest
+from data.prepare import DEFAULT_VOCAB_SIZE, prepare
+from data.tokenizer import train_tokenizer
 from launch.config import DataConfig, load_config
 from model import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_RATIO = 20
+WORKERS_CORPUS_BYTES = 20_000_000
+TOKENIZER_CORPUS_BYTES = 2_000_000
+PARALLEL_EFFICIENCY = 0.8  # the issue's 1.6x for 2 workers
+# data.prepare's CLI, reporting the CPU seconds of its main process and of its workers.
+PREPARE_CLI = """import json, resource, sys
+from data.prepare import main
+code = main(sys.argv[1:])
+own, workers = (resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+print(json.dumps([own.ru_utime + own.ru_stime, workers.ru_utime + workers.ru_stime]))
+sys.exit(code)
+"""
 
 
 def prepare_rate(out: Path) -> float:
@@ -73,10 +98,109 @@ def train_rate(cfg: DataConfig, steps: int, warmup: int = 3) -> float:
     return steps * 16 * 128 / (time.perf_counter() - start)
 
 
+def write_stdlib_jsonl(file: Path, limit: int) -> list[str]:
+    """A jsonl of the stdlib's UTF-8 .py sources (site-packages aside), sorted by path, up to
+    `limit` bytes of text; the documents."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    relative = (f.relative_to(stdlib) for f in stdlib.rglob("*.py"))
+    sources = sorted(
+        r.as_posix() for r in relative if not {"site-packages", "dist-packages"} & set(r.parts)
+    )
+    documents, size = [], 0
+    with file.open("w", encoding="utf-8") as out:
+        for source in sources:
+            try:
+                text = (stdlib / source).read_bytes().decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            out.write(json.dumps({"text": text}) + "\n")
+            documents.append(text)
+            size += len(text.encode())
+            if size >= limit:
+                break
+    return documents
+
+
+def timed_prepare(corpus: Path, tokenizer: Path, out: Path, workers: int) -> dict[str, float]:
+    """Wall seconds and CPU seconds (main process, workers) of one data.prepare CLI run."""
+    command = [sys.executable, "-c", PREPARE_CLI, "--input", str(corpus), "--output", str(out)]
+    command += ["--tokenizer", str(tokenizer), "--workers", str(workers), "--no-progress"]
+    start = time.perf_counter()
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if run.returncode != 0:
+        raise SystemExit(f"data.prepare --workers {workers} failed:\n{run.stderr}")
+    main_cpu, workers_cpu = json.loads(run.stdout.splitlines()[-1])
+    return {"wall_s": seconds, "main_cpu_s": main_cpu, "workers_cpu_s": workers_cpu}
+
+
+def file_hashes(directory: Path) -> dict[str, str]:
+    return {
+        f.relative_to(directory).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(directory.rglob("*"))
+        if f.is_file()
+    }
+
+
+def workers_main(workers: int) -> int:
+    """The --workers comparison (see the module doc)."""
+    load = os.getloadavg()[0]  # other work on the machine makes the timings noise
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "stdlib.jsonl"
+        documents = write_stdlib_jsonl(corpus, WORKERS_CORPUS_BYTES)
+        corpus_bytes = corpus.stat().st_size
+        sizes = itertools.accumulate(len(text.encode()) for text in documents)
+        sample = documents[: sum(size <= TOKENIZER_CORPUS_BYTES for size in sizes)]
+        tokenizer = Path(tmp) / "tokenizer.json"
+        train_tokenizer(sample, DEFAULT_VOCAB_SIZE).save(str(tokenizer))
+        runs = {n: timed_prepare(corpus, tokenizer, Path(tmp) / f"w{n}", n) for n in (1, workers)}
+        identical = file_hashes(Path(tmp) / "w1") == file_hashes(Path(tmp) / f"w{workers}")
+        manifest = read_manifest(Path(tmp) / "w1")
+    speedup = runs[1]["wall_s"] / runs[workers]["wall_s"]
+    required = PARALLEL_EFFICIENCY * workers
+    result = {
+        "machine": f"{platform.node()} ({os.cpu_count()} CPU cores, {platform.processor()})",
+        "torch": torch.__version__,
+        "load_average_before": load,
+        "corpus_bytes": corpus_bytes,
+        "documents": len(documents),
+        "tokens": manifest["train"]["tokens"] + manifest["val"]["tokens"],
+        "vocab_size": manifest["vocab_size"],
+        "workers": workers,
+        **{f"{key}_workers_{n}": value for n, run in runs.items() for key, value in run.items()},
+        "speedup": speedup,
+        "required_speedup": required,
+        "byte_identical": identical,
+    }
+    print(f"{'data.prepare':<24}{'wall s':>10}{'main CPU s':>12}{'workers CPU s':>15}")
+    for n, run in runs.items():
+        print(
+            f"{f'--workers {n}':<24}{run['wall_s']:>10.2f}{run['main_cpu_s']:>12.2f}"
+            f"{run['workers_cpu_s']:>15.2f}"
+        )
+    verdict = "ok" if speedup >= required else "TOO SLOW"
+    print(f"speedup: {speedup:.2f}x (required >= {required:.1f}x: {verdict}); ", end="")
+    print("outputs byte-identical" if identical else "OUTPUTS DIFFER")
+    out = ROOT / "bench" / "results" / f"data_workers_{platform.node()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return 0 if identical and speedup >= required else 1
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.data", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.data",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--train-steps", type=int, default=10)
+    parser.add_argument(
+        "--workers", type=int, metavar="N", help="time data.prepare --workers 1 against N instead"
+    )
     args = parser.parse_args(argv)
+    if args.workers is not None:
+        return workers_main(args.workers)
     torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:
         prepared = prepare_rate(Path(tmp) / "dataset")
