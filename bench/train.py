@@ -1,10 +1,14 @@
 """Training overhead: tokens/s of `launch.train` (DeepSpeed ZeRO-3, 1 rank) against a plain
 PyTorch loop over the same model, data and optimizer, both measured in this run.
 
-    python -m bench.train [CONFIG] [--steps N] [--warmup N]
+    python -m bench.train [CONFIG] [--steps N] [--warmup N] [--contention]
 
 Prints a table and writes bench/results/train_<machine>.json. The overhead ratio is plain
 tokens/s over launch.train tokens/s (the issue asks for at most 1.3 on the CPU).
+
+--contention: launch.train's tokens/s alone, then beside two CPU-bound `nice -n 19` processes
+in a session of their own (as another user's job runs on a shared machine), in
+bench/results/train_contention_<machine>.json (the issue asks for at least 0.5x).
 """
 
 from __future__ import annotations
@@ -14,10 +18,14 @@ import itertools
 import json
 import os
 import platform
+import shlex
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -86,19 +94,68 @@ def through_launch_train(config: str, steps: int, warmup: int) -> float:
     return tokens / seconds
 
 
+@contextmanager
+def busy_neighbours(count: int = 2) -> Iterator[None]:
+    """`count` CPU-bound `nice -n 19` processes in a new session during the block."""
+    loop = f"nice -n 19 {shlex.quote(sys.executable)} -c 'while True: pass'"
+    script = " & ".join([loop] * count) + " & wait"
+    shell = subprocess.Popen(["sh", "-c", script], start_new_session=True)
+    try:
+        time.sleep(1)  # running before the measurement starts
+        yield
+    finally:
+        os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait()
+
+
+def _machine() -> str:
+    return f"{platform.node()} ({os.cpu_count()} CPU cores, {platform.processor()})"
+
+
+def contention(config: str, steps: int, warmup: int) -> int:
+    """launch.train alone and beside two busy neighbours, in one run."""
+    alone = through_launch_train(config, steps, warmup)
+    with busy_neighbours(2):
+        beside = through_launch_train(config, steps, warmup)
+    result = {
+        "machine": _machine(),
+        "torch": torch.__version__,
+        "config": config,
+        "steps": steps,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "neighbours": "2 x nice -n 19 busy loop, own session",
+        "alone_tokens_per_s": alone,
+        "beside_tokens_per_s": beside,
+        "ratio": beside / alone,
+        "required_ratio": 0.5,
+    }
+    print(f"{'launch.train (1 rank)':<34}{'tokens/s':>12}")
+    print(f"{'alone':<34}{alone:>12.0f}")
+    print(f"{'beside two niced busy loops':<34}{beside:>12.0f}")
+    print(f"ratio: {beside / alone:.2f} (OMP_WAIT_POLICY={result['omp_wait_policy']})")
+    out = ROOT / "bench" / "results" / f"train_contention_{platform.node()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__)
     parser.add_argument("config", nargs="?", default="configs/tiny.yaml")
     parser.add_argument("--steps", type=int, default=60, help="a multiple of --warmup")
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--contention", action="store_true", help="alone and beside busy loops")
     args = parser.parse_args(argv)
+    if args.contention:
+        return contention(args.config, args.steps, args.warmup)
     # Plain, launch.train, plain again: the mean of the two plain runs brackets machine drift.
     plain = [plain_loop(args.config, args.steps, args.warmup)]
     deepspeed = through_launch_train(args.config, args.steps, args.warmup)
     plain.append(plain_loop(args.config, args.steps, args.warmup))
     baseline = sum(plain) / 2
     result = {
-        "machine": f"{platform.node()} ({os.cpu_count()} CPU cores, {platform.processor()})",
+        "machine": _machine(),
         "torch": torch.__version__,
         "config": args.config,
         "steps": args.steps,

@@ -28,6 +28,21 @@ from model import ModelConfig, Transformer
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
 
 
+@pytest.mark.parametrize(("given", "spin_count"), [(None, "0"), ("ACTIVE", "30000000000")])
+def test_launch_sets_a_passive_openmp_wait_unless_the_environment_chose(given, spin_count):
+    """libgomp as torch loads it under launch.train (its verbose environment display): passive
+    (no spinning at the end of parallel regions) by default, the user's policy when set."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["OMP_DISPLAY_ENV"] = "verbose"
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    done = subprocess.run(
+        [sys.executable, "-c", "import launch.train"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"GOMP_SPINCOUNT = '{spin_count}'" in done.stderr
+
+
 @pytest.mark.parametrize(
     ("nodelist", "hosts"),
     [
