@@ -85,7 +85,7 @@ MAX_VOCAB_SIZE = 1 << 20  # the tokenizer trainer allocates by the vocabulary si
 ENCODE_BATCH_BYTES = 1 << 20  # input handed to a worker at once (a text file may be more)
 SIZE_UNITS = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}
 MAX_SHARD_SIZE = 1 << 32  # MDS shards index their samples with 32-bit offsets
-QUEUED_PER_WORKER = 2  # batches handed out per worker: one encoding, one waiting
+QUEUED_PER_WORKER = 8  # batches handed out per worker: seconds of work, while streaming imports
 # Encoded batches: every document's ids + EOS, concatenated; its token count; whether in val.
 Encoded = tuple[np.ndarray, np.ndarray, np.ndarray]
 
