@@ -27,7 +27,6 @@ import hashlib
 import itertools
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -39,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from bench import machine, write_result
 from data.default_corpus import VAL_FRACTION, VOCAB_SIZE, default_corpus_files
 from data.loader import build_train_loader
 from data.manifest import read_manifest
@@ -170,7 +170,7 @@ def workers_main(workers: int, repeats: int) -> int:
     speedup = statistics.median(speedups)
     required = PARALLEL_EFFICIENCY * workers
     result = {
-        "machine": f"{platform.node()} ({os.cpu_count()} CPU cores, {platform.processor()})",
+        "machine": machine(),
         "torch": torch.__version__,
         "load_average_before": load,
         "corpus_bytes": corpus_bytes,
@@ -199,10 +199,7 @@ def workers_main(workers: int, repeats: int) -> int:
     pairs = ", ".join(f"{x:.2f}" for x in speedups)
     print(f"speedup: {speedup:.2f}x, the median of {pairs} (required >= {required:.1f}x: ", end="")
     print(f"{verdict}); " + ("outputs byte-identical" if identical else "OUTPUTS DIFFER"))
-    out = ROOT / "bench" / "results" / f"data_workers_{platform.node()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_result("data_workers", result)
     return 0 if identical and speedup >= required else 1
 
 
@@ -229,7 +226,7 @@ def main(argv: list[str]) -> int:
         train = train_rate(cfg, args.train_steps)
     ratio = load / train
     result = {
-        "machine": f"{platform.node()} ({os.cpu_count()} CPU cores, {platform.processor()})",
+        "machine": machine(),
         "torch": torch.__version__,
         "prepare_tokens_per_s": prepared,
         "load_tokens_per_s_16x128": load,
@@ -245,10 +242,7 @@ def main(argv: list[str]) -> int:
     print(f"{'train tiny model 16 x 128':<36}{train:>14,.0f}")
     verdict = "ok" if ratio >= REQUIRED_RATIO else "TOO SLOW"
     print(f"load / train: {ratio:,.0f}x (required >= {REQUIRED_RATIO}x: {verdict})")
-    out = ROOT / "bench" / "results" / f"data_{platform.node()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_result("data", result)
     return 0 if ratio >= REQUIRED_RATIO else 1
 
 

@@ -17,7 +17,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import shlex
 import signal
 import subprocess
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from bench import machine, write_result
 from data.loader import build_train_loader
 from launch.config import load_config
 from launch.engine import lr_multiplier, parameter_groups
@@ -108,17 +108,13 @@ def busy_neighbours(count: int = 2) -> Iterator[None]:
         shell.wait()
 
 
-def _machine() -> str:
-    return f"{platform.node()} ({os.cpu_count()} CPU cores, {platform.processor()})"
-
-
 def contention(config: str, steps: int, warmup: int) -> int:
     """launch.train alone and beside two busy neighbours, in one run."""
     alone = through_launch_train(config, steps, warmup)
     with busy_neighbours(2):
         beside = through_launch_train(config, steps, warmup)
     result = {
-        "machine": _machine(),
+        "machine": machine(),
         "torch": torch.__version__,
         "config": config,
         "steps": steps,
@@ -133,10 +129,7 @@ def contention(config: str, steps: int, warmup: int) -> int:
     print(f"{'alone':<34}{alone:>12.0f}")
     print(f"{'beside two niced busy loops':<34}{beside:>12.0f}")
     print(f"ratio: {beside / alone:.2f} (OMP_WAIT_POLICY={result['omp_wait_policy']})")
-    out = ROOT / "bench" / "results" / f"train_contention_{platform.node()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_result("train_contention", result)
     return 0
 
 
@@ -155,7 +148,7 @@ def main(argv: list[str]) -> int:
     plain.append(plain_loop(args.config, args.steps, args.warmup))
     baseline = sum(plain) / 2
     result = {
-        "machine": _machine(),
+        "machine": machine(),
         "torch": torch.__version__,
         "config": args.config,
         "steps": args.steps,
@@ -167,10 +160,7 @@ def main(argv: list[str]) -> int:
     print(f"{'plain PyTorch loop':<28}{baseline:>12.0f}")
     print(f"{'launch.train (ZeRO-3)':<28}{deepspeed:>12.0f}")
     print(f"overhead ratio (plain / launch.train): {result['overhead_ratio']:.3f}")
-    out = ROOT / "bench" / "results" / f"train_{platform.node()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_result("train", result)
     return 0
 
 
