@@ -176,11 +176,13 @@ def documents_per_epoch(sources: list[StreamSource]) -> list[int] | None:
     return [max(1, round(n)) for n in shares * tokens.sum() / (tokens / documents)]
 
 
-def _streaming_dataset(sources: list[StreamSource], directory: Path, seed: int) -> StreamingDataset:
+def _streaming_dataset(
+    sources: list[StreamSource], choose: list[int] | None, directory: Path, seed: int
+) -> StreamingDataset:
     """The StreamingDataset of the streams, cached under `directory`: it supplies each epoch's
-    documents of every stream (`documents_per_epoch`, drawn anew each epoch) in a shuffled global
-    order, checksums and reading; not its iteration."""
-    choose = documents_per_epoch(sources) or [None] * len(sources)
+    documents of every stream (`choose`, from `documents_per_epoch`, drawn anew each epoch; None:
+    all of them) in a shuffled global order, checksums and reading; not its iteration."""
+    choose = choose or [None] * len(sources)
     return StreamingDataset(
         streams=[
             Stream(remote=s.location, local=str(directory / f"stream-{i}"), choose=n)
@@ -211,6 +213,7 @@ def build_train_loader(
         raise DatasetError(f"seed {seed} must be >= 0 (streaming's shuffle seed)")
     info = rank_info()
     main, sources = resolve_streams(data_cfg)
+    mixture = documents_per_epoch(sources)
     key = hashlib.sha256(
         json.dumps([(s.location, s.manifest["fingerprint"]) for s in sources]).encode()
     ).hexdigest()[:16]
@@ -224,7 +227,7 @@ def build_train_loader(
         slots = gather(slot and str(slot.directory), info)
         directory = Path(slots[info.node * info.local_world_size])
         with streaming_setup_lock() if info.local_rank == 0 else nullcontext():
-            dataset = _streaming_dataset(sources, directory, seed)
+            dataset = _streaming_dataset(sources, mixture, directory, seed)
     except BaseException:
         if slot is not None:
             slot.release()
@@ -253,7 +256,7 @@ def build_train_loader(
             "streams": key,
             "seed": seed,
             "seq_len": seq_len,
-            "documents_per_epoch": documents_per_epoch(sources),  # the mixture
+            "documents_per_epoch": mixture,
         },
         slot=slot,
     )
