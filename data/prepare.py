@@ -86,6 +86,9 @@ ENCODE_BATCH_BYTES = 1 << 20  # input handed to a worker at once (a text file ma
 SIZE_UNITS = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}
 MAX_SHARD_SIZE = 1 << 32  # MDS shards index their samples with 32-bit offsets
 QUEUED_PER_WORKER = 8  # batches handed out per worker: seconds of work, while streaming imports
+# Workers run this much nicer than the main process, whose serial work (importing streaming
+# first) every batch waits for: on 2 cores it keeps one (bench.data --workers 2: 1.40x, now 1.58x).
+WORKER_NICENESS = 10
 # Encoded batches: every document's ids + EOS, concatenated; its token count; whether in val.
 Encoded = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -334,10 +337,11 @@ _WORKER_ENCODER: _Encoder | None = None  # a worker process's, set by _start_wor
 
 
 def _start_worker(*encoder_args: Any) -> None:
-    """A worker process: one core (no tokenizers threads); Ctrl-C is the main process's to
-    handle (it ends the workers)."""
+    """A worker process: one core (no tokenizers threads), yielding to the main process
+    (WORKER_NICENESS); Ctrl-C is the main process's to handle (it ends the workers)."""
     global _WORKER_ENCODER
     os.environ.update(TOKENIZERS_PARALLELISM="false", RAYON_NUM_THREADS="1")
+    os.nice(WORKER_NICENESS)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER_ENCODER = _Encoder(*encoder_args)
 

@@ -35,7 +35,7 @@ import data.prepare
 import data.sources
 from data.default_corpus import EXCLUDED_DIRS, default_corpus_files
 from data.manifest import SPLITS, DatasetError, read_manifest
-from data.prepare import main, prepare
+from data.prepare import WORKER_NICENESS, main, prepare
 from data.sources import resolve_inputs
 from data.tokenizer import EOS_TOKEN, decode_document, load_tokenizer
 
@@ -490,7 +490,7 @@ def test_bad_workers_is_a_one_line_error(dataset, tmp_path, capsys):
 
 
 def _ready_workers(pid: int) -> list[psutil.Process]:
-    """The build's worker processes that are past their start (ignoring SIGINT)."""
+    """The build's worker processes that are past their start (niced, ignoring SIGINT)."""
     ready = []
     for child in psutil.Process(pid).children():
         try:
@@ -519,6 +519,9 @@ def test_a_stop_while_workers_encode_ends_them_and_leaves_nothing(dataset, tmp_p
     while len(workers := _ready_workers(build.pid)) < 2:
         assert build.poll() is None and time.monotonic() < deadline, build.stderr.read()
         time.sleep(0.01)
+    # They yield the CPU to the main process (nice caps at 19).
+    niceness = min(19, psutil.Process(build.pid).nice() + WORKER_NICENESS)
+    assert [worker.nice() for worker in workers] == [niceness, niceness]
     if stop == "SIGTERM":
         build.send_signal(signal.SIGTERM)
     elif stop == "Ctrl-C":
