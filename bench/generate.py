@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import sys
 from pathlib import Path
 
 import torch
 
-from bench import median_seconds
+from bench import median_seconds, write_result
 from launch.config import load_config
 from launch.hf import to_hf
 from model import Transformer
@@ -89,9 +88,7 @@ def main(argv: list[str]) -> int:
     print(f"{'model':10} {'full forward':>14} {'cached step':>13} {'speed-up':>9}")
     for name, row in result["models"].items():
         print(f"{name:10} {row['full_s']:13.4f}s {row['cached_s']:12.5f}s {row['speedup']:8.1f}x")
-    out = ROOT / "bench" / "results" / f"generate_{platform.node()}.json"
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_result("generate", result)
     return 0 if all(r["speedup"] >= REQUIRED_SPEEDUP for r in result["models"].values()) else 1
 
 
