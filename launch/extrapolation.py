@@ -11,7 +11,11 @@ At every evaluation length L (`eval.lengths`; L_train = data.seq_len, the traine
   mixing window w(eps), the fewest nearest keys holding 1 - eps of that mass; the far mass, the
   mean mass beyond distance L_train of the queries that have keys that far; the mean entropy;
 - passkey retrieval accuracy at each depth (`launch.passkey`);
-- for schemes with a distance bias, its theoretical receptive field (`model.receptive_field`).
+- for schemes with a distance bias, its theoretical receptive field (`model.receptive_field`);
+- once, for schemes with learned rotations, how far they have drifted from RoPE
+  (`evaluation.rotation_drift`: per layer and pair, the median over key/value heads of the
+  static part's and of the data-dependent part's departure relative to theta_p) on the text of
+  the first `eval.diagnostic_windows` windows cut at the trained length.
 
 A length whose estimated memory does not fit, or that runs out of memory, is skipped and the
 reason recorded. With several ranks every rank runs `Extrapolation.run` on its share of the
@@ -39,6 +43,7 @@ from tqdm import tqdm
 from data.manifest import read_manifest
 from data.tokenizer import load_tokenizer
 from data.validation import validation_windows
+from evaluation.rotation_drift import drift_scalars, has_learned_rotations, rotation_drift
 from kernels.diagnostics import PATH_UNSUPPORTED, attention_statistics
 from launch.config import Config, ConfigError
 from launch.distributed import World
@@ -49,6 +54,7 @@ from model.receptive_field import converges, log_terms, receptive_field, recepti
 log = logging.getLogger("rotalibi")
 
 HEAD_ELEMENTS = 2**24  # logits computed at once: [batch, positions, vocab] elements
+DRIFT_HOST_BYTES = 2**30  # the layer inputs the rotation drift holds on the host at once
 
 Gathered = Callable[[list[torch.nn.Parameter]], AbstractContextManager]
 
@@ -405,6 +411,64 @@ class Extrapolation:
             )
         return result
 
+    def rotation_drift(self, held_out: Tensor | None, extra_bytes: int) -> dict:
+        """`evaluation.rotation_drift` on the first eval.diagnostic_windows held-out windows cut
+        at the trained length (the text of the attention diagnostics there), as JSON. Every rank
+        runs the same windows. SkipLength when the held-out text has no window that long."""
+        length = self.train_length
+        windows = self._windows(held_out, length)
+        per_held_out = windows.shape[0] // held_out.shape[0]
+        count = min(self.cfg.eval.diagnostic_windows, held_out.shape[0]) * per_held_out
+        cfg = self.model.cfg
+        element = self.model.embed.weight.element_size()
+        host = cfg.n_layers * length * cfg.d_model * element  # the inputs of one sequence
+        batch = self._batch_size(length, False, extra_bytes)
+        batch = min(batch, max(1, DRIFT_HOST_BYTES // host))
+        tokens = windows[:count, :-1]
+        found = rotation_drift(
+            self.model,
+            (tokens[i : i + batch].to(self.device) for i in range(0, count, batch)),
+            forward=self.forward,
+            gathered=self.gathered,
+        )
+        return {
+            "length": length,
+            "windows": count,
+            "tokens": found["tokens"],
+            "std": "population",
+            "theta": _rounded(found["theta"]),
+            "static": _rounded(found["static"]),
+            "spread": _rounded(found["spread"]),
+        }
+
+    def _drift(self, results: dict, held_out: Tensor | None, extra_bytes: int) -> None:
+        """results["rotation_drift"] (null without learned rotations, the reason in
+        "unavailable"; left out, the reason in "skipped", when it cannot run)."""
+        if not has_learned_rotations(self.scheme):
+            results["rotation_drift"] = None
+            results["unavailable"]["rotation_drift"] = (
+                f"{self.scheme} has no learned rotation increments"
+            )
+            return
+        try:
+            drift = self.rotation_drift(held_out, extra_bytes)
+        except SkipLength as e:
+            results["skipped"]["rotation_drift"] = str(e)
+            log.warning("eval: no rotation drift: %s", e)
+            return
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not _is_out_of_memory(e) or self.world.world_size > 1:
+                raise
+            results["skipped"]["rotation_drift"] = f"out of memory: {str(e).splitlines()[0]}"
+            log.warning("eval: the rotation drift ran out of memory, skipped")
+            return
+        results["rotation_drift"] = drift
+        log.info(
+            "eval: rotation drift from RoPE at length %d, largest over layers and pairs "
+            "(median over heads, relative to theta_p): static %.3g, spread %.3g",
+            drift["length"], max(map(max, drift["static"])), max(map(max, drift["spread"])),
+        )  # fmt: skip
+
     @property
     def _eps(self) -> list[float]:
         return list(self.cfg.eval.mixing_eps)
@@ -448,6 +512,7 @@ class Extrapolation:
                 f"{self.scheme} has no distance bias (the TRF is a property of one)"
             )
         extra = gathered_bytes(self.model) if self.world.world_size > 1 else 0
+        self._drift(results, held_out, extra)
         bar = tqdm(self.lengths, desc="eval", unit="length", disable=not self.world.is_main)
         for length in bar:
             bar.set_postfix(length=length)
@@ -492,10 +557,12 @@ class Extrapolation:
 
 
 def scalars(results: dict) -> dict[str, float]:
-    """The TensorBoard scalars of one evaluation: extrap/ppl@L, extrap/ppl_beyond@L and the
-    mean passkey accuracy extrap/passkey@L."""
+    """The TensorBoard scalars of one evaluation: extrap/ppl@L, extrap/ppl_beyond@L, the
+    mean passkey accuracy extrap/passkey@L and, with learned rotations, per layer the largest
+    drift over pairs extrap/rotation_static@layer<i> and extrap/rotation_spread@layer<i>."""
     found = {f"extrap/ppl@{n}": v for n, v in results["ppl"].items()}
     found.update({f"extrap/ppl_beyond@{n}": v for n, v in results["ppl_beyond"].items()})
     for n, by_depth in results["passkey"].items():
         found[f"extrap/passkey@{n}"] = sum(by_depth.values()) / len(by_depth)
+    found.update(drift_scalars(results.get("rotation_drift")))
     return found
