@@ -72,9 +72,29 @@ def _head_summary(per_layer_head: list[list[float | None]]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def drift_pairs(pairs: int) -> list[int]:
+    """The pairs the study reports the rotation drift at: p = 0, P/4, P/2, 3P/4, P-1."""
+    return sorted({0, pairs // 4, pairs // 2, 3 * pairs // 4, pairs - 1})
+
+
+def _drift_summary(drift: dict | None) -> dict | None:
+    """The rotation drift (launch.extrapolation's `rotation_drift`) at `drift_pairs`."""
+    if not drift:
+        return None
+    pairs = drift_pairs(len(drift["theta"]))
+    at_pairs = lambda per_layer: [[values[p] for p in pairs] for values in per_layer]  # noqa: E731
+    return {
+        "pairs": pairs,
+        "theta": [drift["theta"][p] for p in pairs],
+        "static": at_pairs(drift["static"]),
+        "spread": at_pairs(drift["spread"]),
+    }
+
+
 def summarise(results: list[dict]) -> dict:
     """Per scheme: perplexity by length (all positions and beyond L_train; mean and spread
-    over seeds), its ratio to the trained length's, and the first seed's diagnostics."""
+    over seeds), its ratio to the trained length's, and the first seed's diagnostics and
+    (learned rotations) rotation drift at a few pairs."""
     schemes: dict[str, list[dict]] = {}
     for r in results:
         schemes.setdefault(r["scheme"], []).append(r)
@@ -94,6 +114,7 @@ def summarise(results: list[dict]) -> dict:
             for n, by_eps in first.get("mixing_window", {}).items()
         }
         entry["far_mass"] = {n: _head_summary(v) for n, v in first.get("far_mass", {}).items()}
+        entry["rotation_drift"] = _drift_summary(first.get("rotation_drift"))
         entry["unavailable"] = first.get("unavailable", {})
         summary[scheme] = entry
     return summary
@@ -133,6 +154,46 @@ def _diagnostics_table(summary: dict, lengths: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _drift_table(summary: dict) -> str:
+    """Per scheme with learned rotations and layer: static drift / spread at a few pairs (one
+    table per set of pairs; empty without such schemes)."""
+    groups: dict[tuple, list[str]] = {}
+    for scheme, entry in summary.items():
+        drift = entry.get("rotation_drift")
+        if drift:
+            groups.setdefault(tuple(drift["pairs"]), []).append(scheme)
+    tables = []
+    for pairs, schemes in groups.items():
+        header = ["scheme", "layer", *[f"p = {p}" for p in pairs]]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for scheme in schemes:
+            drift = summary[scheme]["rotation_drift"]
+            for layer, (static, spread) in enumerate(
+                zip(drift["static"], drift["spread"], strict=True)
+            ):
+                cells = [f"{a:.3g} / {b:.3g}" for a, b in zip(static, spread, strict=True)]
+                lines.append("| " + " | ".join([scheme, str(layer), *cells]) + " |")
+        tables.append("\n".join(lines) + "\n")
+    return "\n".join(tables)
+
+
+def _drift_section(summary: dict) -> list[str]:
+    table = _drift_table(summary)
+    if not table:
+        return []
+    return [
+        "## Drift of the learned rotations from RoPE (first seed; median over key/value heads)",
+        "",
+        "Each cell, per layer and pair p (theta_p: RoPE's frequency, p = 0 the highest): "
+        "static drift / spread. Static drift: `|s_p - theta_p| / theta_p`, s_p the angle "
+        "increment at x = 0; spread: the standard deviation of the data-dependent part of the "
+        "increment over the held-out tokens at the trained length, over theta_p. Both are 0 at "
+        "initialisation; 1 is a change by RoPE's whole angle per token.",
+        "",
+        table,
+    ]
+
+
 def report(summary: dict, machine: dict) -> str:
     """results.md: the perplexity tables and the diagnostics behind them."""
     lengths = sorted({n for e in summary.values() for n in e["ppl"]}, key=int)
@@ -161,6 +222,7 @@ def report(summary: dict, machine: dict) -> str:
             "mass: the attention mass on keys beyond the trained length.",
             "",
             _diagnostics_table(summary, lengths),
+            *_drift_section(summary),
         ]
     )
 

@@ -73,7 +73,38 @@ def test_summary_averages_seeds_and_takes_ratios_to_the_trained_length():
     assert "| rope | 11.0 ± 1.0 | 35.0 ± 5.0 |" in markdown
     assert "| alibi | 11.0 | 11.0 |" in markdown
     assert "| rope | 1.00 | 3.17 |" in markdown  # the ratio table
+    assert summary["rope"]["rotation_drift"] is None
+    assert "Drift of the learned rotations" not in markdown  # no scheme has any
     json.dumps(summary)  # summary.json
+
+
+def test_summary_reports_the_rotation_drift_at_five_pairs_of_the_schemes_that_have_it():
+    theta = [10000 ** (-p / 8) for p in range(8)]  # P = 8 pairs
+    drift = {
+        "length": 128,
+        "windows": 1,
+        "tokens": 128,
+        "std": "population",
+        "theta": theta,
+        "static": [[0.0] * 8, [float(p) for p in range(8)]],  # [layer][pair]
+        "spread": [[0.5] * 8, [100.0 + p for p in range(8)]],
+    }
+    hybrid = {**_result("hybrid", "hybrid", {128: 10.0}), "rotation_drift": drift}
+    seed = {**_result("hybrid", "hybrid_seed1", {128: 10.0}), "rotation_drift": None}
+    summary = summarise([hybrid, seed, _result("alibi", "alibi", {128: 11.0})])
+    assert summary["hybrid"]["rotation_drift"] == {  # the first seed's
+        "pairs": [0, 2, 4, 6, 7],
+        "theta": [theta[p] for p in (0, 2, 4, 6, 7)],
+        "static": [[0.0] * 5, [0.0, 2.0, 4.0, 6.0, 7.0]],
+        "spread": [[0.5] * 5, [100.0, 102.0, 104.0, 106.0, 107.0]],
+    }
+    assert summary["alibi"]["rotation_drift"] is None
+    markdown = report(summary, {"machine": "test", "hours": 1.0})
+    assert "| scheme | layer | p = 0 | p = 2 | p = 4 | p = 6 | p = 7 |" in markdown
+    assert "| hybrid | 0 | 0 / 0.5 | 0 / 0.5 | 0 / 0.5 | 0 / 0.5 | 0 / 0.5 |" in markdown
+    assert "| hybrid | 1 | 0 / 100 | 2 / 102 | 4 / 104 | 6 / 106 | 7 / 107 |" in markdown
+    assert "| alibi | 0" not in markdown
+    json.dumps(summary)
 
 
 def test_recorded_time_sums_each_interval_of_tokens_at_its_rate_and_the_evaluation(tmp_path):
