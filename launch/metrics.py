@@ -256,7 +256,14 @@ class MetricsLogger:
     is sent once (a run that died after its last checkpoint keeps, in those trackers, what it
     sent of the steps after it), and values of metrics.jsonl a tracker lacks (a tracker added
     at a resume) are sent first. metrics.jsonl and TensorBoard drop the dead run's records
-    after the checkpoint resumed from: the resumed run writes them again."""
+    after the checkpoint resumed from: the resumed run writes them again.
+
+    A tracker that fails while the run trains (in `log` or `close`: a store turned read-only
+    or full, a server gone) costs the run nothing: one warning names it and the error, and
+    it is dropped, never called again (a broken store's calls may fail slowly, after their
+    retries); metrics.jsonl and the other trackers go on. trackers.json keeps what it did
+    receive, so a resumed run sends it what it lacks up to the checkpoint. A tracker that
+    cannot start fails the constructor (the run stops before training)."""
 
     def __init__(
         self,
@@ -280,6 +287,7 @@ class MetricsLogger:
             write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
             self.jsonl = path.open("a")
         self.trackers: dict[str, Tracker] = {}
+        self.dropped: dict[str, str] = {}  # name: the error that dropped it
         if "tensorboard" in loggers:
             self.trackers["tensorboard"] = TensorBoardTracker(
                 run_dir / "tb", purge_after=start_step
@@ -302,16 +310,39 @@ class MetricsLogger:
         )
 
     def _send(self, name: str, step: int, values: dict[str, float], figures: dict) -> None:
-        """What tracker `name` has not got yet of this step's values and figures."""
+        """What tracker `name` has not got yet of this step's values and figures; what it got
+        is recorded once it has taken it."""
         last = self.state[name]["last_step"] if name in self.state else None
         if last is not None:
             values = {k: v for k, v in values.items() if last.get(k, 0) < step}
             figures = {k: v for k, v in figures.items() if last.get(k, 0) < step}
-            last.update(dict.fromkeys([*values, *figures], step))
         if values:
             self.trackers[name].scalars(step, values)
+            if last is not None:
+                last.update(dict.fromkeys(values, step))
         for tag, figure in figures.items():
             self.trackers[name].figure(tag, figure, step)
+            if last is not None:
+                last[tag] = step
+
+    def _drop(self, name: str, error: Exception, step: int | None) -> None:
+        """Warn once that tracker `name` failed (at `step`, or closing: None), and send it
+        nothing more."""
+        del self.trackers[name]
+        message = str(error).strip().splitlines()
+        reason = f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
+        self.dropped[name] = reason
+        if step is None:
+            log.warning("train.loggers: %s failed closing (%s); ignored", name, reason)
+            return
+        kept = ["metrics.jsonl"] * (self.jsonl is not None) + list(self.trackers)
+        log.warning(
+            "train.loggers: %s failed at step %d (%s); it is dropped, the run goes on%s",
+            name,
+            step,
+            reason,
+            f" ({', '.join(kept)} still record it)" if kept else "",
+        )
 
     def _save_state(self) -> None:
         if self.state:
@@ -326,8 +357,11 @@ class MetricsLogger:
         if self.jsonl is not None:
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
-        for name in self.trackers:
-            self._send(name, step, scalars_of(record), figures)
+        for name in list(self.trackers):
+            try:
+                self._send(name, step, scalars_of(record), figures)
+            except Exception as e:  # the trackers' own errors, whatever their types
+                self._drop(name, e, step)
         self._save_state()
 
     def advance(self, steps: int, loss: float, lr: float) -> None:
@@ -338,5 +372,8 @@ class MetricsLogger:
         self.progress.close()
         if self.jsonl is not None:
             self.jsonl.close()
-        for tracker in self.trackers.values():
-            tracker.close(exit_code)
+        for name, tracker in list(self.trackers.items()):
+            try:
+                tracker.close(exit_code)
+            except Exception as e:  # the trackers' own errors, whatever their types
+                self._drop(name, e, None)
