@@ -52,10 +52,14 @@ TASKS ?= rotalibi_heldout
 lm-eval: setup
 	$(PY) -m evaluation.harness $(RUN) --tasks $(TASKS) $(ARGS)
 
-# Sample text from RUN's newest checkpoint: PROMPT (handed over in the environment, never
-# through the shell's parser), ARGS: --max-new-tokens N, --temperature T, --top-p P, --seed S.
+# Sample text from RUN's newest checkpoint: PROMPT, byte for byte, ARGS: --max-new-tokens N,
+# --temperature T, --top-p P, --seed S. The prompt is never parsed: make does not expand it
+# ($(value ...); PROMPT itself is not exported, which would expand it) and the shell reads it
+# from the environment. Make drops the leading blanks of a PROMPT given on its command line:
+# give such a prompt in the environment (PROMPT='  x' make generate).
 PROMPT ?= def
-generate: export ROTALIBI_PROMPT = $(PROMPT)
+unexport PROMPT
+generate: export ROTALIBI_PROMPT = $(value PROMPT)
 generate: setup
 	$(PY) -m launch.generate $(RUN) --prompt "$$ROTALIBI_PROMPT" $(ARGS)
 
