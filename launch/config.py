@@ -12,7 +12,7 @@ import difflib
 import math
 import re
 import sys
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -395,7 +395,7 @@ def file_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[DictConfi
         raise ConfigError(
             f"{path} holds a {type(raw).__name__}, not a mapping of sections (run:, model:, ...)"
         )
-    _refuse_interpolations(raw, str(path))
+    raw = _plain_values(raw, str(path))
     base = raw.pop("base", None)
     if base is not None and not isinstance(base, str):
         raise ConfigError(f"{path}: 'base' is {base!r}; give one YAML file's path, relative to it")
@@ -403,20 +403,28 @@ def file_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[DictConfi
     return [*layers, (OmegaConf.create(raw), str(path))]
 
 
-def _refuse_interpolations(value: Any, origin: str) -> None:
-    """OmegaConf would resolve `${...}` (environment variables, other keys, resolvers): a config
-    says what it means in plain values."""
+SHELL_LINES = ("slurm", "setup")  # their ${...} are the shell's, written as they are
+
+
+def _plain_values(value: Any, origin: str, path: tuple[str, ...] = ()) -> Any:
+    """`value` (at config key `path`) for OmegaConf, which would resolve `${...}` (environment
+    variables, other keys, resolvers): a config says what it means in plain values, so an
+    interpolation is refused; in slurm.setup's shell lines `${...}` is the shell's, escaped
+    for OmegaConf to keep as written."""
     if isinstance(value, dict):
-        for item in value.values():
-            _refuse_interpolations(item, origin)
-    elif isinstance(value, list):
-        for item in value:
-            _refuse_interpolations(item, origin)
-    elif isinstance(value, str) and "${" in value:
+        return {k: _plain_values(v, origin, (*path, str(k))) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_values(item, origin, path) for item in value]
+    if isinstance(value, str) and "${" in value:
+        if path[: len(SHELL_LINES)] == SHELL_LINES:
+            # OmegaConf reads 2k+1 backslashes before `${` as k backslashes and a literal
+            # `${`: each run of backslashes before `${` is doubled, plus one.
+            return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
         raise ConfigError(
             f"{origin}: {value!r} is an interpolation (${{...}}), which configs do not take; "
-            "write the value itself"
+            "write the value itself (only slurm.setup's shell lines keep ${...}, for the shell)"
         )
+    return value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -438,7 +446,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
                 f"override {item!r}: the value is not valid YAML "
                 f"({getattr(e, 'problem', e)}); e.g. eval.lengths=[128,256]"
             ) from None
-        _refuse_interpolations(value, f"override {item!r}")
+        value = _plain_values(value, f"override {item!r}", tuple(key.strip().split(".")))
         layer = OmegaConf.create()
         OmegaConf.update(layer, key.strip(), value, merge=True)
         merged = _merge(merged, layer, f"override {item!r}")
@@ -446,7 +454,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """OmegaConf.to_yaml's text of `cfg`, dumped from the dataclasses: OmegaConf would read a
+    slurm.setup line's `${...}` (the shell's) as its own interpolation."""
+    from omegaconf._utils import get_omega_conf_dumper
+
+    return yaml.dump(
+        asdict(cfg),
+        default_flow_style=False,
+        allow_unicode=True,
+        sort_keys=False,
+        Dumper=get_omega_conf_dumper(),
+    )
 
 
 def main(argv: list[str]) -> int:

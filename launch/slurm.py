@@ -36,6 +36,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import unicodedata
 from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
@@ -80,9 +81,10 @@ class SlurmError(ValueError):
 
 def time_limit_seconds(text: str) -> int | None:
     """SLURM's time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in seconds; None: unlimited."""
-    if text.strip().upper() in ("UNLIMITED", "INFINITE"):
+    if text.upper() in ("UNLIMITED", "INFINITE"):
         return None
-    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    # Exactly as written (no strip): this text is what the batch script gets.
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text, flags=re.ASCII)
     if match is None:
         raise SlurmError(
             f"time limit {text!r} is not in a SLURM format: minutes, MM:SS, HH:MM:SS, D-HH, "
@@ -138,6 +140,47 @@ def script_value_problem(what: str, value: str, rule: tuple[str, str]) -> str | 
     return f"{what} is {value!r}; it goes into the batch script, so use {description}"
 
 
+def control_characters(value: str, allowed: str = "") -> list[str]:
+    """The control characters (newline, carriage return, escape, ...) in `value`, less those
+    `allowed`, as they would be typed in Python."""
+    found = {c for c in value if unicodedata.category(c) == "Cc" and c not in allowed}
+    return sorted(repr(c)[1:-1] for c in found)
+
+
+def control_character_problem(what: str, value: str, allowed: str = "") -> str | None:
+    """Why `value` may not be written into a batch script as `what`: a control character (a
+    newline would end a line of the script early, the rest becoming another line)."""
+    if found := control_characters(value, allowed):
+        return (
+            f"{what} is {value!r}; it goes into the batch script, so use no control "
+            f"characters (it has {', '.join(found)})"
+        )
+    return None
+
+
+def check_script_arguments(what: str, arguments: list[str]) -> None:
+    """Arguments written (quoted) into the batch script's command line."""
+    problems = [
+        problem for argument in arguments if (problem := control_character_problem(what, argument))
+    ]
+    if problems:
+        raise SlurmError("; ".join(problems))
+
+
+def _written_fields(slurm: SlurmConfig) -> dict[str, list[str]]:
+    """Every text of the slurm section, by key: written into the batch script as it is."""
+    texts = {}
+    for f in fields(SlurmConfig):
+        value = getattr(slurm, f.name)
+        if isinstance(value, dict):
+            texts[f.name] = [str(x) for item in value.items() for x in item]
+        elif isinstance(value, list):
+            texts[f.name] = [str(x) for x in value]
+        elif isinstance(value, str):
+            texts[f.name] = [value]
+    return texts
+
+
 def check_script_paths(**paths: Path) -> None:
     """Paths written into the batch script (working directory, run directories, targets)."""
     problems = [
@@ -152,8 +195,21 @@ def check_script_paths(**paths: Path) -> None:
 def check_slurm(slurm: SlurmConfig) -> None:
     """Raise SlurmError listing every problem of a slurm section that sbatch would trip over."""
     problems = []
+    # No control character in any text that the script gets (the keys with a character set
+    # of their own are checked against it below): setup lines (shell) may hold tabs.
+    garbled = set()
+    for key, texts in _written_fields(slurm).items():
+        if key in SCRIPT_FIELDS:
+            continue
+        allowed = "\t" if key == "setup" else ""
+        for text in texts:
+            if problem := control_character_problem(f"'slurm.{key}'", text, allowed):
+                problems.append(problem)
+                garbled.add(key)
     limits = {}
     for key in TIME_KEYS:
+        if key in garbled:
+            continue
         try:
             limits[key] = time_limit_seconds(getattr(slurm, key))
         except SlurmError as e:
@@ -181,7 +237,7 @@ def check_slurm(slurm: SlurmConfig) -> None:
             problem := script_value_problem(f"'slurm.{key}'", str(value), rule)
         ):
             problems.append(problem)
-    for line in slurm.extra_sbatch:
+    for line in slurm.extra_sbatch if "extra_sbatch" not in garbled else ():
         if not _sbatch_option(line).startswith("-"):
             problems.append(
                 f"'slurm.extra_sbatch' entry {line!r} is not an sbatch option (e.g. --exclusive)"
@@ -240,7 +296,15 @@ def _header(
         "--open-mode=append",  # a requeued job appends to its first attempt's log
         "--requeue",
     ]
-    return [f"#SBATCH {option}" for option in options]
+    return [_sbatch_line(option) for option in options]
+
+
+def _sbatch_line(option: str) -> str:
+    """An `#SBATCH` line, checked as written: one option of printable characters, no space (a
+    newline in it would end sbatch's reading of options: those after it would be lost)."""
+    if not re.fullmatch(r"--[A-Za-z][A-Za-z0-9-]*(=[!-~]+)?", option):
+        raise SlurmError(f"{option!r} cannot be an #SBATCH line: one --option[=value], printable")
+    return f"#SBATCH {option}"
 
 
 def _environment(slurm: SlurmConfig) -> list[str]:
@@ -331,8 +395,8 @@ def _train_script(
         output=output,
         array_size=len(runs) if array else None,
     )
-    header.append(f"#SBATCH --signal=B:USR1@{slurm.signal_lead_s}")
-    header += [f"#SBATCH {_sbatch_option(line)}" for line in slurm.extra_sbatch]
+    header.append(_sbatch_line(f"--signal=B:USR1@{slurm.signal_lead_s}"))
+    header += [_sbatch_line(_sbatch_option(line)) for line in slurm.extra_sbatch]
     srun = [
         "srun",
         f"--ntasks-per-node={tasks}",
@@ -449,7 +513,7 @@ def render_eval_script(
         workdir=workdir,
         output=str(run_dir / "logs" / "eval-%j.out"),
     )
-    header += [f"#SBATCH {_sbatch_option(line)}" for line in slurm.extra_sbatch]
+    header += [_sbatch_line(_sbatch_option(line)) for line in slurm.extra_sbatch]
     command = [python, "-m", "launch.evaluate", str(target), *arguments]
     lines = [
         "#!/bin/bash",
@@ -675,6 +739,7 @@ def submit_evaluation(
     check_slurm(cfg.slurm)
     check_script_paths(working_directory=workdir, evaluation_target=target)
     arguments = evaluation_overrides + options
+    check_script_arguments("launch.evaluate's argument", arguments)
     script = render_eval_script(
         cfg, target=target, run_dir=run_dir, arguments=arguments, workdir=workdir
     )

@@ -742,3 +742,134 @@ def test_long_context_config_renders_and_sequence_groups_must_fit_the_job(
         "(slurm.nodes x tasks per node)"
     ), err
     assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------- written as checked
+
+
+def header_is_whole(script: str) -> bool:
+    """sbatch reads #SBATCH lines up to the first other line that is not blank or a comment:
+    every option must come before it."""
+    lines = script.splitlines()
+    first_command = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
+    return not any(line.startswith("#SBATCH") for line in lines[first_command:])
+
+
+# A newline first (or anywhere): after `#SBATCH --time=` a bare line `24:00:00` would end the
+# options (partition, chdir, output, requeue and signal lost); in a shell line, another command.
+WRITTEN_FIELDS = [
+    ('slurm.time="\\n24:00:00"', "'slurm.time'"),
+    ('slurm.time=" \\nUNLIMITED"', "'slurm.time'"),
+    ('slurm.time="24:00:00\\n"', "'slurm.time'"),
+    ("slurm.time=' 24:00:00'", "'slurm.time'"),  # written as given, so checked as given
+    ('slurm.eval_time="\\n04:00:00"', "'slurm.eval_time'"),
+    ('slurm.eval_time=" \\nUNLIMITED"', "'slurm.eval_time'"),
+    *((f'slurm.{key}="\\nx1"', f"'slurm.{key}'") for key in ("partition", "account", "qos")),
+    *((f'slurm.{key}="\\nx1"', f"'slurm.{key}'") for key in ("constraint", "job_name")),
+    ('slurm.mem="\\n4G"', "'slurm.mem'"),
+    ('slurm.output="\\nlogs/%j.out"', "'slurm.output'"),
+    ('slurm.extra_sbatch=["\\n--exclusive"]', "'slurm.extra_sbatch'"),
+    ('slurm.extra_sbatch=["--exclusive\\r"]', "'slurm.extra_sbatch'"),
+    ('slurm.setup=["\\nmodule load cuda"]', "'slurm.setup'"),
+    ('slurm.setup=["module load cuda\\rrm -rf x"]', "'slurm.setup'"),
+    ('slurm.setup=["echo \\u001b[2J"]', "'slurm.setup'"),  # an escape sequence
+    ('slurm.env={NCCL_DEBUG: "\\nINFO"}', "'slurm.env'"),
+    ('slurm.env={"NCCL_DEBUG\\n": INFO}', "'slurm.env'"),
+    ('run.name="\\ntiny"', "'run.name'"),
+]
+
+
+@pytest.mark.parametrize(("override", "named"), WRITTEN_FIELDS)
+def test_every_written_field_is_checked_exactly_as_written(
+    override, named, tmp_path, capsys, monkeypatch
+):
+    """No control character reaches the batch script, in any field, and a value is written
+    exactly as it was checked (nothing stripped in between)."""
+    monkeypatch.chdir(tmp_path)
+    assert main([str(TINY), "slurm.gpus_per_node=0", override, "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no script
+    assert named in captured.err
+    run_dir = make_run_dir(tmp_path, ["slurm.gpus_per_node=0"])
+    if "slurm." in override:  # the evaluation job takes the same slurm section
+        assert main(["--eval", str(run_dir), override, "--dry-run"]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and named in captured.err
+
+
+def test_evaluation_arguments_take_no_control_characters(tmp_path, capsys, monkeypatch):
+    run_dir = make_run_dir(tmp_path, ["slurm.gpus_per_node=0"])
+    monkeypatch.chdir(tmp_path)
+    for args in (["eval.lengths=[64,\n128]"], ["--", "--out=a\nb"]):
+        assert main(["--eval", str(run_dir), "--dry-run", *args]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and "launch.evaluate's argument is" in captured.err
+        assert "no control characters" in captured.err
+
+
+def test_written_values_render_as_checked(tmp_path, capsys, monkeypatch):
+    """The values that pass are written unchanged, and the options stay one block."""
+    config = write_config(tmp_path / "big.yaml", CLUSTER_4X8)
+    for time_limit in ("UNLIMITED", "1-12:00:00", "90"):
+        script = render(
+            [str(config), f"slurm.time={time_limit}", 'slurm.setup=["\\tmodule load cuda"]'],
+            tmp_path,
+            capsys,
+            monkeypatch,
+        )
+        assert f"--time={time_limit}" in sbatch_options(script) and header_is_whole(script)
+        assert "\n\tmodule load cuda\n" in script  # a tab in a shell line is shell's whitespace
+        assert sbatch_options(script)[-3:] == [
+            "--signal=B:USR1@600",
+            "--exclusive",
+            "--mail-type=END",
+        ]
+    run_dir = make_run_dir(tmp_path, ["slurm.gpus_per_node=0", "slurm.eval_time=UNLIMITED"])
+    script = render(["--eval", str(run_dir)], tmp_path, capsys, monkeypatch)
+    assert "--time=UNLIMITED" in sbatch_options(script) and header_is_whole(script)
+    for text in ("\n24:00:00", " \nUNLIMITED", "24:00:00 ", "１０"):  # fullwidth digits
+        with pytest.raises(SlurmError, match="not in a SLURM format"):
+            time_limit_seconds(text)
+
+
+SHELL_SETUP = [
+    "source ${HOME}/venv/bin/activate",
+    'echo "job ${SLURM_JOB_ID:-none} in ${PWD##*/}"',
+    "echo \\${HOME} is literal",  # the shell's own escape, kept too
+    "echo ${",  # not an interpolation OmegaConf could even parse
+]
+
+
+def test_setup_lines_keep_shell_variables(tmp_path, capsys, monkeypatch):
+    """slurm.setup lines are shell, written as they are: their ${...} are the shell's. Elsewhere
+    an interpolation is refused as before, in a file or an override."""
+    config = write_config(tmp_path / "shell.yaml", {"slurm": {"setup": SHELL_SETUP}})
+    script = render([str(config), "slurm.gpus_per_node=0"], tmp_path, capsys, monkeypatch)
+    lines = script.splitlines()
+    start = lines.index("# slurm.setup")
+    assert lines[start + 1 : start + 1 + len(SHELL_SETUP)] == SHELL_SETUP
+    # The job's own copy of the config (what launch.train reads) keeps them too.
+    override = 'slurm.setup=["cd ${TMPDIR}"]'
+    snapshot = to_yaml(load_config(config, [override]))
+    copy = tmp_path / "copy.yaml"
+    copy.write_text(snapshot)
+    assert load_config(copy).slurm.setup == ["cd ${TMPDIR}"]
+    assert to_yaml(load_config(copy)) == snapshot
+    # The shell expands them.
+    bash = subprocess.run(
+        ["bash", "-c", "\n".join(SHELL_SETUP[1:3])],
+        env={"PATH": os.environ["PATH"], "HOME": "/home/me", "SLURM_JOB_ID": "7"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert bash.stdout.splitlines() == [f"job 7 in {tmp_path.name}", "${HOME} is literal"]
+    # Anywhere else ${...} stays refused (OmegaConf would resolve it).
+    monkeypatch.chdir(tmp_path)
+    for other in ("run.name=${HOME}", "slurm.env={A: '${HOME}'}", "slurm.partition=${oc.env:U}"):
+        assert main([str(config), other, "--dry-run"]) == 2
+        assert "is an interpolation" in capsys.readouterr().err
+    bad = write_config(tmp_path / "bad.yaml", {"slurm": {"setup": [], "job_name": "${HOME}"}})
+    assert main([str(bad), "--dry-run"]) == 2
+    assert "'${HOME}' is an interpolation" in capsys.readouterr().err
