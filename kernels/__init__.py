@@ -3,10 +3,11 @@
 `attention` and `accumulate_angles` are the dispatch points the model calls. On CUDA they run
 the Triton kernels of `kernels.hybrid` (imported on first use) for the schemes those serve:
 rotations with or without the values, ALiBi or no bias, a sliding window, packed documents.
-Everywhere else (the CPU; xPos decay, PaTH transport and non-ALiBi bias tables on CUDA too) they
-run the blockwise PyTorch paths (`kernels.blockwise`, `kernels.path`, `kernels.angles`). Both
-the fused kernel and the blockwise path skip, for ALiBi heads, the key blocks beyond the reach
-`kernels.alibi_reach` proves negligible (skip_eps). No forward pass materialises a T x T
+Everywhere else (the CPU; xPos decay, PaTH transport, forget gates and non-ALiBi bias tables on
+CUDA too) they run the blockwise PyTorch paths (`kernels.blockwise`, `kernels.path`,
+`kernels.angles`). Both the fused kernel and the blockwise path skip, for ALiBi heads (and the
+blockwise path for forget gates), the key blocks beyond the reach `kernels.alibi_reach` proves
+negligible (skip_eps). No forward pass materialises a T x T
 matrix, and no backward saves one: each recomputes its steps (`kernels.path` for PaTH's).
 """
 
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from kernels import angles as _angles
-from kernels.alibi_reach import alibi_reach
+from kernels.alibi_reach import alibi_reach, gate_reach
 from kernels.angles import document_positions, rotate
 from kernels.blockwise import blockwise_attention
 from kernels.path import path_attention
@@ -83,11 +84,13 @@ def fused_serves(
     bias: Tensor | None = None,
     decay: Tensor | None = None,
     transport: tuple[Tensor, Tensor] | None = None,
+    gate: Tensor | None = None,
 ) -> bool:
     """Whether `attention` runs this call on the fused Triton kernel: a device in
-    FUSED_DEVICES, no xPos decay or PaTH transport, no bias or a constant `AlibiTable`, and a
-    head dim and dtype the kernel has (`kernels.hybrid.attention.HEAD_DIMS`, `DTYPES`)."""
-    if q.device.type not in FUSED_DEVICES or decay is not None or transport is not None:
+    FUSED_DEVICES, no xPos decay, PaTH transport or forget gate, no bias or a constant
+    `AlibiTable`, and a head dim and dtype the kernel has (`kernels.hybrid.attention.HEAD_DIMS`,
+    `DTYPES`)."""
+    if q.device.type not in FUSED_DEVICES or any(x is not None for x in (decay, transport, gate)):
         return False
     if bias is not None and not (isinstance(bias, AlibiTable) and not bias.requires_grad):
         return False
@@ -107,6 +110,7 @@ def attention(
     window: int | None = None,
     decay: Tensor | None = None,
     transport: tuple[Tensor, Tensor] | None = None,
+    gate: Tensor | None = None,
     doc_ids: Tensor | None = None,
     scale: float | None = None,
     skip_eps: float = 0.0,
@@ -120,13 +124,15 @@ def attention(
     bias [HQ, >=T]: additive logit bias indexed by distance i - j.
     window: attend only to i - j < window. decay [D/2]: xPos per-pair log-decay per token.
     transport (w [B, T, H, D], beta [B, T, H]): PaTH Householder transport of the keys.
+    gate [B, T, HQ]: cumulative log forget gates F (FoX): F_i - F_j is added to logit_ij.
     doc_ids [B, T]: packed documents; no token attends across a boundary.
-    skip_eps: with an `AlibiTable` bias (no decay, no PaTH transport), skip the key blocks
-        that move the output by at most skip_eps x max|v| (`kernels.alibi_reach`); 0: none.
+    skip_eps: with an `AlibiTable` bias or a forget gate (no decay, no PaTH transport), skip
+        the key blocks that move the output by at most skip_eps x max|v|
+        (`kernels.alibi_reach`); 0: none.
     block: the blockwise path's tile (the fused kernel picks its own).
     """
     check_mechanisms(angles, decay, transport)
-    if fused_serves(q, k, v, bias=bias, decay=decay, transport=transport):
+    if fused_serves(q, k, v, bias=bias, decay=decay, transport=transport, gate=gate):
         from kernels.hybrid import document_bounds, fused_attention
 
         starts, ends = (None, None) if doc_ids is None else document_bounds(doc_ids)
@@ -140,13 +146,16 @@ def attention(
         if rotate_values:
             v = rotate(v, angles)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    common = dict(scale=scale, bias=bias, window=window, doc_ids=doc_ids, block=block)
+    common = dict(scale=scale, bias=bias, gate=gate, window=window, doc_ids=doc_ids, block=block)
     if transport is not None:
         o = path_attention(q, k, v, *transport, **common)
     else:
         reach = None
-        if skip_eps > 0 and isinstance(bias, AlibiTable) and decay is None:
-            reach = alibi_reach(q, k, bias.slopes, scale, skip_eps)
+        if skip_eps > 0 and decay is None:
+            if gate is not None and bias is None:
+                reach = gate_reach(q, k, gate, scale, skip_eps)
+            elif gate is None and isinstance(bias, AlibiTable):
+                reach = alibi_reach(q, k, bias.slopes, scale, skip_eps)
         o = blockwise_attention(q, k, v, decay=decay, reach=reach, **common)
     if angles is not None and rotate_values:
         o = rotate(o, -angles)

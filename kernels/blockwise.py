@@ -49,6 +49,7 @@ class DiagonalSweep:
         bias: Tensor | None,
         window: int | None,
         reach: Tensor | None = None,
+        gate: Tensor | None = None,
     ):
         B, T, HQ, D = q.shape
         H = k.shape[2]
@@ -63,6 +64,9 @@ class DiagonalSweep:
         if order != list(range(H)):
             self.order = torch.tensor(order, device=q.device)
         self.bias = None if bias is None else self.reorder_heads(bias.to(dtype).view(H, G, -1), 0)
+        self.gate_anchor = self.gate_local = None
+        if gate is not None:
+            self._split_gate(gate)
         local = torch.arange(block, device=q.device)
         self.local = local[:, None] - local[None, :]  # i - j inside a pair of blocks
         self.doc = None
@@ -74,6 +78,25 @@ class DiagonalSweep:
         self.max = torch.full(shape, torch.finfo(dtype).min, dtype=dtype, device=q.device)
         self.sum = torch.zeros(shape, dtype=dtype, device=q.device)
         self.acc = torch.zeros((*shape, D), dtype=dtype, device=q.device)
+
+    def _split_gate(self, gate: Tensor) -> None:
+        """Cumulative log forget gates F [B, T, HQ] as per-block anchors A_c = F at the block's
+        first token (float64) and offsets F - A_c within blocks (score dtype): F_i - F_j is
+        then (A_c - A_c') + (F_i - A_c) - (F_j - A_c'), each term small or exact, so the far
+        pairs of a long sequence lose no precision to F's magnitude."""
+        B, T, _ = gate.shape
+        gate = self.reorder_heads(gate.double(), 2)
+        tail = gate[:, -1:].expand(B, self.n * self.block - T, -1)  # padding: finite, unseen
+        blocks = torch.cat((gate, tail), dim=1).view(B, self.n, self.block, -1)
+        blocks = blocks.permute(0, 3, 1, 2).reshape(B, -1, self.groups, self.n, self.block)
+        self.gate_anchor = blocks[..., 0]  # [B, H, G, n]
+        self.gate_local = (blocks - self.gate_anchor[..., None]).to(self.dtype)
+
+    def gate_gradient(self, dgate: Tensor, gate: Tensor) -> Tensor:
+        """d F [B, T, HQ], in `gate`'s dtype and head order, from `score_gradients`' blocks."""
+        B, H, G, n, block = dgate.shape
+        flat = dgate.reshape(B, H * G, n * block).transpose(1, 2)[:, : self.length]
+        return self.reorder_heads(flat, 2, back=True).to(gate.dtype)
 
     def _steps_needed(self, H: int, window: int | None, reach: Tensor | None) -> list[int]:
         """Per key/value head: how many steps hold a key at distance < min(window, reach).
@@ -134,6 +157,11 @@ class DiagonalSweep:
         if self.bias is not None:
             table = self.bias[h0:, :, dist.clamp(0, self.bias.shape[-1] - 1)]
             scores.add_(table[:, :, None])
+        if self.gate_local is not None:  # F_i - F_j
+            anchors, local = self.gate_anchor[:, h0:], self.gate_local[:, h0:]
+            across = (anchors[..., s:] - anchors[..., : self.n - s]).to(scores.dtype)
+            scores.add_(across[..., None, None] + local[..., s:, :, None])
+            scores.sub_(local[..., : self.n - s, None, :])
         keep = None
         if s == 0:
             keep = dist >= 0
@@ -187,11 +215,13 @@ class DiagonalSweep:
         row_dot: Tensor,
         h0: int = 0,
         dbias: Tensor | None = None,
+        dgate: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Flash-attention's backward of step s for heads h0..: (d scores, d values) from the
         raw scores (consumed), the key blocks' values [B, H - h0, n - s, bk, D], and the query
         blocks' dO [B, H - h0, G, n - s, bq, D], log-sum-exp and rowsum(dO * O). Adds the
-        bias gradient into `dbias` (shaped like `self.bias`) when given."""
+        bias gradient into `dbias` (shaped like `self.bias`) and the forget gates' into
+        `dgate` ([B, H, G, n, block]: + row sums as queries, - column sums as keys) when given."""
         probs = self.numerators(self.logits(s, scores, h0), lse)
         dvalues = torch.einsum("bhgcij,bhgcid->bhcjd", probs, dout)
         dprobs = torch.einsum("bhgcid,bhcjd->bhgcij", dout, values)
@@ -199,6 +229,9 @@ class DiagonalSweep:
         if dbias is not None:
             index = (s * self.block + self.local).clamp(0, dbias.shape[-1] - 1).flatten()
             dbias[h0:].index_add_(-1, index, dscores.sum((0, 3)).flatten(2))
+        if dgate is not None:
+            dgate[:, h0:, :, s:] += dscores.sum(-1)
+            dgate[:, h0:, :, : self.n - s] -= dscores.sum(-2)
         return dscores, dvalues
 
     def bias_gradient(self, dbias: Tensor, bias: Tensor) -> Tensor:
@@ -239,25 +272,26 @@ def step_scores(
 
 class _BlockwiseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, decay, doc_ids, reach, scale, window, block):
+    def forward(ctx, q, k, v, bias, gate, decay, doc_ids, reach, scale, window, block):
         sweep = DiagonalSweep(
-            q, k, block=block, doc_ids=doc_ids, bias=bias, window=window, reach=reach
+            q, k, block=block, doc_ids=doc_ids, bias=bias, window=window, reach=reach, gate=gate
         )
         vb = sweep.blocks(v)
         for s, h0, scores in step_scores(sweep, q, k, decay, scale):
             sweep.fold(s, scores, vb[:, h0:, : sweep.n - s], h0)
         out = sweep.unblock(sweep.output()).to(q.dtype)
-        ctx.save_for_backward(q, k, v, bias, decay, doc_ids, reach, out, sweep.log_sum_exp())
+        ctx.save_for_backward(q, k, v, bias, gate, decay, doc_ids, reach, out, sweep.log_sum_exp())
         ctx.scale, ctx.window, ctx.block = scale, window, block
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, bias, decay, doc_ids, reach, out, lse = ctx.saved_tensors
+        q, k, v, bias, gate, decay, doc_ids, reach, out, lse = ctx.saved_tensors
         scale, block = ctx.scale, ctx.block
         sweep = DiagonalSweep(
-            q, k, block=block, doc_ids=doc_ids, bias=bias, window=ctx.window, reach=reach
-        )
+            q, k, block=block, doc_ids=doc_ids, bias=bias, window=ctx.window, reach=reach,
+            gate=gate,
+        )  # fmt: skip
         qb, kb, vb = sweep.query_blocks(q, scale), sweep.blocks(k), sweep.blocks(v)
         dob, row_dot = sweep.output_gradient(dout, out)
         k_factor = 1.0
@@ -266,6 +300,7 @@ class _BlockwiseAttention(torch.autograd.Function):
             kb = kb * k_factor
         dq, dk, dv = torch.zeros_like(qb), torch.zeros_like(kb), torch.zeros_like(vb)
         dbias = torch.zeros_like(sweep.bias) if ctx.needs_input_grad[3] else None
+        dgate = torch.zeros_like(sweep.gate_local) if ctx.needs_input_grad[4] else None
         n = sweep.n
         for s in sweep.steps():
             h0 = sweep.first_head(s)
@@ -277,6 +312,7 @@ class _BlockwiseAttention(torch.autograd.Function):
             dscores, dvalues = sweep.score_gradients(
                 s, torch.einsum("bhgcid,bhcjd->bhgcij", qs, ks), vb[:, h0:, : n - s],
                 dob[:, h0:, :, s:], lse[:, h0:, :, s:], row_dot[:, h0:, :, s:], h0, dbias,
+                dgate,
             )  # fmt: skip
             dv[:, h0:, : n - s] += dvalues
             dq[:, h0:, :, s:] += torch.einsum("bhgcij,bhcjd->bhgcid", dscores, ks) * q_step
@@ -286,7 +322,9 @@ class _BlockwiseAttention(torch.autograd.Function):
         dv = sweep.unblock(dv).to(v.dtype)
         if dbias is not None:
             dbias = sweep.bias_gradient(dbias, bias)
-        return dq, dk, dv, dbias, None, None, None, None, None, None
+        if dgate is not None:
+            dgate = sweep.gate_gradient(dgate, gate)
+        return dq, dk, dv, dbias, dgate, None, None, None, None, None, None
 
 
 def blockwise_attention(
@@ -296,6 +334,7 @@ def blockwise_attention(
     *,
     scale: float | None = None,
     bias: Tensor | None = None,
+    gate: Tensor | None = None,
     window: int | None = None,
     decay: Tensor | None = None,
     doc_ids: Tensor | None = None,
@@ -306,10 +345,13 @@ def blockwise_attention(
 
     q [B, T, HQ, D]; k, v [B, T, H, D] with HQ a multiple of H (grouped-query heads).
     bias [HQ, >=T]: added to the logit of distance i - j (a table indexed by distance).
+    gate [B, T, HQ]: cumulative log forget gates F (FoX); F_i - F_j is added to logit_ij.
     window: keep only i - j < window. decay [D/2]: per-pair log-decay (xPos): the pair p
     contribution to the logit of distance n is multiplied by exp(decay[p] * n); not learned.
     doc_ids [B, T]: no attention across documents. reach [B, HQ]: key blocks entirely at
     distance >= reach are skipped (`kernels.alibi_reach`). Returns [B, T, HQ, D] in q's dtype.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _BlockwiseAttention.apply(q, k, v, bias, decay, doc_ids, reach, scale, window, block)
+    return _BlockwiseAttention.apply(
+        q, k, v, bias, gate, decay, doc_ids, reach, scale, window, block
+    )

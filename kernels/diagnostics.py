@@ -44,6 +44,7 @@ def attention_statistics(
     window: int | None = None,
     decay: Tensor | None = None,
     transport: tuple[Tensor, Tensor] | None = None,
+    gate: Tensor | None = None,
     doc_ids: Tensor | None = None,
     scale: float | None = None,
     skip_eps: float = 0.0,
@@ -61,7 +62,7 @@ def attention_statistics(
     scale = D**-0.5 if scale is None else scale
     if angles is not None:
         q, k = rotate(q, angles), rotate(k, angles)
-    common = dict(block=block, doc_ids=doc_ids, bias=bias, window=window)
+    common = dict(block=block, doc_ids=doc_ids, bias=bias, gate=gate, window=window)
 
     # Sweep 1: each row's log-sum-exp. Zero-width values make `fold` keep only max and sum.
     sweep = DiagonalSweep(q[..., :0], k, **common)

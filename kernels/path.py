@@ -84,8 +84,10 @@ def _walk_back_adjoint(
 
 class _PathAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, w, beta, bias, doc_ids, scale, window, block):
-        sweep = DiagonalSweep(q, k, block=block, doc_ids=doc_ids, bias=bias, window=window)
+    def forward(ctx, q, k, v, w, beta, bias, gate, doc_ids, scale, window, block):
+        sweep = DiagonalSweep(
+            q, k, block=block, doc_ids=doc_ids, bias=bias, window=window, gate=gate
+        )
         n = sweep.n
         wb, u, q_in, k_out, diag = _blocked(sweep, q, k, w, beta, scale)
         vb = sweep.blocks(v)
@@ -97,14 +99,16 @@ class _PathAttention(torch.autograd.Function):
             # Walk back over the key block just visited, c - s, for query blocks s + 1..
             carried = _walk_back(carried[:, :, :, 1:], wb[:, :, 1 : n - s], u[:, :, 1 : n - s])
         out = sweep.unblock(sweep.output()).to(q.dtype)
-        ctx.save_for_backward(q, k, v, w, beta, bias, doc_ids, out, sweep.log_sum_exp())
+        ctx.save_for_backward(q, k, v, w, beta, bias, gate, doc_ids, out, sweep.log_sum_exp())
         ctx.scale, ctx.window, ctx.block = scale, window, block
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, w, beta, bias, doc_ids, out, lse = ctx.saved_tensors
-        sweep = DiagonalSweep(q, k, block=ctx.block, doc_ids=doc_ids, bias=bias, window=ctx.window)
+        q, k, v, w, beta, bias, gate, doc_ids, out, lse = ctx.saved_tensors
+        sweep = DiagonalSweep(
+            q, k, block=ctx.block, doc_ids=doc_ids, bias=bias, window=ctx.window, gate=gate
+        )
         n, steps = sweep.n, len(sweep.steps())
         leaves = [x.detach().requires_grad_() for x in (q, k, w, beta)]
         with torch.enable_grad():
@@ -113,6 +117,7 @@ class _PathAttention(torch.autograd.Function):
         vb = sweep.blocks(v)
         dob, row_dot = sweep.output_gradient(dout, out)
         dbias = torch.zeros_like(sweep.bias) if ctx.needs_input_grad[5] else None
+        dgate = torch.zeros_like(sweep.gate_local) if ctx.needs_input_grad[6] else None
         dv, dk_out, dwb, du = (torch.zeros_like(x) for x in (vb, k_out, wb, u))
 
         def step_gradients(s: int, carried: Tensor) -> Tensor:
@@ -121,6 +126,7 @@ class _PathAttention(torch.autograd.Function):
             dscores, dvalues = sweep.score_gradients(
                 s, torch.einsum("zhgcid,zhcjd->zhgcij", carried, keys), vb[:, :, : n - s],
                 dob[:, :, :, s:], lse[:, :, :, s:], row_dot[:, :, :, s:], dbias=dbias,
+                dgate=dgate,
             )  # fmt: skip
             dv[:, :, : n - s] += dvalues
             dk_out[:, :, : n - s] += torch.einsum("zhgcij,zhgcid->zhcjd", dscores, carried)
@@ -152,7 +158,9 @@ class _PathAttention(torch.autograd.Function):
                     dwb[:, :, 1 : n - s] += dw
                     du[:, :, 1 : n - s] += du_s
                 grad = dcarried
-        d_diag, dvalues = sweep.score_gradients(0, diag.clone(), vb, dob, lse, row_dot, dbias=dbias)
+        d_diag, dvalues = sweep.score_gradients(
+            0, diag.clone(), vb, dob, lse, row_dot, dbias=dbias, dgate=dgate
+        )
         dv += dvalues
         dq_in = torch.zeros_like(q_in)
         if grad is not None:
@@ -161,8 +169,10 @@ class _PathAttention(torch.autograd.Function):
         dq, dk, dw, dbeta = (x.grad for x in leaves)
         if dbias is not None:
             dbias = sweep.bias_gradient(dbias, bias)
+        if dgate is not None:
+            dgate = sweep.gate_gradient(dgate, gate)
         dv = sweep.unblock(dv).to(v.dtype)
-        return dq, dk, dv, dw, dbeta, dbias, None, None, None, None
+        return dq, dk, dv, dw, dbeta, dbias, dgate, None, None, None, None
 
 
 def path_attention(
@@ -174,6 +184,7 @@ def path_attention(
     *,
     scale: float | None = None,
     bias: Tensor | None = None,
+    gate: Tensor | None = None,
     window: int | None = None,
     doc_ids: Tensor | None = None,
     block: int = 64,
@@ -181,7 +192,7 @@ def path_attention(
     """PaTH attention with O(T x block) forward memory; its backward saves O(T x D).
 
     q [B, T, HQ, D]; k, v, w [B, T, H, D] (w unit-norm); beta [B, T, H] in (0, 2).
-    bias, window and doc_ids as in `blockwise_attention`. Returns [B, T, HQ, D].
+    bias, gate, window and doc_ids as in `blockwise_attention`. Returns [B, T, HQ, D].
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _PathAttention.apply(q, k, v, w, beta, bias, doc_ids, scale, window, block)
+    return _PathAttention.apply(q, k, v, w, beta, bias, gate, doc_ids, scale, window, block)

@@ -63,12 +63,14 @@ def reference_attention(
     window: int | None = None,
     decay: Tensor | None = None,
     transport: tuple[Tensor, Tensor] | None = None,
+    gate: Tensor | None = None,
     doc_ids: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """Causal attention of the whole family from a full T x T matrix, in q's dtype.
 
-    Arguments as in `kernels.attention`; angles are the accumulated phi [B, T, H, D/2].
+    Arguments as in `kernels.attention`; angles are the accumulated phi [B, T, H, D/2]; gate
+    the cumulative log forget gates F [B, T, HQ] (logit_ij + F_i - F_j).
     """
     check_mechanisms(angles, decay, transport)
     B, T, HQ, D = q.shape
@@ -96,6 +98,8 @@ def reference_attention(
             logits = pair_terms.sum(-1) * scale
             if bias is not None:
                 logits = logits + bias[h][(i - j).clamp(min=0)]
+            if gate is not None:
+                logits = logits + gate[b, :, h, None] - gate[b, None, :, h]
             keep = j <= i
             if window is not None:
                 keep = keep & (i - j < window)

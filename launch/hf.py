@@ -75,6 +75,7 @@ def rotalibi_config(cfg: ModelConfig, train_length: int, eos: int):
         rotation=spec.rotation,
         rotate_values=spec.rotate_values,
         bias=spec.bias,
+        forget=spec.forget,
         window=(cfg.window or train_length) if spec.window else None,
         decay=spec.decay,
         transport=spec.transport,

@@ -48,7 +48,7 @@ from launch.engine import precision
 from launch.extrapolation import forward_bytes
 from launch.slurm import tasks_per_node
 from model.config import ModelConfig
-from model.schemes import SCHEMES
+from model.schemes import LEARNED_ROTATIONS, SCHEMES
 from model.transformer import LOSS_CHUNK
 
 H100_BF16_TFLOPS = 989.0  # H100 SXM, dense bf16 (the datasheet's figure without sparsity)
@@ -70,9 +70,10 @@ class Runtime:
 
 def fused_attention_serves(m: ModelConfig, cuda: bool) -> bool:
     """Whether `kernels.attention` runs the fused kernel for this model (`kernels.fused_serves`):
-    on CUDA, no xPos decay or PaTH transport, no bias or ALiBi's, a head dim it has."""
+    on CUDA, no xPos decay, PaTH transport or forget gate, no bias or ALiBi's, a head dim it
+    has."""
     spec = SCHEMES[m.scheme]
-    if not cuda or spec.decay or spec.transport or spec.bias not in (None, "alibi"):
+    if not cuda or spec.decay or spec.transport or spec.forget or spec.bias not in (None, "alibi"):
         return False
     return m.head_dim in FUSED_HEAD_DIMS
 
@@ -81,8 +82,10 @@ def position_parameters(m: ModelConfig) -> int:
     """One layer's parameters of the position scheme (model/schemes.py)."""
     spec, d, H, D = SCHEMES[m.scheme], m.d_model, m.kv_heads, m.head_dim
     count = 0
-    if spec.rotation == "learned":  # delta = b + W x: [H * D/2, d] and its bias
+    if spec.rotation in LEARNED_ROTATIONS:  # the increments' W [H * D/2, d] and its bias
         count += (d + 1) * H * D // 2
+    if spec.forget:  # the forget gates' w [HQ, d] and bias
+        count += (d + 1) * m.n_heads
     if spec.bias in ("kerple_log", "kerple_power"):  # r1, r2 per query head
         count += 2 * m.n_heads
     if spec.transport:  # w_down, w_up, the short convolution, beta (with bias)
@@ -106,8 +109,10 @@ def matmul_parameters(m: ModelConfig) -> int:
     """The weights of every nn.Linear (`launch.metrics.training_flops_per_token`'s N)."""
     spec, d, H, D = SCHEMES[m.scheme], m.d_model, m.kv_heads, m.head_dim
     per_layer = layer_parameters(m) - 2 * d - position_parameters(m)
-    if spec.rotation == "learned":
+    if spec.rotation in LEARNED_ROTATIONS:
         per_layer += d * H * D // 2
+    if spec.forget:
+        per_layer += d * m.n_heads
     if spec.transport:
         per_layer += d * m.path_rank + m.path_rank * H * D + d * H
     return m.n_layers * per_layer + m.vocab_size * d
@@ -139,7 +144,7 @@ def layer_saved_bytes(m: ModelConfig, rt: Runtime, batch: int, length: int) -> i
     E, A = rt.element, max(rt.element, 4)  # angles, scores and tables in at least float32
     d, F, HQ, H, D = m.d_model, m.hidden_dim, m.n_heads, m.kv_heads, m.head_dim
     P, grouped = D // 2, HQ > H
-    learned = spec.rotation in ("learned", "random")
+    learned = spec.rotation not in (None, "rope")
     tok = 2 * _norm_bytes(m, rt) + 4 * E * F  # SwiGLU: gate, its silu, up, their product
     tok += E * (HQ + 2 * H) * D  # q, k, v as the attention takes them
     if rt.fused:  # saves q, k, v, angles, output (wo's input too), log-sum-exp, bounds
@@ -151,6 +156,8 @@ def layer_saved_bytes(m: ModelConfig, rt: Runtime, batch: int, length: int) -> i
         tok += E * d  # wo's input
         if spec.rotation == "rope":  # cos and sin of q's and k's rotations
             tok += 2 * E * (HQ + H) * P
+            if spec.rotate_values:  # v; cos and sin of the output's rotation back
+                tok += E * H * D + 2 * E * HQ * P
         elif learned:  # q and k before rotation, cos and sin, the angles (per query head)
             tok += E * (HQ + H) * D + 2 * E * (HQ + H) * P + A * (H + grouped * HQ) * P
             if spec.rotate_values:  # v, its cos and sin; the output rotated back
@@ -163,9 +170,17 @@ def layer_saved_bytes(m: ModelConfig, rt: Runtime, batch: int, length: int) -> i
         if spec.transport:  # low rank, beta, the convolution's terms and masks, w, its norm
             r, width = m.path_rank, m.path_conv
             tok += E * r + 4 * E * H + (width + 2) * E * H * D + width
-    tables = 0
+    if spec.rotation == "scaled":  # the gains' sigmoid
+        tok += A * H * P
+    if spec.forget:  # the gates' logits and logsigmoid buffer, float64 cumulative gates
+        tok += 2 * 4 * HQ + 8 * HQ
+    tables = 8 if spec.rotation == "scaled" or spec.forget else 0  # a scalar they share
+    if spec.rotation == "scaled":  # theta per key/value head
+        tables += A * H * P
+    if spec.forget and not spec.transport and m.alibi_skip_eps > 0:
+        tables += 8 * batch * HQ  # the reach of each row and head
     if spec.bias is not None and not rt.fused:  # [HQ, T] bias tables, learned ones' graph
-        tables = A * HQ * length
+        tables += A * HQ * length
         if spec.bias.startswith("kerple"):
             tables += 2 * A * HQ * length + A * length + (spec.bias == "kerple_power") * length
     if spec.bias == "alibi" and not spec.transport and m.alibi_skip_eps > 0:
@@ -204,6 +219,7 @@ def attention_backward_bytes(m: ModelConfig, rt: Runtime, batch: int, length: in
     steps = -(-length // block)
     tok = E * m.d_model + 4 * (5 * HQ * D + 3 * HQ + 5 * H * D + 2 * HQ * block)
     tok += 2 * block * rt.packed + 4 * HQ * D * spec.decay
+    tok += 3 * 4 * HQ * spec.forget  # the gates' float32 offsets, their gradient and its sum
     if spec.transport:
         tok += 4 * (2 * math.isqrt(steps) * HQ * D + (10 * HQ + 6 * H) * block + 6 * (HQ + H) * D)
     return batch * steps * block * tok
@@ -233,6 +249,8 @@ def eval_attention_bytes(m: ModelConfig, rt: Runtime, batch: int, length: int) -
     tok += 4 * (2 * qkv + HQ * (2 * D + 2 + block)) + E * HQ * D
     if spec.transport:
         tok += 4 * (2 * HQ * D + 2 * H * D + 2 * (HQ + H) * block)
+    if spec.forget:  # logits, log gates, float64 cumulative gates, the sweep's copy, offsets
+        tok += 28 * HQ
     tables = A * HQ * length if spec.bias else 0
     return batch * -(-length // block) * block * tok + tables
 

@@ -13,6 +13,8 @@ chunks of QUERY_CHUNK: memory O(T x chunk), never T x T). Per layer, the cache k
   (rotated for accrot_v and hybrid), in float32 at least;
 - the newest token's accumulated angle, float64 reduced mod 2 pi: phi_t = phi_{t-1} + delta_t
   (DESIGN.md's precision contract);
+- forget gates (FoX): every cached key's cumulative log forget gate F_j and the newest F, in
+  float64 (logit_ij + F_i - F_j);
 - PaTH's last path_conv - 1 projections, for its short causal convolution;
 - with a window (`local`), only the last window - 1 keys.
 Distance biases (ALiBi, KERPLE, ...), windows and xPos decay use the distance between cache
@@ -36,7 +38,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 TWO_PI = 2 * math.pi
 QUERY_CHUNK = 256
-ROTATIONS = (None, "rope", "learned", "random")
+ROTATIONS = (None, "rope", "learned", "scaled", "random")
 DISTANCE_BIASES = (None, "alibi", "kerple_log", "kerple_power", "sandwich", "type1", "type2")
 
 
@@ -52,6 +54,8 @@ class LayerCache:
     values: Tensor | None = None  # [B, H, S, D]
     first: int = 0  # the slot of keys[:, :, 0] (a window drops older keys)
     angle: Tensor | None = None  # [B, H, D/2] float64: phi of the newest slot
+    gates: Tensor | None = None  # [B, H, G, S] float64: F of each cached key
+    gate: Tensor | None = None  # [B, H, G] float64: F of the newest slot
     conv: Tensor | None = None  # [B, path_conv - 1, H * D]: PaTH's newest projections
 
 
@@ -83,7 +87,7 @@ class DecodingCache:
         """Keep the rows `rows` (in that order): beam search's reordering."""
         self.real = self.real[rows]
         for state in self.layers:
-            for name in ("keys", "values", "angle", "conv"):
+            for name in ("keys", "values", "angle", "gates", "gate", "conv"):
                 value = getattr(state, name)
                 if value is not None:
                     setattr(state, name, value[rows])
@@ -118,9 +122,11 @@ def _attend(
     bias: Callable[[Tensor], Tensor] | None,
     window: int | None,
     decay: Tensor | None,
+    gates: tuple[Tensor, Tensor] | None,
 ) -> Tensor:
     """Softmax attention of q [B, H, G, m, D] (scaled; slots q_first..) over keys and values
-    [B, H, S, D] (slots k_first..). Returns [B, H, G, m, D]."""
+    [B, H, S, D] (slots k_first..); gates: the forget gates' F of the queries [B, H, G, m] and
+    of the keys [B, H, G, S]. Returns [B, H, G, m, D]."""
     _, H, G, m, _ = q.shape
     S = keys.shape[2]
     q_slots = torch.arange(q_first, q_first + m, device=q.device)
@@ -135,6 +141,8 @@ def _attend(
     scores = q @ keys[:, :, None].transpose(-1, -2)  # [B, H, G, m, S]
     if bias is not None:
         scores = scores + bias(distance.clamp(min=0).to(scores.dtype)).view(H, G, m, S)
+    if gates is not None:
+        scores = scores + (gates[0][..., None] - gates[1][..., None, :]).to(scores.dtype)
     visible = distance >= 0
     if window is not None:
         visible = visible & (distance < window)
@@ -173,6 +181,7 @@ def attend_new_tokens(
     bias: Callable[[Tensor], Tensor] | None = None,
     window: int | None = None,
     decay: Tensor | None = None,
+    log_forget: Tensor | None = None,
     path: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Causal attention of a step's n tokens over the cached ones and themselves; updates
@@ -181,7 +190,9 @@ def attend_new_tokens(
     theta [D/2] (float64): RoPE, angles position x theta. delta [B, n, H, D/2]: increments of
     accumulated angles. rotate_values: rotate v too (the output back by -phi). bias: distances
     (float) -> logit bias [HQ, ...]. window: only keys at distance < window. decay [D/2]: xPos
-    per-pair log-decay per token. path (u [B, n, H*D], conv weight [H*D, c], beta [B, n, H]):
+    per-pair log-decay per token. log_forget [B, n, HQ]: FoX's log forget gates (<= 0), the
+    logit of i and j gaining their sum over (j, i]. path (u [B, n, H*D], conv weight [H*D, c],
+    beta [B, n, H]):
     PaTH's projections before its convolution, and its Householder strengths.
     """
     B, n, HQ, D = q.shape
@@ -206,12 +217,32 @@ def attend_new_tokens(
     k, v = k.to(work).transpose(1, 2), v.to(work).transpose(1, 2)
     keys = k.new_zeros(B, H, 0, D) if state.keys is None else state.keys
     values = v.new_zeros(B, H, 0, D) if state.values is None else state.values
+    new_gates = gates = None
+    if log_forget is not None:  # F of the new slots (padding forgets nothing), [B, H, G, n]
+        steps = torch.where(step.real[..., None], log_forget.double(), 0.0)
+        carried = steps.new_zeros(B, HQ) if state.gate is None else state.gate.flatten(1)
+        new_gates = (carried[:, None] + steps.cumsum(dim=1)).view(B, n, H, G).permute(0, 2, 3, 1)
+        gates = new_gates if state.gates is None else torch.cat((state.gates, new_gates), -1)
+        state.gate = new_gates[..., -1]
     common = dict(all_real=step.all_real, bias=bias, window=window, decay=decay)
+
+    def gates_of(queries: slice, keys_upto: int) -> tuple[Tensor, Tensor] | None:
+        """F of this step's queries `queries` and of the first `keys_upto` keys."""
+        return None if gates is None else (new_gates[..., queries], gates[..., :keys_upto])
+
     if path is None:
         keys, values = torch.cat((keys, k), dim=2), torch.cat((values, v), dim=2)
-        first, chunk = state.first, QUERY_CHUNK
+        first, chunk, S = state.first, QUERY_CHUNK, keys.shape[2]
         parts = [
-            _attend(q[..., c : c + chunk, :], keys, values, step.start + c, first, **common)
+            _attend(
+                q[..., c : c + chunk, :],
+                keys,
+                values,
+                step.start + c,
+                first,
+                gates=gates_of(slice(c, c + chunk), S),
+                **common,
+            )
             for c in range(0, n, chunk)
         ]
         out = torch.cat(parts, dim=3)
@@ -227,13 +258,24 @@ def attend_new_tokens(
             keys = torch.cat((keys, k[:, :, t, None]), dim=2)
             values = torch.cat((values, v[:, :, t, None]), dim=2)
             q_t = q[..., t, None, :]
-            outs.append(_attend(q_t, keys, values, step.start + t, state.first, **common))
+            outs.append(
+                _attend(
+                    q_t,
+                    keys,
+                    values,
+                    step.start + t,
+                    state.first,
+                    gates=gates_of(slice(t, t + 1), keys.shape[2]),
+                    **common,
+                )
+            )
         out = torch.cat(outs, dim=3)
     if window is not None:  # later tokens see only the last window - 1 of these keys
         drop = max(0, keys.shape[2] - (window - 1))
         keys, values = keys[:, :, drop:], values[:, :, drop:]
+        gates = None if gates is None else gates[..., drop:]
         state.first += drop
-    state.keys, state.values = keys, values
+    state.keys, state.values, state.gates = keys, values, gates
     o = out.permute(0, 3, 1, 2, 4).reshape(B, n, HQ, D)
     if angles is not None and rotate_values:
         o = rotate(o, -angles)
@@ -267,7 +309,7 @@ def sinusoidal_embedding(positions: Tensor, dim: int) -> Tensor:
 
 class RotalibiConfig(PretrainedConfig):
     """An exported rotalibi model: its ModelConfig with the scheme spelled out as the
-    mechanisms it combines (rotation, rotate_values, bias, window, decay, transport,
+    mechanisms it combines (rotation, rotate_values, bias, forget, window, decay, transport,
     absolute), and the length it was trained at."""
 
     model_type = "rotalibi"
@@ -293,6 +335,7 @@ class RotalibiConfig(PretrainedConfig):
         rotation: str | None = None,
         rotate_values: bool = False,
         bias: str | None = None,
+        forget: bool = False,
         window: int | None = None,
         decay: bool = False,
         transport: bool = False,
@@ -310,7 +353,7 @@ class RotalibiConfig(PretrainedConfig):
         self.n_layers, self.n_heads, self.n_kv_heads = n_layers, n_heads, n_kv_heads
         self.mlp_hidden, self.norm_eps, self.init_std = mlp_hidden, norm_eps, init_std
         self.train_length, self.rotation, self.rotate_values = train_length, rotation, rotate_values
-        self.bias, self.window, self.decay = bias, window, decay
+        self.bias, self.forget, self.window, self.decay = bias, forget, window, decay
         self.transport, self.absolute, self.rope_base = transport, absolute, rope_base
         self.xpos_scale_base, self.xpos_gamma = xpos_scale_base, xpos_gamma
         self.sandwich_dim, self.path_rank, self.path_conv = sandwich_dim, path_rank, path_conv
@@ -381,13 +424,15 @@ class PositionScheme(nn.Module):
         super().__init__()
         self.config = config
         H, D = config.n_kv_heads, config.head_dim
-        if config.rotation == "learned":
+        if config.rotation in ("learned", "scaled"):
             self.delta = nn.Linear(config.d_model, H * D // 2)
         if config.rotation == "random":
             self.register_buffer("random_weight", torch.zeros(H * D // 2, config.d_model))
             self.register_buffer("random_bias", torch.zeros(H * D // 2))
         if config.bias is not None:
             self.bias = DistanceBias(config)
+        if config.forget:
+            self.forget = nn.Linear(config.d_model, config.n_heads)
         if config.transport:
             self.w_down = nn.Linear(config.d_model, config.path_rank, bias=False)
             self.w_up = nn.Linear(config.path_rank, H * D, bias=False)
@@ -402,11 +447,17 @@ class PositionScheme(nn.Module):
             inputs["theta"] = rope_frequencies(config.head_dim, config.rope_base).to(x.device)
         elif config.rotation == "learned":
             inputs["delta"] = self.delta(x).view(B, n, config.n_kv_heads, -1).to(angle_dtype)
+        elif config.rotation == "scaled":  # theta_p 2 sigmoid(c_p + w_p . x_t)
+            gain = 2 * torch.sigmoid(self.delta(x).to(angle_dtype))
+            theta = rope_frequencies(config.head_dim, config.rope_base).to(x.device)
+            inputs["delta"] = gain.view(B, n, config.n_kv_heads, -1) * theta.to(angle_dtype)
         elif config.rotation == "random":
             delta = F.linear(x, self.random_weight.to(x.dtype), self.random_bias.to(x.dtype))
             inputs["delta"] = delta.view(B, n, config.n_kv_heads, -1).to(angle_dtype)
         if config.bias is not None:
             inputs["bias"] = self.bias
+        if config.forget:
+            inputs["log_forget"] = F.logsigmoid(self.forget(x).to(angle_dtype))
         if config.decay:
             D = config.head_dim
             zeta = (torch.arange(0, D, 2, device=x.device) + config.xpos_gamma * D) / (

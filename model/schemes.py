@@ -1,8 +1,9 @@
 """Position schemes: what each one does to attention, as data, and the module that does it.
 
 A scheme is a combination of a few mechanisms (DESIGN.md's table):
-rotate q/k (and v) by angles, add a distance bias, mask a window, decay the logit per pair
-(xPos), transport keys by Householder products (PaTH), or add absolute embeddings at the input.
+rotate q/k (and v) by angles, add a distance bias or a data-dependent forget gate (FoX), mask a
+window, decay the logit per pair (xPos), transport keys by Householder products (PaTH), or add
+absolute embeddings at the input.
 `PositionScheme` turns a layer input into the keyword arguments of `kernels.attention`, so the
 attention core, and the fused kernel, serve the whole family without a branch per scheme.
 """
@@ -28,9 +29,13 @@ if TYPE_CHECKING:
 class SchemeSpec:
     """The mechanisms one scheme combines."""
 
-    rotation: str | None = None  # "rope" | "learned" | "random": source of the angles
+    # Source of the angles: "rope"; "learned" (increments b + W x_t, free); "scaled"
+    # (increments theta_p 2 sigmoid(c_p + w_p . x_t), relative to each pair's frequency);
+    # "random" (frozen, data-dependent).
+    rotation: str | None = None
     rotate_values: bool = False
     bias: str | None = None  # a DistanceBias kind
+    forget: bool = False  # FoX's forget gate: logit_ij + sum of log f_t over (j, i]
     window: bool = False
     decay: bool = False  # xPos
     transport: bool = False  # PaTH
@@ -55,7 +60,19 @@ SCHEMES: dict[str, SchemeSpec] = {
     "path": SchemeSpec(transport=True),
     "hybrid": SchemeSpec(rotation="learned", rotate_values=True, bias="alibi"),
     "path_alibi": SchemeSpec(transport=True, bias="alibi"),
+    # The factorial that locates the hybrid's deficit (docs/ablation.md), and forget gates.
+    "rope_alibi": SchemeSpec(rotation="rope", bias="alibi"),
+    "vorope_alibi": SchemeSpec(rotation="rope", rotate_values=True, bias="alibi"),
+    "accrot_alibi": SchemeSpec(rotation="learned", bias="alibi"),
+    "accrot_scaled": SchemeSpec(rotation="scaled"),
+    "accrot_alibi_scaled": SchemeSpec(rotation="scaled", bias="alibi"),
+    "hybrid_scaled": SchemeSpec(rotation="scaled", rotate_values=True, bias="alibi"),
+    "fox": SchemeSpec(forget=True),
+    "hybrid_fox": SchemeSpec(rotation="scaled", rotate_values=True, forget=True),
+    "path_fox": SchemeSpec(transport=True, forget=True),
 }
+
+LEARNED_ROTATIONS = ("learned", "scaled")  # rotations whose increments the model learns
 
 
 def rope_frequencies(head_dim: int, base: float) -> Tensor:
@@ -81,6 +98,12 @@ def query_heads(kv_heads: Tensor, groups: int) -> Tensor:
 
 def _inverse_softplus(x: Tensor) -> Tensor:
     return x + torch.log(-torch.expm1(-x))
+
+
+def forget_bias_for_slopes(slopes: Tensor) -> Tensor:
+    """The forget-gate bias b with logsigmoid(b) = -m: a gate that forgets e^-m per token
+    is ALiBi with slope m. b = -log(e^m - 1)."""
+    return -torch.log(torch.expm1(slopes))
 
 
 class Float64Constants(nn.Module):
@@ -164,8 +187,10 @@ class PositionScheme(Float64Constants):
         theta = rope_frequencies(cfg.head_dim, cfg.rope_base)
         if spec.rotation is not None:
             self.register_constant("theta", theta)
-        if spec.rotation == "learned":
-            # delta_t = b + W x_t: b = theta and W = 0 at init, so the layer starts as RoPE.
+        if spec.rotation in LEARNED_ROTATIONS:
+            # learned: delta_t = b + W x_t, b = theta and W = 0 at init.
+            # scaled: delta_t = theta 2 sigmoid(c + W x_t), c = 0 and W = 0 at init.
+            # Either way the layer starts as RoPE.
             self.delta = nn.Linear(cfg.d_model, H * P)
         if spec.rotation == "random":
             # Frozen random increments theta (1 + spread * N(0, 1) of a random projection of
@@ -177,6 +202,11 @@ class PositionScheme(Float64Constants):
             self.register_buffer("random_bias", theta.repeat(H).float())
         if spec.bias is not None:
             self.bias = DistanceBias(spec.bias, cfg.n_heads, cfg.sandwich_dim)
+        if spec.forget:
+            # log f_t = logsigmoid(w . x_t + b) per query head; at init w = 0 and
+            # logsigmoid(b) = -m_h, ALiBi's slope: the gate starts as ALiBi.
+            self.register_constant("slopes", alibi_slopes(cfg.n_heads))
+            self.forget = nn.Linear(cfg.d_model, cfg.n_heads)
         if spec.decay:
             zeta = (torch.arange(0, cfg.head_dim, 2) + cfg.xpos_gamma * cfg.head_dim) / (
                 (1 + cfg.xpos_gamma) * cfg.head_dim
@@ -193,9 +223,15 @@ class PositionScheme(Float64Constants):
         std = self.cfg.init_std
         own = [p for name, p in self.named_parameters() if not name.startswith("bias.")]
         with full(*own):
-            if self.spec.rotation == "learned":
+            if self.spec.rotation in LEARNED_ROTATIONS:
                 nn.init.zeros_(self.delta.weight)
-                self.delta.bias.data.copy_(self.theta.repeat(self.cfg.kv_heads))
+                if self.spec.rotation == "learned":
+                    self.delta.bias.data.copy_(self.theta.repeat(self.cfg.kv_heads))
+                else:
+                    nn.init.zeros_(self.delta.bias)
+            if self.spec.forget:
+                nn.init.zeros_(self.forget.weight)
+                self.forget.bias.data.copy_(forget_bias_for_slopes(self.slopes))
             if self.spec.transport:
                 nn.init.normal_(self.w_down.weight, std=std)
                 nn.init.normal_(self.w_up.weight, std=std)
@@ -213,12 +249,15 @@ class PositionScheme(Float64Constants):
 
     def token_inputs(self, x: Tensor) -> dict[str, Tensor]:
         """The scheme's learned per-token inputs, each [B, T, H, ...] (what sequence
-        parallelism moves with k and v): angle increments `delta` [.., P]; PaTH's projections
+        parallelism moves with k and v): angle increments `delta` [.., P]; the forget gates'
+        logits `forget` [.., G] (the G query heads of each key/value head); PaTH's projections
         `u` [.., D] (before its convolution) and `beta` [.., 1]."""
         B, T, _ = x.shape
         inputs = {}
-        if self.spec.rotation in ("learned", "random"):
+        if self.spec.rotation is not None and self.spec.rotation != "rope":
             inputs["delta"] = self._increments(x)
+        if self.spec.forget:
+            inputs["forget"] = self._forget_logits(x).view(B, T, self.cfg.kv_heads, -1)
         if self.spec.transport:
             inputs["u"] = self.w_up(self.w_down(x)).view(B, T, self.cfg.kv_heads, -1)
             inputs["beta"] = self._beta(x)[..., None]
@@ -249,7 +288,7 @@ class PositionScheme(Float64Constants):
             # t * theta in float64, reduced mod 2 pi: exact at any length.
             phi = (positions[..., None].double() * self.theta).remainder(2 * math.pi)
             plan["angles"] = phi[:, :, None, :].expand(B, T, count, -1).to(angle_dtype)
-        elif spec.rotation in ("learned", "random"):
+        elif spec.rotation is not None:
             plan["angles"] = accumulate_angles(inputs["delta"], doc_ids)
         plan["rotate_values"] = spec.rotate_values
         if spec.bias is not None:
@@ -259,6 +298,11 @@ class PositionScheme(Float64Constants):
             # ALiBi's table keeps its slopes: the fused CUDA kernel computes the bias from them.
             slopes = self.bias.slopes[query].to(angle_dtype)
             plan["bias"] = AlibiTable.wrap(table, slopes) if spec.bias == "alibi" else table
+        if spec.forget:
+            # F_t = sum of log f_s over s <= t in float64 (the kernels difference it); F may
+            # run across documents: their masks remove every pair that would see it.
+            log_forget = F.logsigmoid(inputs["forget"]).flatten(2)  # [B, T, HQ of `heads`]
+            plan["gate"] = log_forget.double().cumsum(dim=1)
         if spec.decay:
             plan["decay"] = self.decay.to(angle_dtype)
         if spec.transport:
@@ -272,10 +316,12 @@ class PositionScheme(Float64Constants):
         inputs: dict = {"rotate_values": spec.rotate_values, "window": self.window}
         if spec.rotation == "rope":
             inputs["theta"] = self.theta
-        elif spec.rotation in ("learned", "random"):
+        elif spec.rotation is not None:
             inputs["delta"] = self._increments(x)
         if spec.bias is not None:
             inputs["bias"] = self.bias
+        if spec.forget:
+            inputs["log_forget"] = F.logsigmoid(self._forget_logits(x))
         if spec.decay:
             inputs["decay"] = self.decay.to(angle_dtype)
         if spec.transport:
@@ -283,15 +329,25 @@ class PositionScheme(Float64Constants):
         return inputs
 
     def _increments(self, x: Tensor) -> Tensor:
-        """The per-token angle increments delta [B, T, H, P] of learned or random rotations,
-        in at least float32."""
+        """The per-token angle increments delta [B, T, H, P] of learned, scaled or random
+        rotations, in at least float32."""
         B, T, _ = x.shape
+        angle_dtype = torch.promote_types(x.dtype, torch.float32)
         if self.spec.rotation == "learned":
             delta = self.delta(x)
+        elif self.spec.rotation == "scaled":
+            # theta_p 2 sigmoid(.) in (0, 2 theta_p): each pair moves at its own frequency's
+            # scale, forward only, and by at most twice RoPE's angle per token.
+            gain = 2 * torch.sigmoid(self.delta(x).to(angle_dtype))
+            theta = self.theta.repeat(self.cfg.kv_heads).to(angle_dtype)
+            return (gain * theta).view(B, T, self.cfg.kv_heads, -1)
         else:
             delta = F.linear(x, self.random_weight.to(x.dtype), self.random_bias.to(x.dtype))
-        angle_dtype = torch.promote_types(x.dtype, torch.float32)
         return delta.view(B, T, self.cfg.kv_heads, -1).to(angle_dtype)
+
+    def _forget_logits(self, x: Tensor) -> Tensor:
+        """w . x_t + b per query head, [B, T, HQ], in at least float32."""
+        return self.forget(x).to(torch.promote_types(x.dtype, torch.float32))
 
     def _beta(self, x: Tensor) -> Tensor:
         """PaTH's beta_t = 2 sigmoid(.) in (0, 2), [B, T, H]."""

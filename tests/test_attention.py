@@ -33,13 +33,14 @@ def test_blockwise_equals_naive_reference(scheme, block):
 
 @pytest.mark.parametrize("scheme", sorted(SCHEMES))
 def test_gradients_equal_naive_reference(scheme):
-    """d/dq, d/dk, d/dv and d/d(scheme tensors: angles, bias table, PaTH w and beta)."""
+    """d/dq, d/dk, d/dv and d/d(scheme tensors: angles, bias table, forget gates, PaTH w and
+    beta)."""
     model = small_model(scheme)
     tokens = torch.randint(0, 61, (2, 37))
     doc_ids = packed_doc_ids()
     q, k, v, plan = _layer_inputs(model, tokens, doc_ids)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    for key in ("angles", "bias"):
+    for key in ("angles", "bias", "gate"):
         if key in plan:
             plan[key] = plan[key].detach().requires_grad_()
             leaves.append(plan[key])

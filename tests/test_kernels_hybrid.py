@@ -264,7 +264,8 @@ def test_constant_increments_are_rope():
 
 
 SERVED = ["nope", "sinusoidal", "rope", "alibi", "local", "accrot", "accrot_v", "random_accrot"]
-SERVED += ["hybrid"]
+SERVED += ["hybrid", "rope_alibi", "vorope_alibi", "accrot_alibi", "accrot_scaled"]
+SERVED += ["accrot_alibi_scaled", "hybrid_scaled"]
 
 
 @pytest.mark.parametrize("scheme", sorted(SCHEMES))

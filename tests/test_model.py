@@ -58,25 +58,36 @@ def _fresh(scheme: str, **overrides) -> Transformer:
 @pytest.mark.parametrize(
     ("scheme", "reference"),
     [
-        ("accrot", SchemeSpec(rotation="rope")),
+        ("accrot", "rope"),
         ("accrot_v", SchemeSpec(rotation="rope", rotate_values=True)),
-        ("hybrid", SchemeSpec(rotation="rope", rotate_values=True, bias="alibi")),
+        ("hybrid", "vorope_alibi"),
+        ("accrot_alibi", "rope_alibi"),
+        ("accrot_scaled", "rope"),
+        ("accrot_alibi_scaled", "rope_alibi"),
+        ("hybrid_scaled", "vorope_alibi"),
+        ("fox", "alibi"),
+        ("hybrid_fox", "vorope_alibi"),
+        ("path_fox", "path_alibi"),
     ],
 )
-def test_accumulated_rotations_start_as_rope(scheme, reference, monkeypatch):
-    """At initialisation the learned increments are theta: the model computes RoPE (with the
-    same value rotation and ALiBi bias), whatever the document layout."""
-    monkeypatch.setitem(SCHEMES, "rope_reference", reference)
+def test_learned_positions_start_as_their_fixed_counterparts(scheme, reference, monkeypatch):
+    """At initialisation learned increments (free or scaled) are theta and forget gates forget
+    e^-m per token: the model computes RoPE (with the same value rotation) and ALiBi, whatever
+    the document layout."""
+    if isinstance(reference, SchemeSpec):
+        monkeypatch.setitem(SCHEMES, "reference", reference)
+        reference = "reference"
     torch.manual_seed(0)
     model = _fresh(scheme)
-    rope = _fresh("rope_reference")
-    missing, unexpected = rope.load_state_dict(model.state_dict(), strict=False)
-    assert not missing and all(".position.delta." in key for key in unexpected)
+    fixed = _fresh(reference)
+    missing, unexpected = fixed.load_state_dict(model.state_dict(), strict=False)
+    learned = (".position.delta.", ".position.forget.")
+    assert not missing and all(any(name in key for name in learned) for key in unexpected)
     tokens = torch.randint(0, 61, (2, 37))
     with torch.no_grad():
         for doc_ids in (None, packed_doc_ids()):
             torch.testing.assert_close(
-                model(tokens, doc_ids), rope(tokens, doc_ids), rtol=0, atol=1e-12
+                model(tokens, doc_ids), fixed(tokens, doc_ids), rtol=0, atol=1e-12
             )
 
 
