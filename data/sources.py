@@ -12,11 +12,14 @@ naming the file and line), so that the decoding can run in worker processes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import gzip
 import hashlib
 import io
 import json
+import os
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,16 +63,18 @@ class Chunk:
 def resolve_inputs(inputs: Sequence[str]) -> list[Path]:
     """The inputs, in order: each path as given, each directory walked recursively (hidden
     entries skipped, a saved dataset in it one input) and each glob expanded, sorted; an input
-    named twice is kept once."""
+    named twice is kept once. DatasetError for any that is not a regular file or directory."""
     files: list[Path] = []
     for pattern in inputs:
         if any(c in pattern for c in GLOB_CHARS):
             matches = [Path(p) for p in sorted(glob.glob(pattern, recursive=True))]
-        elif Path(pattern).exists():
+        elif os.path.lexists(pattern):  # a link in a loop, or to nothing, is named below
             matches = [Path(pattern)]
         else:
             raise DatasetError(f"input {pattern} does not exist")
-        found = [f for m in matches for f in (_walk(m) if m.is_dir() else [m])]
+        found = [f for m in matches for f in (_walk(m) if _check_type(m) == "dir" else [m])]
+        for f in found:
+            _check_type(f)
         saved = [f for f in found if f.is_dir()]  # a glob may match their files too: not inputs
         found = [f for f in found if f.is_dir() or not any(f.is_relative_to(d) for d in saved)]
         if not found:
@@ -77,6 +82,40 @@ def resolve_inputs(inputs: Sequence[str]) -> list[Path]:
         files += found
     unique = {f.resolve(): f for f in reversed(files)}  # first occurrence wins
     return [f for f in files if unique.get(f.resolve()) is f]
+
+
+FILE_TYPES = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def _check_type(path: Path, mode: int | None = None) -> str:
+    """What `path` is, following links: "file" or "dir"; DatasetError naming it if it is
+    anything else (a FIFO, device or socket, which reading could wait on forever) or cannot be
+    looked at (a link in a loop or to nothing). Nothing is opened."""
+    if mode is None:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise DatasetError(
+                    f"input {path}: a symbolic link loop ({e.strerror}); fix or leave it out"
+                ) from None
+            raise DatasetError(
+                f"cannot read input {path}: {e.strerror}; fix or leave it out"
+            ) from None
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    what = FILE_TYPES.get(stat.S_IFMT(mode), "not a regular file")
+    raise DatasetError(
+        f"input {path} is {what}, not a file; leave it out of --input (a glob such as "
+        "'DIR/**/*.txt' picks files by name)"
+    )
 
 
 def _walk(directory: Path) -> list[Path]:
@@ -190,10 +229,22 @@ def decode_chunk(chunk: Chunk, text_field: str) -> list[str]:
 
 
 def _open(file: Path) -> IO[bytes]:
+    """`file` opened for reading, refused unless it is a regular file: opened without blocking
+    (a FIFO that replaced the file since it was listed would wait for a writer), then checked."""
     try:
-        return open(file, "rb")
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            _check_type(file)
         raise DatasetError(f"cannot read input {file}: {e.strerror}; fix or leave it out") from None
+    try:
+        if _check_type(file, os.fstat(fd).st_mode) == "dir":
+            raise DatasetError(f"input {file} is a directory, not a file")
+        os.set_blocking(fd, True)
+        return open(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _decode(raw: bytes, where: object) -> str:

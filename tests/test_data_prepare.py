@@ -489,6 +489,58 @@ def test_bad_workers_is_a_one_line_error(dataset, tmp_path, capsys):
     assert not (tmp_path / "a").exists()
 
 
+def _special_inputs(root: Path) -> dict[str, tuple[list[str], str]]:
+    """Inputs that are not files to read: a symbolic link to itself (alone, or met in a
+    directory or a glob), a FIFO (opening it would wait for a writer forever) and a device."""
+    (root / "loops").mkdir(parents=True)
+    (root / "loops" / "ok.txt").write_text("fine")
+    (root / "loops" / "self.txt").symlink_to("self.txt")
+    (root / "fifos").mkdir()
+    (root / "fifos" / "ok.txt").write_text("fine")
+    os.mkfifo(root / "fifos" / "pipe.txt")
+    (root / "null.txt").symlink_to(os.devnull)
+    loop, pipe = root / "loops" / "self.txt", root / "fifos" / "pipe.txt"
+    return {
+        "loop": ([str(loop)], f"input {loop}: a symbolic link loop"),
+        "loop in a directory": ([str(root / "loops")], f"input {loop}: a symbolic link loop"),
+        "loop in a glob": ([str(root / "loops" / "*.txt")], f"input {loop}: a symbolic link loop"),
+        "fifo": ([str(pipe)], f"input {pipe} is a FIFO, not a file"),
+        "fifo in a directory": ([str(root / "fifos")], f"input {pipe} is a FIFO, not a file"),
+        "fifo in a glob": ([str(root / "fifos" / "*")], f"input {pipe} is a FIFO, not a file"),
+        "device": ([str(root / "null.txt")], f"input {root / 'null.txt'} is a character device"),
+    }
+
+
+@pytest.mark.timeout(300)
+def test_links_in_a_loop_fifos_and_devices_are_one_line_errors(tmp_path):
+    """Refused by their type, named, before anything opens them: never a traceback or a hang."""
+    out = tmp_path / "out"
+    for name, (inputs, message) in _special_inputs(tmp_path / "in").items():
+        done = subprocess.run(
+            [sys.executable, "-m", "data.prepare", "--input", *inputs, "--output", str(out)],
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, (name, done.stderr[-2000:])
+        assert done.stderr.startswith(f"error: {message}"), (name, done.stderr[-2000:])
+        assert done.stderr.count("\n") == 1, (name, done.stderr[-2000:])
+        assert not out.exists(), name
+
+
+@pytest.mark.timeout(60)
+def test_an_input_that_turns_into_a_fifo_is_refused_when_opened(tmp_path):
+    """Checked again where it is opened (without blocking): a file replaced by a FIFO after the
+    inputs were listed is refused, not waited on."""
+    pipe = tmp_path / "pipe.txt"
+    os.mkfifo(pipe)
+    with pytest.raises(DatasetError, match=f"input {pipe} is a FIFO, not a file"):
+        list(data.sources.read_chunks(pipe, "text", 1 << 20))
+    with pytest.raises(DatasetError, match=f"input {pipe} is a FIFO, not a file"):
+        data.sources.file_digest([pipe])
+
+
 def _ready_workers(pid: int) -> list[psutil.Process]:
     """The build's worker processes that are past their start (niced, ignoring SIGINT)."""
     ready = []
