@@ -27,8 +27,63 @@ class ConfigError(ValueError):
     """A config problem, stated with the key, the value and the fix."""
 
 
+# A config is a few sections of a few keys: what a YAML text may expand to (every alias counted
+# as the values it stands for) and how deep it may nest. Checked while the YAML is composed, so
+# a few hundred bytes of nested aliases (10^8 values) or 100k brackets stop at once.
+MAX_YAML_VALUES = 10_000
+MAX_YAML_DEPTH = 32
+
+
+class YAMLLimitError(yaml.YAMLError):
+    """YAML that would expand to too many values or nest too deep (a one-line message)."""
+
+
 class ConfigLoader(yaml.SafeLoader):
-    """YAML without 1.1's sexagesimal numbers: `time: 12:00:00` stays a string, not 43200."""
+    """YAML without 1.1's sexagesimal numbers: `time: 12:00:00` stays a string, not 43200; and
+    within MAX_YAML_VALUES values (aliases expanded) and MAX_YAML_DEPTH levels (YAMLLimitError
+    otherwise, as soon as either is passed)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+        # id of each composed node: the values it expands to and its depth, aliases expanded.
+        self._expanded: dict[int, tuple[int, int]] = {}
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        where = f"line {event.start_mark.line + 1}"
+        alias = isinstance(event, yaml.AliasEvent)
+        if alias and event.anchor in self.anchors:
+            target = self.anchors[event.anchor]
+            if id(target) not in self._expanded:  # still being composed: it holds itself
+                raise YAMLLimitError(f"{where}: alias *{event.anchor} refers to a node holding it")
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise YAMLLimitError(f"{where}: nested deeper than {MAX_YAML_DEPTH} levels")
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if not alias:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+            if isinstance(node, yaml.MappingNode):
+                children = [child for pair in node.value for child in pair]
+            sizes = [self._expanded[id(child)] for child in children]
+            self._expanded[id(node)] = (
+                1 + sum(values for values, _ in sizes),
+                1 + max((depth for _, depth in sizes), default=0),
+            )
+        values, depth = self._expanded[id(node)]
+        if values > MAX_YAML_VALUES:
+            raise YAMLLimitError(
+                f"{where}: expands to more than {MAX_YAML_VALUES:,} values (aliases counted as "
+                "the values they stand for)"
+            )
+        if self._depth + depth > MAX_YAML_DEPTH:
+            raise YAMLLimitError(
+                f"{where}: nested deeper than {MAX_YAML_DEPTH} levels (aliases expanded)"
+            )
+        return node
 
 
 CLOCK_TIME = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")
@@ -37,6 +92,15 @@ ConfigLoader.yaml_implicit_resolvers = {
 }
 for first in "+-0123456789":  # checked before the int and float resolvers
     ConfigLoader.yaml_implicit_resolvers[first].insert(0, ("tag:yaml.org,2002:str", CLOCK_TIME))
+
+
+# Every integer of a config fits int64 (what torch, numpy and the checkpoints hold them in);
+# lengths fit the int32 positions of the attention kernels, and data.seq_len so that the
+# default evaluation lengths (up to 64 x data.seq_len) do too.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_LENGTH = 2**31 - 1
+MAX_SEQ_LEN = 2**25
+MAX_PEAK_TFLOPS = 1e6  # per device: a thousand times an H100's dense bf16
 
 
 @dataclass
@@ -55,7 +119,8 @@ class StreamConfig:
 @dataclass
 class DataConfig:
     path: str = "data/default"  # a dataset from `python -m data.prepare` (tokenizer, val split)
-    seq_len: int = field(default=128, metadata={"min": 2})  # the trained length L_train
+    # The trained length L_train.
+    seq_len: int = field(default=128, metadata={"min": 2, "max": MAX_SEQ_LEN})
     batch_size: int = field(default=16, metadata={"min": 1})  # sequences per rank per micro-step
     # "boundaries": packed documents, no attention across them; "concat": one plain stream.
     packing: str = field(default="boundaries", metadata={"choices": ["boundaries", "concat"]})
@@ -93,6 +158,9 @@ class TrainConfig:
     allow_batch_change: bool = False
     checkpoint_every: int = field(default=100, metadata={"min": 1})
     keep_checkpoints: int = field(default=3, metadata={"min": 1})
+    # When the run directory holds checkpoints and none verifies (README "Resuming"): false
+    # stops (exit 2) naming them; true moves them to RUN/unverified/ and trains from step 0.
+    restart_if_unverified: bool = False
     log_every: int = field(default=10, metadata={"min": 1})
     activation_checkpointing: bool = False
     # Ranks that share one sequence, each holding 1/N of its tokens (DeepSpeed-Ulysses; README
@@ -140,10 +208,12 @@ class EvalConfig:
             )
         for key in ("diagnostic_lengths", "passkey_lengths"):
             value = getattr(self, key)
-            if value is not None and any(n < 2 for n in value):
-                problems.append(f"'eval.{key}' is {value}; every length must be >= 2")
+            if value is not None and any(not 2 <= n <= MAX_LENGTH for n in value):
+                problems.append(
+                    f"'eval.{key}' is {value}; every length must be in [2, {MAX_LENGTH}]"
+                )
         if problems:
-            raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+            raise ConfigError(_invalid(problems))
 
 
 @dataclass
@@ -178,7 +248,8 @@ class SlurmConfig:
     extra_sbatch: list[str] = field(default_factory=list)  # raw "#SBATCH ..." options
     setup: list[str] = field(default_factory=list)  # shell lines before srun (modules, venv)
     env: dict[str, str] = field(default_factory=dict)  # NCCL and network knobs
-    signal_lead_s: int = field(default=300, metadata={"min": 1})  # USR1 this long before the end
+    # USR1 this long before the end (sbatch --signal takes at most 65535 s).
+    signal_lead_s: int = field(default=300, metadata={"min": 1, "max": 65535})
     eval_time: str = "04:00:00"  # time limit of `launch.slurm --eval` jobs
 
 
@@ -257,9 +328,29 @@ def _floats(value: Any) -> list[float]:
     return []
 
 
+def _ints(value: Any) -> list[int]:
+    """The integers in a value (itself, or inside a list, dict or stream section; not bools)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if is_dataclass(value):
+        value = [getattr(value, f.name) for f in fields(value)]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return [x for item in value for x in _ints(item)]
+    return []
+
+
+def _invalid(problems: list[str]) -> str:
+    """One problem in one line; several, one a line."""
+    if len(problems) == 1:
+        return f"invalid config: {problems[0]}"
+    return "invalid config:\n  - " + "\n  - ".join(problems)
+
+
 def _check_values(obj: Any, prefix: str = "") -> list[str]:
-    """Problems with `choices`, `min` and `max` metadata of the schema's fields, and any
-    non-finite float (NaN passes every comparison)."""
+    """Problems with `choices`, `min` and `max` metadata of the schema's fields, any
+    non-finite float (NaN passes every comparison) and any integer beyond int64."""
     problems = []
     for f in fields(obj):
         value, key, meta = getattr(obj, f.name), prefix + f.name, f.metadata
@@ -276,6 +367,10 @@ def _check_values(obj: Any, prefix: str = "") -> list[str]:
             problems.append(f"'{key}' is {value!r}; it must be >= {meta['min']}")
         elif "max" in meta and value > meta["max"]:
             problems.append(f"'{key}' is {value!r}; it must be <= {meta['max']}")
+        elif not all(INT64_MIN <= x <= INT64_MAX for x in _ints(value)):
+            problems.append(
+                f"'{key}' is {value!r}; integers must be in [{INT64_MIN}, {INT64_MAX}] (int64)"
+            )
     return problems
 
 
@@ -330,26 +425,30 @@ def sequence_parallel_problems(cfg: Config, world_size: int | None = None) -> li
 
 def validate(cfg: Config) -> Config:
     """Raise ConfigError listing every problem of a merged config."""
-    problems = _check_values(cfg) + cfg.model.check()
+    problems = _check_values(cfg)
+    if problems:  # the checks across fields divide by some (n_heads 0 would raise)
+        raise ConfigError(_invalid(problems))
+    problems = cfg.model.check()
     if (problem := run_name_problem(cfg.run.name)) is not None:
         problems.append(problem)
     if cfg.eval.lengths is not None and (
-        not cfg.eval.lengths or any(n < 2 for n in cfg.eval.lengths)
+        not cfg.eval.lengths or any(not 2 <= n <= MAX_LENGTH for n in cfg.eval.lengths)
     ):
         problems.append(
-            f"'eval.lengths' is {cfg.eval.lengths}; give lengths >= 2 (null: the default ones)"
+            f"'eval.lengths' is {cfg.eval.lengths}; give lengths in [2, {MAX_LENGTH}] (null: "
+            "the default ones)"
         )
     if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
         problems.append(f"'train.betas' is {cfg.train.betas}; give two numbers in [0, 1)")
     problems += sequence_parallel_problems(cfg)
-    if cfg.train.peak_tflops is not None and cfg.train.peak_tflops <= 0:
+    if cfg.train.peak_tflops is not None and not 0 < cfg.train.peak_tflops <= MAX_PEAK_TFLOPS:
         problems.append(
             f"'train.peak_tflops' is {cfg.train.peak_tflops}; give the device's peak TFLOP/s "
-            "(> 0), or null to look it up or measure it"
+            f"(> 0, at most {MAX_PEAK_TFLOPS:g}), or null to look it up or measure it"
         )
     problems += tracker_problems(cfg.train)
     if problems:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+        raise ConfigError(_invalid(problems))
     return cfg
 
 
@@ -389,8 +488,10 @@ def file_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[DictConfi
         raise ConfigError(f"config files name each other as base: {chain}")
     try:
         raw = yaml.load(path.read_text(), Loader=ConfigLoader) or {}
+    except YAMLLimitError as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(
             f"{path} holds a {type(raw).__name__}, not a mapping of sections (run:, model:, ...)"
@@ -427,6 +528,20 @@ def _plain_values(value: Any, origin: str, path: tuple[str, ...] = ()) -> Any:
     return value
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong, and where."""
+    problem = getattr(error, "problem", None)
+    mark = getattr(error, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(error).split())
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+
+
+def _short(item: str, limit: int = 80) -> str:
+    """An override as an error message quotes it: its start, if it is long."""
+    return repr(item) if len(item) <= limit else f"{item[:limit]!r}... ({len(item):,} characters)"
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Schema defaults <- YAML file (after its `base:` file, if it names one) <- `key=value`
     overrides, validated."""
@@ -441,9 +556,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         key, _, text = item.partition("=")
         try:
             value = yaml.load(text, Loader=ConfigLoader)
+        except YAMLLimitError as e:
+            raise ConfigError(f"override {_short(item)}: {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(
-                f"override {item!r}: the value is not valid YAML "
+                f"override {_short(item)}: the value is not valid YAML "
                 f"({getattr(e, 'problem', e)}); e.g. eval.lengths=[128,256]"
             ) from None
         value = _plain_values(value, f"override {item!r}", tuple(key.strip().split(".")))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -143,3 +145,123 @@ def test_a_config_builds_on_its_base(tmp_path):
     (tmp_path / "study" / "rope.yaml").write_text("base: ../nowhere.yaml\n")
     with pytest.raises(ConfigError, match=r"nowhere\.yaml not found"):
         load_config(tmp_path / "study" / "rope.yaml")
+
+
+def _run(module: str, *args: object) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS...` from the repository root (killed if it outlives the test)."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+
+
+def _nested_aliases(levels: int = 8, fanout: int = 10) -> str:
+    """A few hundred bytes of YAML whose last alias stands for fanout**levels numbers."""
+    lines = ["anchors:", "  a0: &a0 [" + ", ".join(["128"] * fanout) + "]"]
+    for i in range(1, levels + 1):
+        lines.append(f"  a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * fanout) + "]")
+    return "\n".join(lines) + f"\neval:\n  lengths: *a{levels}\n"
+
+
+def _nested_mappings(depth: int) -> str:
+    return "eval: " + "{a: " * depth + "1" + "}" * depth + "\n"
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (_nested_aliases(), "expands to more than"),
+        ("eval:\n  lengths: " + "[" * 100_000 + "]" * 100_000 + "\n", "nested deeper than"),
+        (_nested_mappings(5_000), "nested deeper than"),
+    ],
+    ids=["nested aliases", "list 100k deep", "mapping 5k deep"],
+)
+def test_yaml_that_expands_or_nests_too_far_is_a_one_line_error(tmp_path, text, expected):
+    """A few hundred bytes of aliases would expand to 10^8 values (minutes, gigabytes), and deep
+    nesting would end in RecursionError: both stop while the YAML is read."""
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    done = _run("launch.config", path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}:"), done.stderr[-2000:]
+    assert expected in lines[0]
+
+
+@pytest.mark.timeout(120)
+def test_yaml_limits_hold_for_overrides_and_leave_real_configs_alone(tmp_path):
+    chain = "[" + ", ".join(f"&a{i} [*a{i - 1}]" for i in range(1, 40)) + ", *a39]"
+    for value, expected in [
+        ("[" * 50_000 + "]" * 50_000, "nested deeper than 32 levels"),
+        ("{a: " * 5_000 + "1" + "}" * 5_000, "nested deeper than 32 levels"),
+        (f"[&a0 [128], {chain[1:]}", "nested deeper than 32 levels (aliases expanded)"),
+        ("&x [128, *x]", "alias *x refers to a node holding it"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(expected)) as err:
+            load_config(TINY, [f"eval.lengths={value}"])
+        assert "\n" not in str(err.value) and len(str(err.value)) < 300
+    # Anchors and aliases as configs use them, and a long list, still load.
+    config = tmp_path / "aliases.yaml"
+    config.write_text("eval:\n  lengths: &lengths [64, 128]\n  passkey_lengths: *lengths\n")
+    many = list(range(2, 2_002))
+    cfg = load_config(config, [f"eval.diagnostic_lengths={many}"])
+    assert cfg.eval.lengths == cfg.eval.passkey_lengths == [64, 128]
+    assert cfg.eval.diagnostic_lengths == many
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("data.seq_len=99999999999999999999999", "'data.seq_len' is 99999999999999999999999"),
+        ("data.seq_len=33554433", "it must be <= 33554432"),
+        ("data.batch_size=9223372036854775808", "'data.batch_size' is 9223372036854775808"),
+        ("train.max_steps=-9223372036854775809", "'train.max_steps' is -9223372036854775809"),
+        ("run.seed=18446744073709551616", "'run.seed' is 18446744073709551616"),
+        ("model.random_accrot_seed=-9223372036854775809", "'model.random_accrot_seed'"),
+        ("eval.lengths=[128,9223372036854775808]", "'eval.lengths'"),
+        ("eval.lengths=[128,4294967296]", "'eval.lengths'"),
+        ("eval.passkey_lengths=[99999999999999999999]", "'eval.passkey_lengths'"),
+        ("slurm.signal_lead_s=65536", "'slurm.signal_lead_s' is 65536"),
+        ("train.peak_tflops=1e300", "'train.peak_tflops' is 1e+300"),
+    ],
+)
+def test_integers_out_of_range_are_one_line_errors(override, expected):
+    """Every integer fits int64, and those with a smaller limit (lengths: int32 positions up to
+    64 x data.seq_len; Slurm's --signal) stay within it."""
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [override])
+    message = str(err.value)
+    assert expected in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["model.n_heads=0", "model.n_kv_heads=0", "train.sequence_parallel=0"],
+)
+def test_a_zero_divisor_is_reported_not_divided_by(override, capsys):
+    assert main([str(TINY), override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid config: ") and err.count("\n") == 1
+    assert f"'{override.split('=')[0]}' is 0; it must be >= 1" in err
+
+
+@pytest.mark.timeout(300)
+def test_train_refuses_an_integer_too_large_before_creating_the_run(stdlib_dataset, tmp_path):
+    runs = tmp_path / "runs"
+    done = _run(
+        "launch.train",
+        TINY,
+        f"run.dir={runs}",
+        f"data.path={stdlib_dataset}",
+        "model.vocab_size=512",
+        "data.seq_len=99999999999999999999999",
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == [
+        "error: invalid config: 'data.seq_len' is 99999999999999999999999; it must be <= 33554432"
+    ]
+    assert not runs.exists()
