@@ -43,7 +43,13 @@ from dataclasses import dataclass
 import torch
 
 from kernels.angles import SCAN_CHUNK
-from launch.config import Config, ConfigError, load_config, sequence_parallel_problems
+from launch.config import (
+    MAX_PEAK_TFLOPS,
+    Config,
+    ConfigError,
+    load_config,
+    sequence_parallel_problems,
+)
 from launch.engine import precision
 from launch.extrapolation import forward_bytes
 from launch.slurm import tasks_per_node
@@ -458,28 +464,67 @@ def table(p: Plan) -> str:
     return "\n".join(rows)
 
 
+# The ranges of the numeric options: with them every time and rate of the plan is finite and
+# positive (MFU x peak FLOP/s is at least 1).
+MAX_GPUS = 2**20
+MIN_MFU = MIN_PEAK_TFLOPS = 1e-6
+
+
+class ArgumentError(Exception):
+    """A bad command line, reported in one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ArgumentError(message)
+
+
+def _number(text: str, kind: type, low: float, high: float, what: str) -> float:
+    """`text` as a `kind` in [low, high]; argparse.ArgumentTypeError (naming `what`) if not."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+    return value
+
+
+def _gpus(text: str) -> int:
+    return _number(text, int, 1, MAX_GPUS, f"a number of ranks in [1, {MAX_GPUS}]")
+
+
+def _mfu(text: str) -> float:
+    return _number(text, float, MIN_MFU, 1, f"a fraction in [{MIN_MFU:g}, 1], e.g. 0.4")
+
+
+def _peak_tflops(text: str) -> float:
+    what = f"a finite TFLOP/s in [{MIN_PEAK_TFLOPS:g}, {MAX_PEAK_TFLOPS:g}], e.g. 989"
+    return _number(text, float, MIN_PEAK_TFLOPS, MAX_PEAK_TFLOPS, what)
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m launch.plan",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", help="CONFIG.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, as launch.train takes")
-    parser.add_argument("--gpus", type=int, help="ranks (default: slurm nodes x tasks per node)")
+    parser.add_argument("--gpus", type=_gpus, help="ranks (default: slurm nodes x tasks per node)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation (0.4)")
+    parser.add_argument("--mfu", type=_mfu, default=0.4, help="model FLOPs utilisation (0.4)")
     parser.add_argument(
         "--peak-tflops",
-        type=float,
+        type=_peak_tflops,
         help=f"per-GPU peak (default: train.peak_tflops, else {H100_BF16_TFLOPS:g}, H100 bf16)",
     )
-    args = parser.parse_intermixed_args(argv)
     try:
-        if args.gpus is not None and args.gpus < 1:
-            raise ConfigError(f"--gpus is {args.gpus}; give at least 1")
-        if not 0 < args.mfu <= 1 or (args.peak_tflops is not None and args.peak_tflops <= 0):
-            raise ConfigError("--mfu must be in (0, 1] and --peak-tflops > 0")
+        args = parser.parse_intermixed_args(argv)
+    except ArgumentError as e:
+        print(f"error: {e} (python -m launch.plan --help)", file=sys.stderr)
+        return 2
+    try:
         cfg = load_config(args.config, args.overrides)
         result = plan(
             cfg, gpus=args.gpus, device=args.device, mfu=args.mfu, peak_tflops=args.peak_tflops

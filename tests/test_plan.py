@@ -69,6 +69,53 @@ def test_bad_inputs_stop_in_one_line(capsys):
     assert planner.main(["configs/tiny.yaml", "model.n_heads=5"]) == 2
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--peak-tflops", "inf"),
+        ("--peak-tflops", "-inf"),
+        ("--peak-tflops", "nan"),
+        ("--peak-tflops", "1e400"),
+        ("--peak-tflops", "0"),
+        ("--peak-tflops", "-5"),
+        ("--peak-tflops", "1e7"),
+        ("--peak-tflops", "1e-300"),
+        ("--peak-tflops", "fast"),
+        ("--mfu", "nan"),
+        ("--mfu", "inf"),
+        ("--mfu", "0"),
+        ("--mfu", "1.5"),
+        ("--mfu", "1e-300"),
+        ("--gpus", "0"),
+        ("--gpus", "-8"),
+        ("--gpus", "1.5"),
+        ("--gpus", "99999999999999999999999"),
+    ],
+)
+def test_numeric_options_out_of_range_are_one_line_errors(capsys, option, value):
+    """Each numeric option is a finite number in its range, refused in one line (exit 2), never
+    a ZeroDivisionError or a plan of infinite or zero time."""
+    assert planner.main(["configs/tiny.yaml", f"{option}={value}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: argument {option}: ") and err.count("\n") == 1, err
+    assert repr(value) in err
+
+
+def test_numeric_options_at_their_limits_plan(capsys):
+    for args in (["--peak-tflops=1e6", "--mfu=1"], ["--peak-tflops=1e-6", "--mfu=1e-6"]):
+        assert planner.main(["configs/tiny.yaml", "--gpus=1048576", *args]) == 0
+        out = capsys.readouterr().out
+        assert "time per step" in out and "inf" not in out and "nan" not in out
+
+
+def test_argument_errors_are_one_line(capsys):
+    assert planner.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the following arguments are required: config") and (
+        err.count("\n") == 1
+    )
+
+
 def test_fused_head_dims_are_the_kernels():
     from kernels.hybrid.attention import HEAD_DIMS
 
