@@ -22,7 +22,14 @@ from launch.config import ConfigError, load_config
 from launch.distributed import complete_environment, expand_nodelist
 from launch.engine import deepspeed_config, lr_multiplier, parameter_groups
 from launch.metrics import MetricsLogger, training_flops_per_token
-from launch.rundir import LOCK_FILE, STALE_AFTER_S, RunDirError, RunLock, probe_writable
+from launch.rundir import (
+    LOCK_FILE,
+    SAME_JOB_STALE_S,
+    STALE_AFTER_S,
+    RunDirError,
+    RunLock,
+    probe_writable,
+)
 from model import ModelConfig, Transformer
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
@@ -274,6 +281,9 @@ def test_run_directory_lock_names_its_holder_and_takes_over_stale_ones(
     monkeypatch.setenv("SLURM_JOB_ID", "42")
     for fields, reason in cases:
         _holder(lock_file, **fields)
+        if "SLURM job" in reason:  # untouched for three heartbeats (tests/test_run_lock.py)
+            old = time.time() - SAME_JOB_STALE_S - 5
+            os.utime(lock_file, (old, old))
         if reason == "no heartbeat":
             with pytest.raises(RunDirError, match="host other-node pid 1, SLURM job 77"):
                 RunLock.acquire(run)  # touched recently: still held
