@@ -11,9 +11,12 @@ the streaming FAQ's clean-up, limited to our own slot: `streaming.base.util.
 clean_stale_shared_memory()` would also unlink the live shared memory of other jobs.
 
 On a shared node nothing in a world-writable place is trusted. The default cache lives in a
-private directory, `<tmp>/rotalibi-<uid>` (mode 0700, owned by us; a planted one is refused and
-replaced by a fresh private directory), as does the set-up lock; a data.cache_dir must belong to
-us and be writable by us alone. Streaming trusts whatever index.json and shard files a cache
+private directory, `<tmp>/rotalibi-<uid>` (mode 0700, owned by us, not a link), as does the
+set-up lock. A path planted there (another user's directory, a file, a link) is refused with a
+warning and the first of `<tmp>/rotalibi-<uid>-1`, `-2`, ... that is (or can be made) private
+to us is used instead: the same one on every run, so the lock and cache stay shared between
+jobs and nothing new is left behind per run. A data.cache_dir must belong to us and be writable
+by us alone. Streaming trusts whatever index.json and shard files a cache
 directory holds, so before use every cached file is checked against the source's index (its
 bytes, and each shard's xxh64): anything else is evicted. Other users' shared memory is skipped.
 """
@@ -48,9 +51,16 @@ INDEX = "index.json"
 HASH = "xxh64"  # what data.prepare writes for every shard file
 
 
+FALLBACKS = 32  # <tmp>/rotalibi-<uid>-1 ... -32 when <tmp>/rotalibi-<uid> is not ours
+_warned: set[str] = set()
+
+
 def _private_problem(directory: Path, *, strict_mode: bool) -> str | None:
     """Why `directory` is not a private directory of ours (None if it is)."""
-    info = os.lstat(directory)
+    try:
+        info = os.lstat(directory)
+    except OSError as e:
+        return f"it cannot be looked at ({e.strerror or e})"
     if not stat.S_ISDIR(info.st_mode):
         return "it is not a directory (a link or a file)"
     if info.st_uid != os.getuid():
@@ -60,16 +70,58 @@ def _private_problem(directory: Path, *, strict_mode: bool) -> str | None:
     return None
 
 
+def _claim_private(directory: Path) -> str | None:
+    """Create `directory` (mode 0700) unless something is there; why it is not a private
+    directory of ours, or None."""
+    try:
+        directory.mkdir(mode=0o700)
+    except FileExistsError:
+        pass  # ours from an earlier run, or planted: looked at below
+    except OSError as e:
+        return f"it cannot be created ({e.strerror or e})"
+    else:  # 0700 whatever the umask; through a descriptor, never through a link
+        try:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            try:
+                os.fchmod(fd, 0o700)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            return f"it cannot be made private ({e.strerror or e})"
+    return _private_problem(directory, strict_mode=True)
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
+
+
 def private_tmp_dir() -> Path:
-    """This user's node-local private directory, <tmp>/rotalibi-<uid> (mode 0700). One that
-    someone else made (or opened up) is not used: a fresh private directory replaces it."""
-    directory = Path(tempfile.gettempdir()) / f"rotalibi-{os.getuid()}"
-    directory.mkdir(mode=0o700, exist_ok=True)
-    problem = _private_problem(directory, strict_mode=True)
+    """This user's node-local private directory, <tmp>/rotalibi-<uid> (mode 0700, ours, not a
+    link). When someone else made that path (or opened it up), the first of <tmp>/rotalibi-
+    <uid>-1, -2, ... that is (or can be made) private to us: the same one run after run, so
+    jobs still share the set-up lock and the shard cache. Should all of those be planted, a
+    fresh temporary directory (a new one each time)."""
+    base, uid = Path(tempfile.gettempdir()), os.getuid()
+    preferred = base / f"rotalibi-{uid}"
+    problem = _claim_private(preferred)
     if problem is None:
-        return directory
-    fresh = Path(tempfile.mkdtemp(prefix=f"rotalibi-{os.getuid()}-"))
-    log.warning("not using %s: %s; using %s instead", directory, problem, fresh)
+        return preferred
+    refused = [f"{preferred}: {problem}"]
+    for n in range(1, FALLBACKS + 1):
+        fallback = base / f"rotalibi-{uid}-{n}"
+        why = _claim_private(fallback)
+        if why is None:
+            _warn_once(f"not using {preferred}: {problem}; using {fallback} instead")
+            return fallback
+        refused.append(f"{fallback}: {why}")
+    fresh = Path(tempfile.mkdtemp(prefix=f"rotalibi-{uid}-tmp-"))
+    log.warning(
+        "not using %s; using a fresh %s instead (not shared with other runs)",
+        "; ".join(refused),
+        fresh,
+    )
     return fresh
 
 

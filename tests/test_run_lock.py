@@ -12,12 +12,15 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from data import cache
+from data.cache import cache_root, private_tmp_dir
 from launch import rundir
 from launch.rundir import LOCK_FILE, STALE_AFTER_S, RunDirError, RunLock
 
@@ -311,3 +314,83 @@ def test_a_lock_taken_over_in_between_is_put_back(tmp_path, monkeypatch):
         RunLock.acquire(run)
     winner.release()
     assert sorted(p.name for p in run.iterdir()) == []
+
+
+# --- 2 and 14. the private directory under planted paths ------------------------------------
+
+
+def _rotalibi_entries(tmp: Path) -> list[str]:
+    return sorted(p.name for p in tmp.iterdir() if p.name.startswith("rotalibi-"))
+
+
+def _foreign_dir(path: Path) -> None:
+    path.mkdir(mode=0o700)
+    os.chown(path, FOREIGN_UID, FOREIGN_UID)
+
+
+@pytest.mark.parametrize(
+    ("plant", "problem"),
+    [
+        (lambda p: p.write_text(""), "not a directory"),
+        (_foreign_dir, f"belongs to uid {FOREIGN_UID}"),
+        (lambda p: p.symlink_to(p.parent), "not a directory"),
+        (lambda p: p.symlink_to(p.parent / "nowhere"), "not a directory"),
+    ],
+)
+def test_a_planted_private_dir_gives_one_deterministic_private_fallback(
+    tmp_path, monkeypatch, caplog, plant, problem
+):
+    """<tmp>/rotalibi-<uid> planted by someone else (a file, their directory, a link): every
+    call uses the same private <tmp>/rotalibi-<uid>-1 (0700, ours, a real directory), so the
+    set-up lock stays shared between jobs and the cache is reused; no directory more per run."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    uid = os.getuid()
+    plant(tmp_path / f"rotalibi-{uid}")
+    with caplog.at_level(logging.WARNING):
+        first = private_tmp_dir()
+    assert first == tmp_path / f"rotalibi-{uid}-1"
+    assert problem in caplog.text and str(first) in caplog.text
+    info = os.lstat(first)
+    assert stat.S_ISDIR(info.st_mode) and info.st_uid == uid
+    assert stat.S_IMODE(info.st_mode) == 0o700
+    entries = _rotalibi_entries(tmp_path)
+    assert private_tmp_dir() == first and cache_root(None) == first / "streaming"
+    with cache.streaming_setup_lock():
+        pass
+    assert _rotalibi_entries(tmp_path) == entries  # nothing new
+    assert (first / "streaming-setup.lock").exists()
+
+
+def test_the_fallback_skips_planted_fallbacks_too(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    uid = os.getuid()
+    _foreign_dir(tmp_path / f"rotalibi-{uid}")
+    _foreign_dir(tmp_path / f"rotalibi-{uid}-1")
+    (tmp_path / f"rotalibi-{uid}-2").symlink_to(tmp_path)
+    opened = tmp_path / f"rotalibi-{uid}-3"
+    opened.mkdir(mode=0o700)
+    opened.chmod(0o777)  # ours but opened to others: not trusted
+    assert private_tmp_dir() == tmp_path / f"rotalibi-{uid}-4"
+    assert private_tmp_dir() == tmp_path / f"rotalibi-{uid}-4"
+    assert len(_rotalibi_entries(tmp_path)) == 5
+
+
+def test_a_planted_file_does_not_stop_training(stdlib_dataset, tmp_path):
+    """launch.train with $TMPDIR/rotalibi-<uid> planted as a plain file: it trains, warning,
+    in the private fallback directory."""
+    tmp = tmp_path / "t"
+    tmp.mkdir()
+    uid = os.getuid()
+    (tmp / f"rotalibi-{uid}").write_text("")
+    done = subprocess.run(
+        _train_cmd(tmp_path / "p", stdlib_dataset, "train.max_steps=2"),
+        cwd=ROOT,
+        env=_train_env(TMPDIR=str(tmp)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"not using {tmp / f'rotalibi-{uid}'}: it is not a directory" in done.stderr
+    assert _rotalibi_entries(tmp) == [f"rotalibi-{uid}", f"rotalibi-{uid}-1"]
+    assert (tmp / f"rotalibi-{uid}-1" / "streaming").is_dir()
