@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/tiny.yaml
 ARGS ?=
 
-.PHONY: setup test data train plan eval compare lm-eval generate study tensorboard slurm slurm-array bench-attention bench-attention-cpu bench-attention-cost gpu-check check-gpu-compile lint format clean-venv
+.PHONY: setup test data train plan eval compare lm-eval generate study ablation tensorboard slurm slurm-array bench-attention bench-attention-cpu bench-attention-cost gpu-check check-gpu-compile lint format clean-venv
 
 setup: $(STAMP)
 
@@ -71,6 +71,13 @@ compare: setup
 # cores; finished runs are skipped), then docs/study/{results.md,summary.json,ppl_vs_length.png}.
 study: setup data
 	$(PY) -m launch.study configs/study --out docs/study
+
+# The ablation of the hybrid (docs/ablation.md): every configs/ablation run (24 runs, several
+# hours on 2 CPU cores; finished runs are skipped, an interrupted one resumes), then
+# docs/ablation/{results.md,summary.json,ppl_vs_length.png} and the verdicts in docs/ablation.md.
+ablation: setup data
+	$(PY) -m launch.study configs/ablation --out docs/ablation
+	$(PY) -m launch.ablation
 
 # TensorBoard over every run in runs/ (PORT=6006).
 PORT ?= 6006
