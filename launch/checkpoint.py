@@ -5,10 +5,18 @@ schedule), one `trainer_rank_<r>.pt` per rank (its data-loader position and RNG 
 tensors and plain values: loaded with `weights_only=True`, never unpickled), and last a
 manifest `rotalibi.json` written by rank 0 once every rank has finished: step, tokens seen,
 world size, the resolved config, whether every weight is finite, and the size and sha256 of
-every file (the ranks hash a share each). A checkpoint whose manifest is missing or malformed,
-or one of whose files is missing or has another size, is incomplete (killed mid-save, truncated)
-and skipped with a warning; `verify` also compares the content hashes, before a checkpoint is
-resumed, evaluated or exported. `latest` names the newest complete one.
+every file (the ranks hash a share each). A checkpoint is incomplete (killed mid-save,
+truncated, altered) and skipped with a warning when its manifest is missing, malformed (every
+key of `MANIFEST_KEYS` of its type, a config that parses, another step than its directory's) or
+lists less than its layout needs (each rank's trainer state, DeepSpeed's model and optimizer
+states: `missing_layout`), when a listed file is missing or has another size, or when the
+directory holds a file the manifest does not list (DeepSpeed loads files by name, and
+zero_to_fp32 by pattern: an unlisted one would be loaded unverified). `verify` also compares
+the content hashes, before a checkpoint is resumed, evaluated or exported. `latest` names the
+newest complete one.
+
+A checkpoint directory may be a symbolic link (moved to another disk): `prune` removes the
+link, and its target too when that is this run's checkpoint of the same step (`prune`).
 
 Resuming on another number of ranks needs DeepSpeed's universal checkpoint (each parameter's
 weights and Adam moments whole, loadable by any number of ranks): `to_universal` converts a
@@ -18,10 +26,12 @@ checkpoint once into `step_<N>/universal/`, with a manifest of its own, verified
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -30,11 +40,36 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 log = logging.getLogger("rotalibi")
 
 MANIFEST = "rotalibi.json"
 UNIVERSAL = "universal"
+UNIVERSAL_PARTIAL = UNIVERSAL + ".partial"  # a conversion under way (or killed)
+
+# Every key of a checkpoint's manifest and its type (bool is not taken for int).
+MANIFEST_KEYS = {
+    "step": int,
+    "finite": bool,
+    "files": dict,
+    "config": str,
+    "tokens": int,
+    "skipped_steps": int,
+    "hooks_owed": bool,
+    "world_size": int,
+    "tokenizer_sha256": str,
+}
+OPTIONAL_MANIFEST_KEYS = {"sequence_parallel": int}  # absent in older manifests: 1
+# The values of the saved config that resuming, exporting and evaluating read.
+CONFIG_KEYS = {
+    ("model",): dict,
+    ("data", "path"): str,
+    ("data", "seq_len"): int,
+    ("data", "batch_size"): int,
+    ("train", "grad_accum"): int,
+    ("deepspeed", "zero_stage"): int,
+}
 
 
 @dataclass(frozen=True)
@@ -77,12 +112,14 @@ def restore_rng_state(state: dict) -> None:
 
 
 def _files(directory: Path) -> list[str]:
-    """The files of a checkpoint, its universal conversion (which has a manifest of its own)
-    left out."""
+    """The files of a checkpoint, its universal conversion (which has a manifest of its own,
+    or is still being written) left out."""
     return [
         str(p.relative_to(directory))
         for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != MANIFEST and p.relative_to(directory).parts[0] != UNIVERSAL
+        if p.is_file()
+        and p.name != MANIFEST
+        and p.relative_to(directory).parts[0] not in (UNIVERSAL, UNIVERSAL_PARTIAL)
     ]
 
 
@@ -94,14 +131,19 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _typed(value: object, kind: type) -> bool:
+    return type(value) is int if kind is int else isinstance(value, kind)
+
+
 def _manifest_shape_problem(manifest: object) -> str | None:
-    """Why a parsed manifest is not one of ours (valid JSON of the wrong shape)."""
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("step"), int):
+    """Why a parsed manifest (of a checkpoint or of a universal conversion) is not one of ours:
+    valid JSON of the wrong shape."""
+    if not isinstance(manifest, dict) or not _typed(manifest.get("step"), int):
         return "malformed manifest (no step)"
     files = manifest.get("files")
     if not isinstance(files, dict) or not all(
         isinstance(entry, dict)
-        and isinstance(entry.get("bytes"), int)
+        and _typed(entry.get("bytes"), int)
         and isinstance(entry.get("sha256"), str)
         for entry in files.values()
     ):
@@ -109,8 +151,92 @@ def _manifest_shape_problem(manifest: object) -> str | None:
     return None
 
 
-def _complete_manifest(directory: Path) -> tuple[dict | None, str | None]:
-    """(the manifest, None) of a complete checkpoint (by its files' sizes), or (None, why not)."""
+# The files of a checkpoint's layout, by rank: rotalibi's trainer state, DeepSpeed's model states
+# (one per rank under ZeRO-3, else one of rank 0's) and ZeRO's optimizer partitions (over every
+# rank, sequence-parallel ones too; bf16_ when trained in bfloat16).
+_TRAINER = re.compile(r"trainer_rank_(\d+)\.pt")
+_MODEL_PARTITION = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_model_states\.pt")
+_MODEL = re.compile(r"mp_rank_\d+_model_states\.pt")
+_OPTIMIZER = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt")
+
+
+def missing_layout(manifest: dict) -> list[str]:
+    """The files a checkpoint needs that its (well-formed) manifest does not list: each rank's
+    trainer state and optimizer partition, and DeepSpeed's model states (each rank's under
+    ZeRO-3). At most 3 are named."""
+    config = yaml.safe_load(manifest["config"])
+    world_size = manifest["world_size"]
+    found: dict[re.Pattern, set[int]] = {
+        _TRAINER: set(),
+        _MODEL_PARTITION: set(),
+        _OPTIMIZER: set(),
+    }
+    whole_model = False
+    for name in manifest["files"]:
+        whole_model = whole_model or _MODEL.fullmatch(name) is not None
+        for pattern, ranks in found.items():
+            if match := pattern.fullmatch(name):
+                ranks.add(int(match[1]))
+    expected = [
+        (_TRAINER, "trainer_rank_{}.pt"),
+        (_OPTIMIZER, "zero_pp_rank_{}_mp_rank_00_optim_states.pt"),
+    ]
+    missing = []
+    if config["deepspeed"]["zero_stage"] == 3:
+        expected.insert(1, (_MODEL_PARTITION, "zero_pp_rank_{}_mp_rank_00_model_states.pt"))
+    elif not whole_model:
+        missing.append("mp_rank_00_model_states.pt")
+    for pattern, name in expected:
+        ranks = found[pattern]
+        absent = (name.format(r) for r in range(world_size) if r not in ranks)
+        missing += itertools.islice(absent, 3)
+    return missing[:3]
+
+
+def manifest_problem(manifest: object, directory: Path | None = None) -> str | None:
+    """Why a parsed manifest is not a checkpoint's (every key of MANIFEST_KEYS of its type, a
+    config that parses and holds CONFIG_KEYS, the step of its directory `step_<N>`, the files
+    of its layout), or None."""
+    if (problem := _manifest_shape_problem(manifest)) is not None:
+        return problem
+    for key, kind in {**MANIFEST_KEYS, **OPTIONAL_MANIFEST_KEYS}.items():
+        if key not in manifest:
+            if key in OPTIONAL_MANIFEST_KEYS:
+                continue
+            return f"malformed manifest (no {key!r})"
+        if not _typed(manifest[key], kind):
+            return f"malformed manifest ({key!r} is not {kind.__name__})"
+    if manifest["step"] < 0 or manifest["tokens"] < 0 or manifest["skipped_steps"] < 0:
+        return "malformed manifest (a negative step or count)"
+    sequence_parallel = manifest.get("sequence_parallel", 1)
+    if manifest["world_size"] < 1 or sequence_parallel < 1:
+        return "malformed manifest (world_size or sequence_parallel below 1)"
+    if manifest["world_size"] % sequence_parallel:
+        return "malformed manifest (sequence_parallel does not divide world_size)"
+    if directory is not None and directory.name != tag(manifest["step"]):
+        return f"malformed manifest (of step {manifest['step']}, in {directory.name})"
+    try:
+        config = yaml.safe_load(manifest["config"])
+    except yaml.YAMLError as e:
+        return f"malformed manifest (its config is not YAML: {str(e).splitlines()[0]})"
+    for keys, kind in CONFIG_KEYS.items():
+        value = config
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if not _typed(value, kind):
+            return (
+                f"malformed manifest (its config has no {'.'.join(keys)} of type {kind.__name__})"
+            )
+    if missing := missing_layout(manifest):
+        return f"malformed manifest (it does not list {', '.join(missing)})"
+    return None
+
+
+def _complete_manifest(
+    directory: Path, *, universal: bool = False
+) -> tuple[dict | None, str | None]:
+    """(the manifest, None) of a complete checkpoint (by its files' sizes), or (None, why not).
+    `universal`: a universal conversion, whose manifest holds only its step and files."""
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         return None, "no manifest: the save did not finish"
@@ -118,7 +244,11 @@ def _complete_manifest(directory: Path) -> tuple[dict | None, str | None]:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         return None, f"unreadable manifest ({e})"
-    if (problem := _manifest_shape_problem(manifest)) is not None:
+    if universal:
+        problem = _manifest_shape_problem(manifest)
+    else:
+        problem = manifest_problem(manifest, directory)
+    if problem is not None:
         return None, problem
     for name, entry in manifest["files"].items():
         path = directory / name
@@ -126,6 +256,12 @@ def _complete_manifest(directory: Path) -> tuple[dict | None, str | None]:
             return None, f"{name} is missing"
         if (size := path.stat().st_size) != entry["bytes"]:
             return None, f"{name} has {size} bytes, {entry['bytes']} when saved"
+    try:
+        unlisted = [name for name in _files(directory) if name not in manifest["files"]]
+    except OSError as e:
+        return None, f"cannot list its files ({e})"
+    if unlisted:
+        return None, f"{unlisted[0]} is not in the manifest (it was not saved with it)"
     return manifest, None
 
 
@@ -203,14 +339,66 @@ def last_good(checkpoint_dir: Path) -> Checkpoint | None:
     return found[-1] if found else None
 
 
+def non_finite_problem(checkpoint: Checkpoint) -> str | None:
+    """Why `checkpoint` cannot be used as a model (its manifest records non-finite weights),
+    naming the newest checkpoint of its run with finite weights; None when it is finite."""
+    if checkpoint.manifest["finite"]:
+        return None
+    good = last_good(checkpoint.path.parent)
+    instead = (
+        f"the newest with finite weights is {good.path.name}: pass --step {good.step}"
+        if good is not None
+        else "no checkpoint of this run has finite weights"
+    )
+    return (
+        f"checkpoint {checkpoint.path} has non-finite weights (saved after training diverged); "
+        f"{instead}"
+    )
+
+
+def unverified(checkpoint_dir: Path, known: dict[Path, str]) -> dict[Path, str]:
+    """Every checkpoint directory `step_<N>` of `checkpoint_dir` holding a manifest, oldest
+    first, with why it cannot be resumed: `known[path]` when given, else why it is incomplete.
+    A directory without a manifest is a save that never finished, not a checkpoint: left out."""
+    found = {}
+    candidates = checkpoint_dir.glob("step_*") if checkpoint_dir.is_dir() else []
+    for directory in candidates:
+        if not directory.name[5:].isdigit() or not (directory / MANIFEST).is_file():
+            continue
+        why = known.get(directory) or _complete_manifest(directory)[1] or "not verified"
+        found[directory] = why
+    return dict(sorted(found.items(), key=lambda item: int(item[0].name[5:])))
+
+
+def free_path(destination: Path, name: str) -> Path:
+    """`destination/name`, or `name.1`, `name.2`, ... when taken."""
+    target, n = destination / name, 0
+    while target.exists() or target.is_symlink():
+        n += 1
+        target = destination / f"{name}.{n}"
+    return target
+
+
+def move_aside(directories: list[Path], destination: Path) -> list[Path]:
+    """Move checkpoint directories (or links to them) into `destination`, keeping their names
+    (`step_12`, or `step_12.1` when taken); returns where each went."""
+    destination.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for directory in directories:
+        target = free_path(destination, directory.name)
+        shutil.move(str(directory), str(target))
+        moved.append(target)
+    return moved
+
+
 def save(engine, checkpoint_dir: Path, *, step: int, manifest: dict, rank_state: dict) -> Path:
     """Save collectively (every rank calls this); returns the checkpoint's directory.
     CheckpointError on every rank when any rank could not write its files (disk full)."""
     world = torch.distributed
     rank, world_size = world.get_rank(), world.get_world_size()
     directory = checkpoint_dir / tag(step)
-    if rank == 0 and directory.exists():
-        shutil.rmtree(directory)  # an earlier, incomplete save of the same step
+    if rank == 0 and (directory.exists() or directory.is_symlink()):
+        _remove_directory(directory)  # an earlier, incomplete save of the same step
     world.barrier()
     failure = None
     try:
@@ -240,10 +428,54 @@ def save(engine, checkpoint_dir: Path, *, step: int, manifest: dict, rank_state:
     return directory
 
 
+def _remove_directory(path: Path) -> None:
+    """Remove a directory, or only the link when it is a symbolic link to one."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
+
+
+def _own_checkpoint(target: Path, link: Path) -> bool:
+    """Whether `target`, where the checkpoint link `link` points, is this run's checkpoint of
+    the same step: a complete one named as the link, whose config names this run's directory
+    (run.name), and neither the checkpoint directory nor one holding it."""
+    checkpoint_dir = link.parent.resolve()
+    if target.name != link.name or target.is_symlink() or not target.is_dir():
+        return False
+    if target == checkpoint_dir or target in checkpoint_dir.parents:
+        return False
+    manifest, problem = _complete_manifest(target)
+    if problem is not None:
+        return False
+    run = yaml.safe_load(manifest["config"]).get("run")
+    return isinstance(run, dict) and run.get("name") == checkpoint_dir.parent.name
+
+
 def prune(checkpoint_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints (rank 0 only)."""
+    """Delete all but the newest `keep` complete checkpoints (rank 0 only). A checkpoint that
+    is a symbolic link (moved to another disk) loses the link, and its target too when that is
+    this run's checkpoint of the same step (`_own_checkpoint`); any other target is left, with
+    a warning. A removal that fails is a warning: training goes on."""
     for old in find_checkpoints(checkpoint_dir, warn=False)[:-keep]:
-        shutil.rmtree(old.path)
+        try:
+            if not old.path.is_symlink():
+                shutil.rmtree(old.path)
+                continue
+            target = old.path.resolve()
+            own = _own_checkpoint(target, old.path)
+            old.path.unlink()
+            if own:
+                shutil.rmtree(target)
+            else:
+                log.warning(
+                    "pruned the link %s; its target %s is not this run's %s: left in place",
+                    old.path,
+                    target,
+                    old.path.name,
+                )
+        except OSError as e:
+            log.warning("cannot prune checkpoint %s: %s", old.path, e)
 
 
 def load(engine, checkpoint: Checkpoint) -> None:
@@ -279,7 +511,7 @@ def _manifest_of(directory: Path, step: int) -> dict:
 def _convert_to_universal(checkpoint: Checkpoint, target: Path) -> None:
     """DeepSpeed's ds_to_universal (a child process: its worker pools and memory end with it)
     into `target`, written last with its manifest: a half-done conversion is never used."""
-    partial = target.with_name(UNIVERSAL + ".partial")
+    partial = target.with_name(UNIVERSAL_PARTIAL)
     shutil.rmtree(partial, ignore_errors=True)
     shutil.rmtree(target, ignore_errors=True)
     workers = str(max(1, min(8, os.cpu_count() or 1)))
@@ -311,7 +543,7 @@ def to_universal(checkpoint: Checkpoint) -> Path:
     problem = None
     if rank == 0:
         try:
-            manifest, problem = _complete_manifest(target)
+            manifest, problem = _complete_manifest(target, universal=True)
             if problem is None:
                 problem = verify(Checkpoint(target, checkpoint.step, manifest))
             if problem is not None:
@@ -322,7 +554,7 @@ def to_universal(checkpoint: Checkpoint) -> Path:
     shared = [problem]
     world.broadcast_object_list(shared, src=0)
     if shared[0] is None:
-        manifest, shared[0] = _complete_manifest(target)
+        manifest, shared[0] = _complete_manifest(target, universal=True)
         if shared[0] is None:
             shared[0] = verify(Checkpoint(target, checkpoint.step, manifest), rank, world_size)
     problems: list = [None] * world_size

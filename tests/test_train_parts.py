@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from launch import checkpoint as ckpt
-from launch.config import ConfigError, load_config
+from launch.config import ConfigError, load_config, to_yaml
 from launch.distributed import complete_environment, expand_nodelist
 from launch.engine import deepspeed_config, lr_multiplier, parameter_groups
 from launch.metrics import MetricsLogger, training_flops_per_token
@@ -157,14 +157,31 @@ def test_training_flops_count_every_linear_map_and_each_attended_key():
 
 
 def _fake_checkpoint(root, step: int) -> None:
+    """A checkpoint of one rank under ZeRO-3: its layout's files (and weights.pt), a manifest
+    with every key."""
     directory = root / ckpt.tag(step)
     directory.mkdir(parents=True)
-    contents = {"weights.pt": b"x" * (100 + step), "trainer_rank_0.pt": b"y" * 10}
+    contents = {
+        "weights.pt": b"x" * (100 + step),
+        "trainer_rank_0.pt": b"y" * 10,
+        "zero_pp_rank_0_mp_rank_00_model_states.pt": b"m",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt": b"o",
+    }
     files = {}
     for name, data in contents.items():
         (directory / name).write_bytes(data)
         files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    manifest = {"step": step, "finite": True, "files": files}
+    manifest = {
+        "step": step,
+        "finite": True,
+        "files": files,
+        "config": to_yaml(load_config(None, [])),
+        "tokens": 0,
+        "skipped_steps": 0,
+        "hooks_owed": False,
+        "world_size": 1,
+        "tokenizer_sha256": "0" * 64,
+    }
     (directory / ckpt.MANIFEST).write_text(json.dumps(manifest))
 
 
