@@ -6,11 +6,12 @@ launch/distributed.py). The run directory `<run.dir>/<run.name>/` holds `config.
 complete checkpoint resumes from the newest one, exactly, on any number of ranks (another
 number goes through DeepSpeed's universal checkpoint; see `Trainer._restore`).
 
-Exit codes: 0 finished; 2 bad input (config, dataset, run directory in use or not writable),
-before any step; 3 stopped after `train.max_bad_steps` non-finite steps in a row; 75
-(EX_TEMPFAIL) saved a checkpoint on SIGTERM or SIGUSR1 and asks to be requeued; 130 saved a
-checkpoint on Ctrl-C (SIGINT; a second one aborts at once); 1 anything else (a checkpoint that
-could not be written says so in one line).
+Exit codes: 0 finished; 2 bad input (config, dataset, run directory in use or not writable,
+checkpoints none of which can be resumed: see `Trainer._verified`), before any step; 3
+stopped after `train.max_bad_steps` non-finite steps in a row; 75 (EX_TEMPFAIL) saved a
+checkpoint on SIGTERM or SIGUSR1 and asks to be requeued; 130 saved a checkpoint on Ctrl-C
+(SIGINT; a second one aborts at once); 1 anything else (a checkpoint that could not be written
+says so in one line).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -220,10 +222,12 @@ class Trainer:
 
     def _verified(self, newest: ckpt.Checkpoint | None) -> ckpt.Checkpoint | None:
         """The newest checkpoint up to `newest` whose weights are finite and whose files are
-        the ones saved (sha256; the ranks check a share each). Collective."""
-        if newest is None:
-            return None
-        found = ckpt.find_checkpoints(self.checkpoint_dir, warn=False)
+        the ones saved (sha256; the ranks check a share each). When the run directory holds
+        checkpoints and none of them verifies, RunDirError naming them, or, with
+        train.restart_if_unverified, they are moved to RUN/unverified/ (never deleted) and the
+        run starts from step 0. Collective."""
+        rejected: dict[Path, str] = {}
+        found = ckpt.find_checkpoints(self.checkpoint_dir, warn=False) if newest else []
         for checkpoint in reversed([c for c in found if c.step <= newest.step]):
             problem = None
             if not checkpoint.manifest["finite"]:
@@ -236,8 +240,47 @@ class Trainer:
             if problem is None:
                 return checkpoint
             log.warning("skipping checkpoint %s: %s", checkpoint.path, problem)
-        log.warning("no checkpoint of %s can be resumed: training from the start", self.run_dir)
+            rejected[checkpoint.path] = problem
+        self._set_aside_unverified(rejected)
         return None
+
+    def _set_aside_unverified(self, rejected: dict[Path, str]) -> None:
+        """No checkpoint verified (`rejected`: why, for those that were complete): stop with
+        RunDirError naming every checkpoint of the run, unless train.restart_if_unverified,
+        when rank 0 moves them to RUN/unverified/ (with metrics.jsonl, which the new start
+        truncates, copied there). Nothing to do without checkpoints. Collective."""
+        damaged = ckpt.unverified(self.checkpoint_dir, rejected)
+        if not damaged:
+            return
+        named = "; ".join(f"{path.name} ({why})" for path, why in damaged.items())
+        aside = self.run_dir / "unverified"
+        if not self.cfg.train.restart_if_unverified:
+            raise RunDirError(
+                f"no checkpoint of {self.run_dir} can be resumed: {named}. They are kept as "
+                f"they are: repair or remove them, or set train.restart_if_unverified=true to "
+                f"move them to {aside} and train from step 0"
+            )
+        problem = None
+        if self.world.is_main:
+            try:
+                moved = ckpt.move_aside(list(damaged), aside)
+                metrics = self.run_dir / "metrics.jsonl"
+                if metrics.is_file():
+                    shutil.copy2(metrics, ckpt.free_path(aside, metrics.name))
+                latest = self.checkpoint_dir / "latest"
+                if latest.is_file() and latest.read_text().strip() in {p.name for p in damaged}:
+                    latest.unlink()
+                log.warning(
+                    "no checkpoint of %s can be resumed (%s): moved %s to %s; training from "
+                    "step 0 (train.restart_if_unverified)",
+                    self.run_dir,
+                    named,
+                    ", ".join(p.name for p in moved),
+                    aside,
+                )
+            except OSError as e:
+                problem = f"cannot move the unverified checkpoints of {self.run_dir} aside: {e}"
+        _share_problem(problem, RunDirError)
 
     def _restore(self, checkpoint: ckpt.Checkpoint) -> None:
         """Weights, optimizer and schedule, the data position and RNG of `checkpoint`. Saved by
