@@ -3,7 +3,9 @@
 (`make lm-eval RUN=... TASKS=...`).
 
 Exports the checkpoint as a Hugging Face model (`launch.export --hf`, into
-RUN/export/hf_step_<N>/ unless an export is there already), checks that every task exists
+RUN/export/hf_step_<N>/; an export there is reused only when its record shows it was made from
+this very checkpoint, by the sha256 of its manifest, with the weights unchanged since
+(`launch.export.export_source_problem`); any other is replaced), checks that every task exists
 (lm-eval's own and those of evaluation/tasks/, such as the offline rotalibi_heldout) and that
 transformers reads the export, then runs lm-eval's `hf` model on it. The results go to
 RUN/eval/lm_eval/step_<N>.json (lm-eval's results, configs and versions) and into the run's
@@ -18,13 +20,14 @@ import argparse
 import difflib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 import yaml
 
-from launch.export import ExportError, export_hf, pick_checkpoint
+from launch.export import ExportError, export_hf, export_source_problem, pick_checkpoint
 from launch.hf import HFExportError
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -53,14 +56,29 @@ def check_tasks(manager, tasks: list[str]) -> None:
 
 
 def hf_export(checkpoint, out: Path) -> Path:
-    """The checkpoint's Hugging Face export at `out`, written (whole, or not at all) unless it
-    exists; transformers must be able to read its config."""
+    """The checkpoint's Hugging Face export at `out`, written (whole, or not at all) unless an
+    export verifiably made from this checkpoint is there (another one, stale or altered, is
+    replaced, with a warning); transformers must be able to read its config."""
     from transformers import AutoConfig
 
-    if not (out / "config.json").is_file():
+    there = out.exists() or out.is_symlink()
+    stale = export_source_problem(checkpoint, out) if there else None
+    if stale is not None:
+        print(f"warning: re-exporting {out}: {stale}", file=sys.stderr)
+    if not there or stale is not None:
         partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
         export_hf(checkpoint, partial)
-        partial.rename(out)
+        if there:  # set aside, replaced, then removed: `out` is always a whole export
+            old = out.with_name(f"{out.name}.stale-{os.getpid()}")
+            out.rename(old)
+            partial.rename(out)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+        else:
+            partial.rename(out)
     try:
         AutoConfig.from_pretrained(out, trust_remote_code=True)
     except Exception as e:  # transformers raises whatever the remote code or JSON raises

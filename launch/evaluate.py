@@ -12,8 +12,9 @@ One process, on CUDA when there is a GPU, else the CPU; no DeepSpeed engine. Ove
 config (an export outside a run starts from the schema's defaults). Writes, like the
 evaluation inside training (`checkpoint_hook`), `eval/step_<N>.json`, `eval/ppl_vs_length.png`
 and TensorBoard scalars and image, into the run directory (or --out). launch/extrapolation.py
-says what is measured. A checkpoint is evaluated only if its files are the ones saved (sha256),
-on a dataset of the tokenizer it was trained with; a finite perplexity already recorded is never
+says what is measured. A checkpoint is evaluated only if its files are the ones saved (sha256)
+and its weights finite (--all leaves the others out, named), on a dataset of the tokenizer it
+was trained with; a finite perplexity already recorded is never
 replaced by a non-finite one (a corrupted model) unless --force.
 """
 
@@ -266,6 +267,8 @@ def resolve(target: Path, *, step: int | None, every: bool) -> tuple[str, Path, 
         found = [c for c in ckpt.find_checkpoints(target.parent) if c.path == target]
         if not found:
             raise TargetError(f"{target} is an incomplete checkpoint (see the warning above)")
+        if (problem := ckpt.non_finite_problem(found[0])) is not None:
+            raise TargetError(problem)
         run_dir = target.parent.parent
         if not (run_dir / "config.yaml").is_file():
             run_dir = target  # a checkpoint outside its run
@@ -298,10 +301,14 @@ def resolve(target: Path, *, step: int | None, every: bool) -> tuple[str, Path, 
     if (target / "checkpoints").is_dir() or (target / "config.yaml").is_file():  # a run
         from launch.export import pick_checkpoint
 
-        if every:
+        if every:  # those with finite weights: the others are named and left out
             chosen = ckpt.find_checkpoints(target / "checkpoints")
+            for checkpoint in chosen:
+                if not checkpoint.manifest["finite"]:
+                    log.warning("leaving out %s: its weights are not finite", checkpoint.path)
+            chosen = [c for c in chosen if c.manifest["finite"]]
             if not chosen:
-                raise TargetError(f"{target} holds no complete checkpoint")
+                raise TargetError(f"{target} holds no complete checkpoint with finite weights")
         else:
             chosen = [pick_checkpoint(target, step)]
         return chosen[-1].manifest["config"], target, [_checkpoint_target(c) for c in chosen]

@@ -7,7 +7,14 @@ zero_to_fp32 API (on the CPU, no process group), then writes `model.safetensors`
 `RUN_DIR/export/step_<N>/` unless --out names another directory.
 `load_exported(DIR)` gives the model back. With --hf, a Hugging Face transformers model
 (`launch.hf.write_hf`, every scheme; default `RUN_DIR/export/hf_step_<N>/`); with --llama, a
-rope or nope model as transformers' own LlamaForCausalLM (default `.../llama_step_<N>/`).
+rope or nope model as transformers' own LlamaForCausalLM (default `.../llama_step_<N>/`). A
+Hugging Face export also holds `rotalibi_export.json`, written last: the checkpoint it came
+from, the sha256 of that checkpoint's manifest and of the exported weights
+(`export_source_problem` checks an export against a checkpoint).
+
+A checkpoint whose weights are not finite (saved after training diverged) is refused, naming
+the newest with finite weights, whether asked for by --step or as the newest; so is an --out
+that is not a directory.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 import yaml
 from safetensors.torch import load_model, save_model
 
@@ -30,6 +38,9 @@ class ExportError(ValueError):
     """No checkpoint to export, or no export to load."""
 
 
+EXPORT_RECORD = "rotalibi_export.json"  # in a Hugging Face export: where it came from
+
+
 def pick_checkpoint(run_dir: Path, step: int | None) -> ckpt.Checkpoint:
     """The newest complete checkpoint of `run_dir`, or the one of `step`."""
     if not Path(run_dir).is_dir():
@@ -37,19 +48,22 @@ def pick_checkpoint(run_dir: Path, step: int | None) -> ckpt.Checkpoint:
     found = ckpt.find_checkpoints(Path(run_dir) / "checkpoints")
     if not found:
         raise ExportError(f"{run_dir} holds no complete checkpoint (looked in checkpoints/)")
-    if step is None:
-        return found[-1]
-    for checkpoint in found:
-        if checkpoint.step == step:
-            return checkpoint
-    steps = ", ".join(str(c.step) for c in found)
-    raise ExportError(f"{run_dir} has no complete checkpoint of step {step}; it has {steps}")
+    chosen = found[-1] if step is None else next((c for c in found if c.step == step), None)
+    if chosen is None:
+        steps = ", ".join(str(c.step) for c in found)
+        raise ExportError(f"{run_dir} has no complete checkpoint of step {step}; it has {steps}")
+    if (problem := ckpt.non_finite_problem(chosen)) is not None:
+        raise ExportError(problem)
+    return chosen
 
 
 def model_from_checkpoint(checkpoint: ckpt.Checkpoint) -> tuple[Transformer, dict]:
-    """The consolidated float32 model of a checkpoint, and the run's config as a dict."""
+    """The consolidated float32 model of a checkpoint, and the run's config as a dict.
+    ExportError when its files are not the ones saved or its weights are not finite."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    if (problem := ckpt.non_finite_problem(checkpoint)) is not None:
+        raise ExportError(problem)
     problem = ckpt.verify(checkpoint)
     if problem is not None:
         raise ExportError(f"checkpoint {checkpoint.path} is corrupted: {problem}")
@@ -59,11 +73,27 @@ def model_from_checkpoint(checkpoint: ckpt.Checkpoint) -> tuple[Transformer, dic
         str(checkpoint.path.parent), tag=checkpoint.path.name
     )
     model.load_state_dict(state, strict=True)
+    bad = [name for name, value in state.items() if not torch.isfinite(value).all()]
+    if bad:  # a manifest that says otherwise (written by an older rotalibi, or altered)
+        raise ExportError(
+            f"checkpoint {checkpoint.path} holds non-finite weights ({bad[0]}); its manifest "
+            "says they are finite"
+        )
     return model, config
+
+
+def check_out(out: Path) -> None:
+    """ExportError unless `out` is a directory or can be made one (no file in the way)."""
+    for path in (out, *out.parents):
+        if path.exists() or path.is_symlink():
+            if not path.is_dir():
+                raise ExportError(f"--out {out}: {path} is a file, not a directory")
+            return
 
 
 def export(checkpoint: ckpt.Checkpoint, out: Path) -> Path:
     """Write model.safetensors and config.json for `checkpoint` into `out`."""
+    check_out(out)
     model, config = model_from_checkpoint(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, str(out / "model.safetensors"))
@@ -75,20 +105,52 @@ def export(checkpoint: ckpt.Checkpoint, out: Path) -> Path:
         "tokens": checkpoint.manifest["tokens"],
         "tokenizer_sha256": checkpoint.manifest["tokenizer_sha256"],
         "source": str(checkpoint.path),
+        "source_manifest_sha256": ckpt.sha256(checkpoint.path / ckpt.MANIFEST),
     }
     (out / "config.json").write_text(json.dumps(meta, indent=1))
     return out
 
 
 def export_hf(checkpoint: ckpt.Checkpoint, out: Path, *, llama: bool = False) -> Path:
-    """Write `checkpoint` as a Hugging Face model into `out` (`launch.hf`)."""
+    """Write `checkpoint` as a Hugging Face model into `out` (`launch.hf`), and last its
+    record, EXPORT_RECORD (`export_source_problem`)."""
+    check_out(out)
     config = yaml.safe_load(checkpoint.manifest["config"])
     if llama:
         hf.check_llama(config["model"].get("scheme", ModelConfig.scheme))
     tokenizer = hf.tokenizer_file(config["data"]["path"], checkpoint.manifest["tokenizer_sha256"])
     model, _ = model_from_checkpoint(checkpoint)
+    (out / EXPORT_RECORD).unlink(missing_ok=True)
     write = hf.write_llama if llama else hf.write_hf
-    return write(model, config["data"]["seq_len"], tokenizer, out)
+    write(model, config["data"]["seq_len"], tokenizer, out)
+    record = {
+        "source": str(checkpoint.path),
+        "step": checkpoint.step,
+        "manifest_sha256": ckpt.sha256(checkpoint.path / ckpt.MANIFEST),
+        "weights_sha256": ckpt.sha256(out / "model.safetensors"),
+    }
+    ckpt.write_atomically(out / EXPORT_RECORD, json.dumps(record, indent=1))
+    return out
+
+
+def export_source_problem(checkpoint: ckpt.Checkpoint, out: Path) -> str | None:
+    """Why the Hugging Face export `out` is not verifiably `checkpoint`'s (no record of where it
+    came from, another checkpoint's manifest, weights altered since), or None."""
+    try:
+        record = json.loads((out / EXPORT_RECORD).read_text())
+        manifest_sha256, weights_sha256 = record["manifest_sha256"], record["weights_sha256"]
+    except FileNotFoundError:
+        return f"it has no {EXPORT_RECORD} (written by an older rotalibi, or unfinished)"
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
+        return f"its {EXPORT_RECORD} is unreadable ({type(e).__name__}: {e})"
+    try:
+        if manifest_sha256 != ckpt.sha256(checkpoint.path / ckpt.MANIFEST):
+            return f"it was exported from another checkpoint ({record.get('source')})"
+        if weights_sha256 != ckpt.sha256(out / "model.safetensors"):
+            return "its model.safetensors is not the one exported"
+    except OSError as e:
+        return f"cannot read it ({e})"
+    return None
 
 
 def load_exported(directory: str | Path) -> tuple[Transformer, dict]:
@@ -113,6 +175,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     prefix = "hf_" if args.hf else "llama_" if args.llama else ""
     try:
+        if args.out is not None:
+            check_out(args.out)
         checkpoint = pick_checkpoint(args.run_dir, args.step)
         out = args.out or args.run_dir / "export" / f"{prefix}{checkpoint.path.name}"
         if args.hf or args.llama:

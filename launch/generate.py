@@ -67,8 +67,29 @@ def sample(
             logits = model.decode(torch.tensor([new[-1:]], device=device), cache)[0, -1]
 
 
+# The smallest sampling temperature: logits / temperature must stay finite in float64 for any
+# finite float32 logit (|logit| < 3.5e38); below it sampling is greedy in all but name.
+MIN_TEMPERATURE = 1e-6
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line: `error: ...`, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
+
+def _undecodable(text: str) -> str:
+    """What lone surrogates in argv stand for: the bytes that were not UTF-8 (Python's
+    surrogate escapes), else the code points."""
+    try:
+        return "bytes " + text.encode("utf-8", "surrogateescape").hex(" ")
+    except UnicodeEncodeError:
+        return "code points " + " ".join(f"U+{ord(c):04X}" for c in text)
+
+
 def _options(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m launch.generate", description=__doc__)
+    parser = _Parser(prog="python -m launch.generate", description=__doc__)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--step", type=int, help="the checkpoint's step (default: the newest)")
@@ -81,10 +102,22 @@ def _options(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         parser.error(f"--temperature must be a finite number >= 0 (got {args.temperature})")
+    if 0 < args.temperature < MIN_TEMPERATURE:
+        parser.error(
+            f"--temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g} "
+            f"(got {args.temperature:g})"
+        )
     if not 0 < args.top_p <= 1:
         parser.error(f"--top-p must be in (0, 1] (got {args.top_p})")
     if not args.prompt:
         parser.error("--prompt is empty: give the text to continue")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # bytes that were not UTF-8, as surrogate escapes
+        parser.error(
+            f"--prompt is not valid UTF-8 ({_undecodable(args.prompt[e.start : e.end])} at "
+            f"character {e.start}): give text in UTF-8"
+        )
     return args
 
 
