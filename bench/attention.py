@@ -65,7 +65,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _inputs(batch: int, length: int, heads: int, head_dim: int, device="cuda") -> dict[str, Tensor]:
     """bfloat16 q, k, v [B, T, H, d], float32 increments around RoPE's, ALiBi slopes."""
-    from model.schemes import alibi_slopes, rope_frequencies
+    from model.positions import alibi_slopes, rope_frequencies
 
     def randn(*shape):
         return torch.randn(*shape, device=device, dtype=torch.bfloat16, requires_grad=True)

@@ -35,7 +35,7 @@ import kernels
 from bench import median_seconds
 from kernels import AlibiTable
 from kernels.alibi_reach import DEFAULT_SKIP_EPS, alibi_reach
-from model.schemes import alibi_slopes, rope_frequencies
+from model.positions import alibi_slopes, rope_frequencies
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -39,13 +39,14 @@ from pathlib import Path
 import torch
 
 from bench import machine, write_result
+from data.config import DataConfig
 from data.default_corpus import VAL_FRACTION, VOCAB_SIZE, default_corpus_files
 from data.loader import build_train_loader
 from data.manifest import read_manifest
 from data.prepare import DEFAULT_VOCAB_SIZE, prepare
 from data.tokenizer import train_tokenizer
-from launch.config import DataConfig, load_config
 from model import Transformer
+from training.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_RATIO = 20

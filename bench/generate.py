@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 from bench import median_seconds, write_result
-from launch.config import load_config
-from launch.hf import to_hf
 from model import Transformer
-from model.modeling_rotalibi import DecodingCache, RotalibiForCausalLM
+from model.decoding import DecodingCache
+from model.hf.convert import to_hf
+from model.hf.modeling_rotalibi import RotalibiForCausalLM
+from training.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_SPEEDUP = 20

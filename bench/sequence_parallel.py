@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from bench import median_seconds
-from launch.distributed import exit_process
+from training.distributed import exit_process
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -103,9 +103,9 @@ def worker(args: argparse.Namespace) -> dict:
     """This rank's part of the benchmark; the report (complete on rank 0)."""
     import deepspeed
 
-    from launch.config import load_config
     from model import Transformer
     from model.sequence_parallel import SequenceParallel
+    from training.config import load_config
 
     cuda = torch.cuda.is_available()
     if cuda:

@@ -31,9 +31,9 @@ import torch
 
 from bench import machine, write_result
 from data.loader import build_train_loader
-from launch.config import load_config
-from launch.engine import lr_multiplier, parameter_groups
 from model import Transformer
+from training.config import load_config
+from training.engine import lr_multiplier, parameter_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 

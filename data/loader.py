@@ -46,11 +46,11 @@ from data.cache import (
     streaming_setup_lock,
     verify_cached_split,
 )
+from data.config import DataConfig
 from data.distributed import RankInfo, data_layout, gather, init_process_group, rank_info
 from data.documents import Part, RankDocuments
 from data.manifest import LENGTHS, MANIFEST, DatasetError, parse_manifest, read_manifest
 from data.packing import Position, ShuffledRows, make_batch
-from launch.config import DataConfig
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from launch.export import ExportError, export_hf, export_source_problem, pick_checkpoint
-from launch.hf import HFExportError
+from model.hf.convert import HFExportError
+from training.export import ExportError, export_hf, export_source_problem, pick_checkpoint
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 DEFAULT_TASKS = "rotalibi_heldout"

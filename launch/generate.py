@@ -22,9 +22,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from data.tokenizer import eos_id, read_tokenizer_file
-from launch.export import ExportError, model_from_checkpoint, pick_checkpoint
-from launch.hf import HFExportError, tokenizer_file
 from model import Transformer
+from model.hf.convert import HFExportError, tokenizer_file
+from training.export import ExportError, model_from_checkpoint, pick_checkpoint
 
 
 def next_token(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
@@ -51,7 +51,7 @@ def sample(
     progress: bool = False,
 ) -> list[int]:
     """Up to max_new_tokens tokens after `prompt`, decoded with a KV cache; ends after `stop`."""
-    from model.modeling_rotalibi import DecodingCache
+    from model.decoding import DecodingCache
 
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)

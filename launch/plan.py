@@ -42,20 +42,19 @@ from dataclasses import dataclass
 
 import torch
 
+from evaluation.extrapolation import forward_bytes
 from kernels.angles import SCAN_CHUNK
-from launch.config import (
+from model.config import LEARNED_ROTATIONS, SCHEMES, ModelConfig
+from model.transformer import LOSS_CHUNK
+from training.config import (
     MAX_PEAK_TFLOPS,
     Config,
     ConfigError,
     load_config,
     sequence_parallel_problems,
+    tasks_per_node,
 )
-from launch.engine import precision
-from launch.extrapolation import forward_bytes
-from launch.slurm import tasks_per_node
-from model.config import ModelConfig
-from model.schemes import LEARNED_ROTATIONS, SCHEMES
-from model.transformer import LOSS_CHUNK
+from training.engine import precision
 
 H100_BF16_TFLOPS = 989.0  # H100 SXM, dense bf16 (the datasheet's figure without sparsity)
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}

@@ -41,7 +41,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 
-from launch.config import (
+from training.config import (
     Config,
     ConfigError,
     SlurmConfig,
@@ -49,6 +49,7 @@ from launch.config import (
     file_layers,
     load_config,
     sequence_parallel_problems,
+    tasks_per_node,
     to_yaml,
 )
 
@@ -98,13 +99,6 @@ def time_limit_seconds(text: str) -> int | None:
     if len(parts) == 3:  # H:M:S
         return (parts[0] * 60 + parts[1]) * 60 + parts[2]
     return parts[0] * 60 + (parts[1] if len(parts) == 2 else 0)  # M or M:S
-
-
-def tasks_per_node(slurm: SlurmConfig) -> int:
-    """One task per GPU; on CPU nodes `slurm.tasks_per_node` (default 1)."""
-    if slurm.tasks_per_node is not None:
-        return slurm.tasks_per_node
-    return max(slurm.gpus_per_node, 1)
 
 
 def _sbatch_option(line: str) -> str:
@@ -702,8 +696,8 @@ def check_trainable(cfg: Config) -> None:
     """What launch.train checks first (dataset, a run directory of another model), checked now:
     a job would otherwise wait in the queue only to stop at once."""
     from data.manifest import DatasetError
-    from launch.rundir import RunDirError
-    from launch.train import check_dataset, resume_point
+    from training.resume import check_dataset, resume_point
+    from training.rundir import RunDirError
 
     try:
         check_dataset(cfg)

@@ -1,7 +1,6 @@
 """The decoder and its position schemes."""
 
-from model.config import ModelConfig
-from model.schemes import SCHEMES
+from model.config import SCHEMES, ModelConfig
 from model.transformer import Transformer
 
 __all__ = ["SCHEMES", "ModelConfig", "Transformer"]

@@ -1,10 +1,60 @@
-"""The model's configuration: a plain dataclass that doubles as the OmegaConf schema."""
+"""The model's configuration: the position schemes as data (`SCHEMES`: the mechanisms each one
+combines) and `ModelConfig`, a plain dataclass that doubles as the OmegaConf schema.
+model/schemes.py holds the modules that implement the mechanisms."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from model.schemes import SCHEMES
+
+@dataclass(frozen=True)
+class SchemeSpec:
+    """The mechanisms one scheme combines."""
+
+    # Source of the angles: "rope"; "learned" (increments b + W x_t, free); "scaled"
+    # (increments theta_p 2 sigmoid(c_p + w_p . x_t), relative to each pair's frequency);
+    # "random" (frozen, data-dependent).
+    rotation: str | None = None
+    rotate_values: bool = False
+    bias: str | None = None  # a DistanceBias kind
+    forget: bool = False  # FoX's forget gate: logit_ij + sum of log f_t over (j, i]
+    window: bool = False
+    decay: bool = False  # xPos
+    transport: bool = False  # PaTH
+    absolute: bool = False  # sinusoidal embeddings added to the token embeddings
+
+
+SCHEMES: dict[str, SchemeSpec] = {
+    "nope": SchemeSpec(),
+    "sinusoidal": SchemeSpec(absolute=True),
+    "rope": SchemeSpec(rotation="rope"),
+    "alibi": SchemeSpec(bias="alibi"),
+    "kerple_log": SchemeSpec(bias="kerple_log"),
+    "kerple_power": SchemeSpec(bias="kerple_power"),
+    "sandwich": SchemeSpec(bias="sandwich"),
+    "xpos": SchemeSpec(rotation="rope", decay=True),
+    "type1": SchemeSpec(bias="type1"),
+    "type2": SchemeSpec(bias="type2"),
+    "local": SchemeSpec(rotation="rope", window=True),
+    "accrot": SchemeSpec(rotation="learned"),
+    "accrot_v": SchemeSpec(rotation="learned", rotate_values=True),
+    "random_accrot": SchemeSpec(rotation="random"),
+    "path": SchemeSpec(transport=True),
+    "hybrid": SchemeSpec(rotation="learned", rotate_values=True, bias="alibi"),
+    "path_alibi": SchemeSpec(transport=True, bias="alibi"),
+    # The factorial that locates the hybrid's deficit (docs/ablation.md), and forget gates.
+    "rope_alibi": SchemeSpec(rotation="rope", bias="alibi"),
+    "vorope_alibi": SchemeSpec(rotation="rope", rotate_values=True, bias="alibi"),
+    "accrot_alibi": SchemeSpec(rotation="learned", bias="alibi"),
+    "accrot_scaled": SchemeSpec(rotation="scaled"),
+    "accrot_alibi_scaled": SchemeSpec(rotation="scaled", bias="alibi"),
+    "hybrid_scaled": SchemeSpec(rotation="scaled", rotate_values=True, bias="alibi"),
+    "fox": SchemeSpec(forget=True),
+    "hybrid_fox": SchemeSpec(rotation="scaled", rotate_values=True, forget=True),
+    "path_fox": SchemeSpec(transport=True, forget=True),
+}
+
+LEARNED_ROTATIONS = ("learned", "scaled")  # rotations whose increments the model learns
 
 
 @dataclass

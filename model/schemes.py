@@ -1,6 +1,6 @@
 """Position schemes: what each one does to attention, as data, and the module that does it.
 
-A scheme is a combination of a few mechanisms (DESIGN.md's table):
+A scheme is a combination of a few mechanisms (docs/design.md's table):
 rotate q/k (and v) by angles, add a distance bias or a data-dependent forget gate (FoX), mask a
 window, decay the logit per pair (xPos), transport keys by Householder products (PaTH), or add
 absolute embeddings at the input.
@@ -11,82 +11,15 @@ attention core, and the fused kernel, serve the whole family without a branch pe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels import AlibiTable, accumulate_angles
+from model.config import LEARNED_ROTATIONS, SCHEMES, ModelConfig
 from model.partitioned import full
-
-if TYPE_CHECKING:
-    from model.config import ModelConfig
-
-
-@dataclass(frozen=True)
-class SchemeSpec:
-    """The mechanisms one scheme combines."""
-
-    # Source of the angles: "rope"; "learned" (increments b + W x_t, free); "scaled"
-    # (increments theta_p 2 sigmoid(c_p + w_p . x_t), relative to each pair's frequency);
-    # "random" (frozen, data-dependent).
-    rotation: str | None = None
-    rotate_values: bool = False
-    bias: str | None = None  # a DistanceBias kind
-    forget: bool = False  # FoX's forget gate: logit_ij + sum of log f_t over (j, i]
-    window: bool = False
-    decay: bool = False  # xPos
-    transport: bool = False  # PaTH
-    absolute: bool = False  # sinusoidal embeddings added to the token embeddings
-
-
-SCHEMES: dict[str, SchemeSpec] = {
-    "nope": SchemeSpec(),
-    "sinusoidal": SchemeSpec(absolute=True),
-    "rope": SchemeSpec(rotation="rope"),
-    "alibi": SchemeSpec(bias="alibi"),
-    "kerple_log": SchemeSpec(bias="kerple_log"),
-    "kerple_power": SchemeSpec(bias="kerple_power"),
-    "sandwich": SchemeSpec(bias="sandwich"),
-    "xpos": SchemeSpec(rotation="rope", decay=True),
-    "type1": SchemeSpec(bias="type1"),
-    "type2": SchemeSpec(bias="type2"),
-    "local": SchemeSpec(rotation="rope", window=True),
-    "accrot": SchemeSpec(rotation="learned"),
-    "accrot_v": SchemeSpec(rotation="learned", rotate_values=True),
-    "random_accrot": SchemeSpec(rotation="random"),
-    "path": SchemeSpec(transport=True),
-    "hybrid": SchemeSpec(rotation="learned", rotate_values=True, bias="alibi"),
-    "path_alibi": SchemeSpec(transport=True, bias="alibi"),
-    # The factorial that locates the hybrid's deficit (docs/ablation.md), and forget gates.
-    "rope_alibi": SchemeSpec(rotation="rope", bias="alibi"),
-    "vorope_alibi": SchemeSpec(rotation="rope", rotate_values=True, bias="alibi"),
-    "accrot_alibi": SchemeSpec(rotation="learned", bias="alibi"),
-    "accrot_scaled": SchemeSpec(rotation="scaled"),
-    "accrot_alibi_scaled": SchemeSpec(rotation="scaled", bias="alibi"),
-    "hybrid_scaled": SchemeSpec(rotation="scaled", rotate_values=True, bias="alibi"),
-    "fox": SchemeSpec(forget=True),
-    "hybrid_fox": SchemeSpec(rotation="scaled", rotate_values=True, forget=True),
-    "path_fox": SchemeSpec(transport=True, forget=True),
-}
-
-LEARNED_ROTATIONS = ("learned", "scaled")  # rotations whose increments the model learns
-
-
-def rope_frequencies(head_dim: int, base: float) -> Tensor:
-    """theta_p = base^(-2p/d), p = 0..d/2-1 (float64)."""
-    return base ** (-torch.arange(0, head_dim, 2).double() / head_dim)
-
-
-def alibi_slopes(n_heads: int) -> Tensor:
-    """ALiBi's head slopes: 2^(-8h/H) for H a power of two, else the paper's interleaving."""
-    if math.log2(n_heads).is_integer():
-        return torch.as_tensor([2 ** (-8 * h / n_heads) for h in range(1, n_heads + 1)])
-    closest = 2 ** math.floor(math.log2(n_heads))
-    extra = alibi_slopes(2 * closest)[0::2][: n_heads - closest]
-    return torch.cat((alibi_slopes(closest), extra))
+from model.positions import alibi_slopes, rope_frequencies
 
 
 def query_heads(kv_heads: Tensor, groups: int) -> Tensor:
@@ -310,7 +243,7 @@ class PositionScheme(Float64Constants):
         return plan
 
     def decoding_inputs(self, x: Tensor) -> dict:
-        """The keyword arguments of `model.modeling_rotalibi.attend_new_tokens` (incremental
+        """The keyword arguments of `model.decoding.attend_new_tokens` (incremental
         decoding) for new tokens x [B, n, d_model]: the same scheme as `forward`'s plan."""
         spec, angle_dtype = self.spec, torch.promote_types(x.dtype, torch.float32)
         inputs: dict = {"rotate_values": spec.rotate_values, "window": self.window}

@@ -14,12 +14,13 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import kernels
-from model.config import ModelConfig
+from model.config import SCHEMES, ModelConfig
+from model.decoding import DecodingCache, LayerCache, Step, attend_new_tokens
 from model.partitioned import full
-from model.schemes import SCHEMES, PositionScheme, query_heads
+from model.positions import sinusoidal_embedding
+from model.schemes import PositionScheme, query_heads
 
 if TYPE_CHECKING:
-    from model.modeling_rotalibi import DecodingCache, LayerCache, Step
     from model.sequence_parallel import SequenceParallel
 
 LOSS_CHUNK = 2048  # positions whose logits exist at once when the model computes the loss
@@ -114,8 +115,6 @@ class Attention(nn.Module):
 
     def decode(self, x: Tensor, state: LayerCache, step: Step) -> Tensor:
         """Attention of a decoding step's new tokens over the cache (`Transformer.decode`)."""
-        from model.modeling_rotalibi import attend_new_tokens
-
         o = attend_new_tokens(state, step, *self.project(x), **self.position.decoding_inputs(x))
         return self.wo(o.flatten(2))
 
@@ -146,13 +145,6 @@ class Block(nn.Module):
     def decode(self, x: Tensor, state: LayerCache, step: Step) -> Tensor:
         x = x + self.attn.decode(self.attn_norm(x), state, step)
         return x + self.mlp(self.mlp_norm(x))
-
-
-def sinusoidal_embedding(positions: Tensor, dim: int) -> Tensor:
-    """Absolute sinusoidal embeddings [B, T, dim] (sin half, cos half), computed in float64."""
-    freq = 10000 ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim)
-    angle = positions[..., None].double() * freq
-    return torch.cat((angle.sin(), angle.cos()), dim=-1)
 
 
 class Transformer(nn.Module):
@@ -264,7 +256,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def decode(self, tokens: Tensor, cache: DecodingCache) -> Tensor:
         """Logits [B, n, vocab] of tokens [B, n] that follow those already in `cache`, which
-        this extends (start from `model.modeling_rotalibi.DecodingCache(n_layers)`). Each
+        this extends (start from `model.decoding.DecodingCache(n_layers)`). Each
         token costs O(cached length), not a forward over the whole text; one text per row."""
         step = cache.extend(torch.ones_like(tokens, dtype=torch.bool))
         x = self.embed(tokens)
