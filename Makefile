@@ -119,9 +119,12 @@ gpu-check: setup
 check-gpu-compile: setup
 	$(PY) -m kernels.hybrid.aot $(ARGS)
 
+# ruff, then the import layers (pyproject.toml's [tool.importlinter]: launch > evaluation >
+# training > model > data | kernels); an upward import fails naming it.
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 format: setup
 	$(VENV)/bin/ruff format .

@@ -63,7 +63,7 @@ class AlibiTable(Tensor):
 
 
 def accumulate_angles(delta: Tensor, doc_ids: Tensor | None = None) -> Tensor:
-    """phi_t = sum of delta_s over s <= t in t's document, kept precise (DESIGN.md).
+    """phi_t = sum of delta_s over s <= t in t's document, kept precise (docs/design.md).
 
     delta [B, T, H, P]. On CUDA: the Triton chunkwise scan, float32 (at least) in [0, 2*pi).
     Elsewhere: `kernels.angles.accumulate_angles`, in delta's dtype. Both are differentiable

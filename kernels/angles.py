@@ -2,7 +2,7 @@
 
 The accumulated angle phi_t is the inclusive prefix sum of per-token increments, restarted at
 every document start. phi grows linearly with t, so a float32 running sum loses the long-range
-angle (about 0.01 rad at t = 1e5). DESIGN.md's contract: sum within short chunks in the working
+angle (about 0.01 rad at t = 1e5). docs/design.md's contract: sum within short chunks in the working
 dtype, carry the chunk offsets in float64 reduced mod 2*pi, and rotate by reduced angles.
 """
 

@@ -1,4 +1,4 @@
-"""Naive full-matrix references that define the attention family's semantics (DESIGN.md).
+"""Naive full-matrix references that define the attention family's semantics (docs/design.md).
 
 Everything here is O(T^2) or worse, written straight from the formulas, and meant for float64
 checks of the fast paths on short sequences: angles by a plain per-document float64 cumsum,

@@ -59,7 +59,7 @@ LEARNED_ROTATIONS = ("learned", "scaled")  # rotations whose increments the mode
 
 @dataclass
 class ModelConfig:
-    """A Llama-style decoder and its position scheme (see DESIGN.md for the schemes)."""
+    """A Llama-style decoder and its position scheme (see docs/design.md for the schemes)."""
 
     scheme: str = field(default="hybrid", metadata={"choices": sorted(SCHEMES)})
     vocab_size: int = field(default=2048, metadata={"min": 2})

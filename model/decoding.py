@@ -9,7 +9,7 @@ chunks of QUERY_CHUNK: memory O(T x chunk), never T x T). Per layer, the cache k
   to the newest token; H_t is applied to every cached key when token t arrives) and values
   (rotated for accrot_v and hybrid), in float32 at least;
 - the newest token's accumulated angle, float64 reduced mod 2 pi: phi_t = phi_{t-1} + delta_t
-  (DESIGN.md's precision contract);
+  (docs/design.md's precision contract);
 - forget gates (FoX): every cached key's cumulative log forget gate F_j and the newest F, in
   float64 (logit_ij + F_i - F_j);
 - PaTH's last path_conv - 1 projections, for its short causal convolution;

@@ -59,7 +59,7 @@ class Float64Constants(nn.Module):
 
 
 class DistanceBias(Float64Constants):
-    """b(n) for distances n = i - j >= 0, per query head: the bias-only schemes of DESIGN.md."""
+    """b(n) for distances n = i - j >= 0, per query head: docs/design.md's bias-only schemes."""
 
     def __init__(self, kind: str, n_heads: int, sandwich_dim: int):
         super().__init__()

@@ -1,7 +1,7 @@
 """Fused hybrid attention in Triton: accumulated rotations of q, k, v, ALiBi, causal mask,
 sliding window and packed documents, flash-attention style (online softmax, O(T) memory).
 
-Semantics (DESIGN.md; `kernels.reference.reference_attention` is the definition):
+Semantics (docs/design.md; `kernels.reference.reference_attention` is the definition):
     s_ij = (R(phi_i) q_i) . (R(phi_j) k_j) * scale - m_h (i - j),  j <= i, same document,
            and i - j < window when a window is given
     o_i  = R(-phi_i) sum_j softmax_j(s_ij) R(phi_j) v_j    (rotate_values; else sum_j a_ij v_j)

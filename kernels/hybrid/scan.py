@@ -5,7 +5,7 @@ a (batch row, head, 16 pairs) column and walks the sequence in chunks of CHUNK t
 the running sum from chunk to chunk. Everything inside the kernel is float64: the chunk's prefix
 sums, the restart at document starts (subtract the prefix sum just before the start), the carry,
 and its reduction mod 2*pi. The stored float32 phi lies in [0, 2*pi), within half a float32 ulp
-of 2*pi (2.4e-7 rad) of the exact angle mod 2*pi at any length: ahead of DESIGN.md's 1e-4 rad,
+of 2*pi (2.4e-7 rad) of the exact angle mod 2*pi at any length: ahead of docs/design.md's 1e-4 rad,
 and of the float32-chunk scheme of `kernels.angles` it agrees with. As no sum is float32, the
 chunk length sets only how much work each sequential step does, not the precision.
 

@@ -136,7 +136,7 @@ def test_scan_gradient_is_the_reverse_prefix_sum_within_documents():
 
 
 def test_scan_meets_the_precision_contract_at_131072():
-    """DESIGN.md: relative angles within 1e-4 rad of float64 at T = 131072, restarts included."""
+    """docs/design.md: relative angles within 1e-4 rad of float64 at T = 131072, with restarts."""
     torch.manual_seed(3)
     T = 131072
     delta = torch.rand(1, T, 1, 4) * math.pi

@@ -1,4 +1,4 @@
-"""DESIGN.md's precision contract for the accumulated angles, at T = 131072."""
+"""docs/design.md's precision contract for the accumulated angles, at T = 131072."""
 
 from __future__ import annotations
 
