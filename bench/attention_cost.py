@@ -19,7 +19,7 @@ The hybrid's passes are those of `kernels.hybrid.attention` (its docstring): the
 rotations of k (and v) before the forward, rotations of q, k (v, dO) before the backward, the
 fused dk/dv/dq kernel (dq added atomically), the unrotate pass that also collects dL/dphi, and
 the scan's reverse walk. `measure_interpreted` counts the same quantities on the real kernels
-in Triton's interpreter (tests/test_attention_cost.py checks the model against it).
+in Triton's interpreter (tests/bench/test_attention_cost.py checks the model against it).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 In under 8 minutes on one CUDA GPU, each part under its own time limit:
 
-    kernels    tests/test_kernels_hybrid.py compiled: float32 against the float64 reference,
+    kernels    tests/kernels/test_kernels_hybrid.py compiled: float32 against the float64 reference,
                the bfloat16/float16 tensor-core paths, memory linear in length
     attention  bench/attention.py at T = 8k, 16k, 32k, d = 128: fused kernel with and without
                ALiBi skipping, SDPA-flash, FlexAttention (FlashAttention-2 with ALiBi and with
@@ -48,7 +48,7 @@ def kernels(work: Path) -> dict:
     report = work / "kernels.xml"
     ok, tail, seconds = _run(
         "kernels",
-        [sys.executable, "-m", "pytest", "-q", "tests/test_kernels_hybrid.py",
+        [sys.executable, "-m", "pytest", "-q", "tests/kernels/test_kernels_hybrid.py",
          f"--junitxml={report}"],
     )  # fmt: skip
     cases = ElementTree.parse(report).getroot().iter("testcase") if report.exists() else []

@@ -87,7 +87,7 @@ def init_process_group(info: RankInfo) -> bool:
     if missing:
         raise DatasetError(
             f"WORLD_SIZE={info.world_size} but {' and '.join(missing)} not set: start the ranks "
-            f"with a launcher (torchrun, deepspeed, srun via launch.distributed)"
+            f"with a launcher (torchrun, deepspeed, srun via training.distributed)"
         )
     dist.init_process_group("gloo", rank=info.rank, world_size=info.world_size)
     return True

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from evaluation.study import ppl_table
 
-# The ablation's runs (configs/ablation/, tests/test_ablation.py checks): scheme -> seeds (run.seed
-# 0 .. n-1; run names `scheme`, `scheme_seed1`, ...), in the order the tables list them.
+# The ablation's runs (configs/ablation/, tests/evaluation/test_ablation.py checks): scheme ->
+# seeds (run.seed 0 .. n-1; run names `scheme`, `scheme_seed1`, ...), in the order the tables
+# list them.
 PLAN = {
     "alibi": 3,
     "rope_alibi": 1,
@@ -344,7 +345,7 @@ def _how_it_was_run(schemes: dict, machine: dict, lengths: list[str]) -> list[st
         + ". Every config builds on `configs/ablation/base.yaml`, the study's "
         "(`configs/study/base.yaml`: model, data, budget, schedule, evaluation; docs/study.md "
         '"How it was run"), and differs from it only in `model.scheme` and `run.seed` '
-        "(`tests/test_ablation.py` checks this).",
+        "(`tests/evaluation/test_ablation.py` checks this).",
         f"- **Seeds**: run.seed {seeds_of(many[0])} for {_listing(many)}; run.seed 0 only for "
         f"{_listing(one)}. Seeds in the summary: "
         + (", ".join(f"{s} {len(e['runs'])}" for s, e in schemes.items()) or "none")

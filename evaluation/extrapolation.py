@@ -10,7 +10,7 @@ At every evaluation length L (`eval.lengths`; L_train = data.seq_len, the traine
   (`kernels.diagnostics`, blockwise): the attention mass by distance, averaged over queries; the
   mixing window w(eps), the fewest nearest keys holding 1 - eps of that mass; the far mass, the
   mean mass beyond distance L_train of the queries that have keys that far; the mean entropy;
-- passkey retrieval accuracy at each depth (`launch.passkey`);
+- passkey retrieval accuracy at each depth (`evaluation.passkey`);
 - for schemes with a distance bias, its theoretical receptive field (`model.receptive_field`);
 - once, for schemes with learned rotations, how far they have drifted from RoPE
   (`evaluation.rotation_drift`: per layer and pair, the median over key/value heads of the

@@ -56,7 +56,7 @@ def drift_pairs(pairs: int) -> list[int]:
 
 
 def _drift_summary(drift: dict | None) -> dict | None:
-    """The rotation drift (launch.extrapolation's `rotation_drift`) at `drift_pairs`."""
+    """The rotation drift (evaluation.extrapolation's `rotation_drift`) at `drift_pairs`."""
     if not drift:
         return None
     pairs = drift_pairs(len(drift["theta"]))

@@ -23,9 +23,6 @@ from pathlib import Path
 
 from evaluation.ablation import render
 
-# The ablation's runs (configs/ablation/, tests/test_ablation.py checks): scheme -> seeds (run.seed
-# 0 .. n-1; run names `scheme`, `scheme_seed1`, ...), in the order the tables list them.
-
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(

@@ -11,7 +11,7 @@ One process, on CUDA when there is a GPU, else the CPU; no DeepSpeed engine. Ove
 `eval.*`, `data.path`, `model.attn_block` and `deepspeed.precision` keys on top of the run's
 config (an export outside a run starts from the schema's defaults). Writes, like the
 evaluation inside training (`checkpoint_hook`), `eval/step_<N>.json`, `eval/ppl_vs_length.png`
-and TensorBoard scalars and image, into the run directory (or --out). launch/extrapolation.py
+and TensorBoard scalars and image, into the run directory (or --out). evaluation/extrapolation.py
 says what is measured. A checkpoint is evaluated only if its files are the ones saved (sha256)
 and its weights finite (--all leaves the others out, named), on a dataset of the tokenizer it
 was trained with; a finite perplexity already recorded is never

@@ -6,7 +6,7 @@ zero_to_fp32 API (on the CPU, no process group), then writes `model.safetensors`
 `config.json` (the model config, the trained length, the step, the tokenizer's sha256) into
 `RUN_DIR/export/step_<N>/` unless --out names another directory.
 `load_exported(DIR)` gives the model back. With --hf, a Hugging Face transformers model
-(`launch.hf.write_hf`, every scheme; default `RUN_DIR/export/hf_step_<N>/`); with --llama, a
+(`model.hf.convert.write_hf`, every scheme; default `RUN_DIR/export/hf_step_<N>/`); with --llama, a
 rope or nope model as transformers' own LlamaForCausalLM (default `.../llama_step_<N>/`). A
 Hugging Face export also holds `rotalibi_export.json`, written last: the checkpoint it came
 from, the sha256 of that checkpoint's manifest and of the exported weights

@@ -25,8 +25,8 @@ Everything is per GPU (per rank), in bytes, from the config alone (nothing is bu
   scheme) the fused attention; the CPU the composite norm and the blockwise attention.
 - Evaluation at each eval length: eval.batch_tokens // L sequences per forward (no grad); one
   attention layer's working set (`eval_attention_bytes`) and the whole forward as
-  `launch.extrapolation.forward_bytes` estimates it (what decides whether a length runs).
-- FLOPs per token, as the MFU of launch.train counts them (`launch.metrics`):
+  `evaluation.extrapolation.forward_bytes` estimates it (what decides whether a length runs).
+- FLOPs per token, as the MFU of launch.train counts them (`training.metrics`):
   6 N_matmul + 12 L d T_eff, N_matmul the weights of every linear map (the output head
   included, the embedding not), T_eff the mean number of keys a query attends to at the trained
   length (causal, within `local`'s window). Time per step = FLOPs per token x tokens per GPU per
@@ -59,7 +59,7 @@ from training.engine import precision
 H100_BF16_TFLOPS = 989.0  # H100 SXM, dense bf16 (the datasheet's figure without sparsity)
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # kernels.hybrid.attention.HEAD_DIMS, which cannot be imported on a machine without CUDA once
-# Triton is (kernels/hybrid/__init__.py); tests/test_plan.py checks that they agree.
+# Triton is (kernels/hybrid/__init__.py); tests/launch/test_plan.py checks that they agree.
 FUSED_HEAD_DIMS = (32, 64, 128)
 
 
@@ -111,7 +111,7 @@ def parameter_count(m: ModelConfig) -> int:
 
 
 def matmul_parameters(m: ModelConfig) -> int:
-    """The weights of every nn.Linear (`launch.metrics.training_flops_per_token`'s N)."""
+    """The weights of every nn.Linear (`training.metrics.training_flops_per_token`'s N)."""
     spec, d, H, D = SCHEMES[m.scheme], m.d_model, m.kv_heads, m.head_dim
     per_layer = layer_parameters(m) - 2 * d - position_parameters(m)
     if spec.rotation in LEARNED_ROTATIONS:
@@ -265,7 +265,7 @@ class EvalPoint:
     length: int
     batch: int  # sequences per forward (before evaluation halves it to fit)
     attention: int  # bytes: one attention layer's working set
-    forward: int  # bytes: the forward beyond the weights (launch.extrapolation.forward_bytes)
+    forward: int  # bytes: the forward beyond the weights (evaluation.extrapolation.forward_bytes)
 
 
 @dataclass(frozen=True)

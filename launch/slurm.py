@@ -9,7 +9,7 @@
 
 A training job runs one task per GPU (`slurm.tasks_per_node` of them on CPU nodes) with
 `srun ... python -m launch.train`; every task maps SLURM's variables to torch.distributed's
-(launch/distributed.py). SLURM signals the batch script `slurm.signal_lead_s` seconds before
+(training/distributed.py). SLURM signals the batch script `slurm.signal_lead_s` seconds before
 the time limit (or a user with `scancel -b -s USR1 JOB`); it forwards USR1 to the ranks, which
 save a checkpoint and exit with EXIT_REQUEUE, and the script requeues the job, which resumes
 from that checkpoint in the same run directory. `--dry-run` prints the script and submits

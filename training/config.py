@@ -116,7 +116,7 @@ TRACKER_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}
 
 @dataclass
 class ProfileConfig:
-    """`torch.profiler` over steps start .. start + steps - 1 (launch/profiling.py)."""
+    """`torch.profiler` over steps start .. start + steps - 1 (training/profiling.py)."""
 
     start: int = field(default=1, metadata={"min": 1})
     steps: int = field(default=3, metadata={"min": 1})
@@ -148,7 +148,7 @@ class TrainConfig:
     max_bad_steps: int = field(default=5, metadata={"min": 1})  # non-finite steps in a row
     # Per-device peak TFLOP/s for MFU; None: a known GPU's datasheet, or measured on the CPU.
     peak_tflops: float | None = None
-    # Where rank 0's records go (launch/metrics.py): any of tensorboard, jsonl, wandb, mlflow.
+    # Where rank 0's records go (training/metrics.py): any of tensorboard, jsonl, wandb, mlflow.
     loggers: list[str] = field(default_factory=lambda: ["tensorboard", "jsonl"])
     tracker_project: str = "rotalibi"  # the W&B project and MLflow experiment
     profile: ProfileConfig | None = None  # e.g. {start: 10, steps: 3}; None: no profiling

@@ -97,7 +97,7 @@ def export(checkpoint: ckpt.Checkpoint, out: Path) -> Path:
 
 
 def export_hf(checkpoint: ckpt.Checkpoint, out: Path, *, llama: bool = False) -> Path:
-    """Write `checkpoint` as a Hugging Face model into `out` (`launch.hf`), and last its
+    """Write `checkpoint` as a Hugging Face model into `out` (`model.hf.convert`), and last its
     record, EXPORT_RECORD (`export_source_problem`)."""
     check_out(out)
     config = yaml.safe_load(checkpoint.manifest["config"])

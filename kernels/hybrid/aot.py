@@ -13,7 +13,7 @@ ptxas's own report (`-v`, which Triton prints when asked) gives registers and sp
 compiled metadata the shared memory.
 
 `--subset` compiles one variant per kernel and target: bfloat16, d = 128, the largest tiles
-kept; the suite runs it (tests/test_kernels_aot.py).
+kept; the suite runs it (tests/kernels/test_kernels_aot.py).
 """
 
 from __future__ import annotations

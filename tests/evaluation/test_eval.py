@@ -137,7 +137,7 @@ def test_lengths_that_do_not_fit_or_run_out_of_memory_are_skipped(stdlib_dataset
     cfg = _config(stdlib_dataset, "data.seq_len=32", "eval.lengths=[32,64,128]")
     model = _model(cfg)
     fits_96 = forward_bytes(cfg.model, 1, 96, True) / cfg.eval.memory_fraction
-    monkeypatch.setattr("launch.extrapolation.free_bytes", lambda device: fits_96)
+    monkeypatch.setattr("evaluation.extrapolation.free_bytes", lambda device: fits_96)
     forward = model.forward
 
     def fails_at_64(tokens, *args, **kwargs):

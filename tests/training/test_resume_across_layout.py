@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PRE_LAYOUT = "4f79a9f"  # the last commit with launch/checkpoint.py, launch/train.py, ...
+PRE_LAYOUT = "4f79a9f"  # the last commit with launch/checkpoint.py, launch/config.py, ...
 
 
 def _old_tree(destination: Path) -> Path:
@@ -55,7 +55,7 @@ def test_a_checkpoint_of_the_old_layout_resumes(stdlib_dataset, tmp_path):
         [
             sys.executable,
             "-c",
-            "import launch.train, launch.checkpoint; print(launch.train.__file__)",
+            "import launch.train, training.checkpoint; print(launch.train.__file__)",
         ],
         cwd=old,
         env={**os.environ, "PYTHONPATH": str(old)},

@@ -1,4 +1,4 @@
-"""The run directory's lock (launch.rundir) and the private node-local directory (data.cache)
+"""The run directory's lock (training.rundir) and the private node-local directory (data.cache)
 against what a shared node throws at them: a second start inside the same SLURM job, lock
 files that are not locks (malformed, links, FIFOs), and paths other users planted."""
 
@@ -279,7 +279,7 @@ def test_release_and_heartbeat_never_open_a_lock_replaced_by_a_fifo(tmp_path, mo
     process with a timeout."""
     run = tmp_path / "run"
     code = (
-        "import os, sys; from pathlib import Path; from launch.rundir import RunLock\n"
+        "import os, sys; from pathlib import Path; from training.rundir import RunLock\n"
         "run = Path(sys.argv[1]); lock = RunLock.acquire(run)\n"
         "os.unlink(run / '.lock'); os.mkfifo(run / '.lock')\n"
         "assert not lock._holds(); lock.release(); print('released')\n"

@@ -1,4 +1,4 @@
-"""launch.metrics' sinks on their own: W&B (offline) and MLflow (file store) continue the same
+"""training.metrics' sinks on their own: W&B (offline) and MLflow (file store) continue the same
 run across a resume and get each value once; a tracker added at a resume gets the history;
 a tracker that is not installed is a config error; a tracker that fails mid-run is dropped
 with a warning and the run goes on (a real run whose MLflow store turns read-only)."""

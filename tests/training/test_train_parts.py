@@ -298,7 +298,9 @@ def test_run_directory_lock_names_its_holder_and_takes_over_stale_ones(
     monkeypatch.setenv("SLURM_JOB_ID", "42")
     for fields, reason in cases:
         _holder(lock_file, **fields)
-        if "SLURM job" in reason:  # untouched for three heartbeats (tests/test_run_lock.py)
+        if (
+            "SLURM job" in reason
+        ):  # untouched for three heartbeats (tests/training/test_run_lock.py)
             old = time.time() - SAME_JOB_STALE_S - 5
             os.utime(lock_file, (old, old))
         if reason == "no heartbeat":
