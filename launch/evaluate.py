@@ -24,7 +24,6 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,9 +31,6 @@ from data.manifest import DatasetError
 from evaluation.evaluate import TargetError, check_tokenizer, evaluate, resolve, target_config
 from evaluation.results import ResultsError
 from training.config import ConfigError
-
-if TYPE_CHECKING:
-    pass
 
 
 def main(argv: list[str]) -> int:
