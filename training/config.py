@@ -301,29 +301,17 @@ def _merge(base: DictConfig, layer: DictConfig, origin: str) -> DictConfig:
         raise ConfigError(f"{origin}: {str(e).splitlines()[0]}") from None
 
 
-def _floats(value: Any) -> list[float]:
-    """The floats in a value (itself, or inside a list, dict or stream section)."""
-    if isinstance(value, float):
+def _numbers(value: Any, kind: type) -> list:
+    """The numbers of type `kind` in a value (itself, or inside a list, dict or stream
+    section); bools are not integers here."""
+    if isinstance(value, kind) and not isinstance(value, bool):
         return [value]
     if is_dataclass(value):
         value = [getattr(value, f.name) for f in fields(value)]
     if isinstance(value, dict):
         value = list(value.values())
     if isinstance(value, list):
-        return [x for item in value for x in _floats(item)]
-    return []
-
-
-def _ints(value: Any) -> list[int]:
-    """The integers in a value (itself, or inside a list, dict or stream section; not bools)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value]
-    if is_dataclass(value):
-        value = [getattr(value, f.name) for f in fields(value)]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, list):
-        return [x for item in value for x in _ints(item)]
+        return [x for item in value for x in _numbers(item, kind)]
     return []
 
 
@@ -342,7 +330,7 @@ def _check_values(obj: Any, prefix: str = "") -> list[str]:
         value, key, meta = getattr(obj, f.name), prefix + f.name, f.metadata
         if is_dataclass(value):
             problems += _check_values(value, key + ".")
-        elif not all(math.isfinite(x) for x in _floats(value)):
+        elif not all(math.isfinite(x) for x in _numbers(value, float)):
             problems.append(f"'{key}' is {value!r}; give finite numbers (no .nan or .inf)")
         elif value is None:
             continue
@@ -353,7 +341,7 @@ def _check_values(obj: Any, prefix: str = "") -> list[str]:
             problems.append(f"'{key}' is {value!r}; it must be >= {meta['min']}")
         elif "max" in meta and value > meta["max"]:
             problems.append(f"'{key}' is {value!r}; it must be <= {meta['max']}")
-        elif not all(INT64_MIN <= x <= INT64_MAX for x in _ints(value)):
+        elif not all(INT64_MIN <= x <= INT64_MAX for x in _numbers(value, int)):
             problems.append(
                 f"'{key}' is {value!r}; integers must be in [{INT64_MIN}, {INT64_MAX}] (int64)"
             )

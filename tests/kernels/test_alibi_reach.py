@@ -43,6 +43,17 @@ def _inputs(T: int, dtype: torch.dtype, *, qk_std: float = 1.0):
     return q, k, v, angles, doc_ids, _alibi(slopes, T, dtype)
 
 
+def _skipped_and_full(leaves: list[torch.Tensor], **kwargs) -> tuple[tuple, tuple]:
+    """Output and the gradients into `leaves` (q, k, v first) of `kernels.attention` with
+    skipping (EPS) and without, for the same random upstream gradient."""
+    upstream = torch.randn_like(leaves[0])
+    results = []
+    for eps in (EPS, 0.0):
+        out = kernels.attention(*leaves[:3], skip_eps=eps, **kwargs)
+        results.append((out, *torch.autograd.grad((out * upstream).sum(), leaves)))
+    return results[0], results[1]
+
+
 def test_bound_holds_against_the_exact_dropped_mass():
     """float64, from the full attention matrix: the mass beyond each head's reach is at most
     eps / 2 for every query, and the skipped output moves by at most eps max|v|."""
@@ -78,14 +89,9 @@ def test_blockwise_skipping_equals_no_skip_in_float32():
     T, block = 512, 16
     q, k, v, angles, doc_ids, bias = _inputs(T, torch.float32, qk_std=0.1)
     leaves = [t.requires_grad_() for t in (q, k, v, angles)]
-    upstream = torch.randn_like(q)
-    results = []
-    for eps in (EPS, 0.0):
-        out = kernels.attention(
-            *leaves[:3], angles=angles, rotate_values=True, bias=bias, doc_ids=doc_ids,
-            skip_eps=eps, block=block,
-        )  # fmt: skip
-        results.append((out, *torch.autograd.grad((out * upstream).sum(), leaves)))
+    results = _skipped_and_full(
+        leaves, angles=angles, rotate_values=True, bias=bias, doc_ids=doc_ids, block=block
+    )
     for skipped, full in zip(*results, strict=True):
         assert (skipped - full).abs().max() <= 1e-6 * full.abs().max()
         assert not torch.equal(skipped, full)
@@ -206,14 +212,9 @@ def test_gate_skipping_equals_no_skip_in_float32():
     q, k, v, angles, doc_ids, _ = _inputs(T, torch.float32, qk_std=0.1)
     gate = _forget_gates(2, T, 8, torch.float32)
     leaves = [t.requires_grad_() for t in (q, k, v, angles, gate)]
-    upstream = torch.randn_like(q)
-    results = []
-    for eps in (EPS, 0.0):
-        out = kernels.attention(
-            *leaves[:3], angles=angles, rotate_values=True, gate=gate, doc_ids=doc_ids,
-            skip_eps=eps, block=block,
-        )  # fmt: skip
-        results.append((out, *torch.autograd.grad((out * upstream).sum(), leaves)))
+    results = _skipped_and_full(
+        leaves, angles=angles, rotate_values=True, gate=gate, doc_ids=doc_ids, block=block
+    )
     for skipped, full in zip(*results, strict=True):
         assert (skipped - full).abs().max() <= 1e-6 * full.abs().max()
 
