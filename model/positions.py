@@ -11,14 +11,16 @@ from torch import Tensor
 
 
 def rope_frequencies(head_dim: int, base: float) -> Tensor:
-    """theta_p = base^(-2p/d), p = 0..d/2-1 (float64)."""
-    return base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    """theta_p = base^(-2p/d), p = 0..d/2-1 (float64). From an integer arange: under
+    DeepSpeed's zero.Init a floating arange comes out in the training dtype."""
+    return base ** (-torch.arange(0, head_dim, 2).double() / head_dim)
 
 
 def alibi_slopes(n_heads: int) -> Tensor:
     """ALiBi's head slopes (float32): 2^(-8h/H), for H not a power of two the interleaving."""
     if math.log2(n_heads).is_integer():
-        return torch.tensor([2 ** (-8 * h / n_heads) for h in range(1, n_heads + 1)])
+        # as_tensor, which zero.Init leaves alone (it patches torch.tensor).
+        return torch.as_tensor([2 ** (-8 * h / n_heads) for h in range(1, n_heads + 1)])
     closest = 2 ** math.floor(math.log2(n_heads))
     extra = alibi_slopes(2 * closest)[0::2][: n_heads - closest]
     return torch.cat((alibi_slopes(closest), extra))

@@ -47,6 +47,8 @@ log = logging.getLogger("rotalibi")
 MANIFEST = "rotalibi.json"
 UNIVERSAL = "universal"
 UNIVERSAL_PARTIAL = UNIVERSAL + ".partial"  # a conversion under way (or killed)
+# ds_to_universal's pointer to its output, written beside it: part of the conversion.
+UNIVERSAL_POINTER = "latest_universal"
 
 # Every key of a checkpoint's manifest and its type (bool is not taken for int).
 MANIFEST_KEYS = {
@@ -113,13 +115,14 @@ def restore_rng_state(state: dict) -> None:
 
 def _files(directory: Path) -> list[str]:
     """The files of a checkpoint, its universal conversion (which has a manifest of its own,
-    or is still being written) left out."""
+    or is still being written, and DeepSpeed's pointer to it) left out."""
+    conversion = (UNIVERSAL, UNIVERSAL_PARTIAL, UNIVERSAL_POINTER)
     return [
         str(p.relative_to(directory))
         for p in sorted(directory.rglob("*"))
         if p.is_file()
         and p.name != MANIFEST
-        and p.relative_to(directory).parts[0] not in (UNIVERSAL, UNIVERSAL_PARTIAL)
+        and p.relative_to(directory).parts[0] not in conversion
     ]
 
 

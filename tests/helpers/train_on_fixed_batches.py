@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import sys
-import types
 from pathlib import Path
 
 import torch
@@ -68,13 +67,15 @@ def main(argv: list[str]) -> int:
     argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher's
     nan_steps = {int(s) for a in argv if a.startswith("nan_steps=") for s in a[10:].split(",")}
     global_batch, rest = int(argv[0]), [a for a in argv[1:] if not a.startswith("nan_steps=")]
-    # Stand-ins for the dataset modules that launch.train and the Trainer import.
-    tokenizer, loader = types.ModuleType("data.tokenizer"), types.ModuleType("data.loader")
-    tokenizer.load_tokenizer = lambda path: _Vocab()
-    loader.build_train_loader = lambda cfg, *, seq_len, batch_size, seed, sequence_parallel: (
+    # Stand-ins for the dataset functions that launch.train and the Trainer call, set on the
+    # real modules before anything imports them by name.
+    import data.loader
+    import data.tokenizer
+
+    data.tokenizer.load_tokenizer = lambda path: _Vocab()
+    data.loader.build_train_loader = lambda cfg, *, seq_len, batch_size, seed, sequence_parallel: (
         FixedBatches(global_batch, seq_len, batch_size, 64, sequence_parallel)
     )
-    sys.modules |= {"data.tokenizer": tokenizer, "data.loader": loader}
     import launch.train
     import training.trainer
 
