@@ -73,7 +73,8 @@ study: setup data
 	$(PY) -m launch.study configs/study --out docs/study
 
 # The ablation of the hybrid (docs/ablation.md): every configs/ablation run (24 runs, several
-# hours on 2 CPU cores; finished runs are skipped, an interrupted one resumes), then
+# hours on 2 CPU cores; a finished run is skipped, also in a later checkout through its record
+# docs/ablation/runs/<name>.json, and an interrupted one resumes), then
 # docs/ablation/{results.md,summary.json,ppl_vs_length.png} and the verdicts in docs/ablation.md.
 ablation: setup data
 	$(PY) -m launch.study configs/ablation --out docs/ablation

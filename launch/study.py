@@ -3,9 +3,12 @@
 Run from the repository root. Trains every config of STUDY_DIR (default configs/study: one
 per scheme, a second seed for some; `base.yaml` is their common base and is not a run) one
 after the other, each evaluated at its final checkpoint; a finished run is skipped and an
-interrupted one resumes. Then it writes into --out (default docs/study): `ppl_vs_length.png`
-(one curve per scheme, the mean over its seeds), `results.md` (the tables docs/study.md
-quotes) and `summary.json` (every number of those tables, the machine and the time taken).
+interrupted one resumes. Each finished run leaves its record in --out (default docs/study):
+`runs/<name>.json` (its config, final evaluation and time; see evaluation/run_records.py), so a
+later checkout skips it too, unless its settings changed. Then it writes into --out
+`ppl_vs_length.png` (one curve per scheme, the mean over its seeds), `results.md` (the tables
+docs/study.md quotes) and `summary.json` (every number of those tables, the machine and the
+time taken).
 """
 
 from __future__ import annotations
@@ -20,19 +23,55 @@ from pathlib import Path
 
 from evaluation.compare import CompareError, newest_results
 from evaluation.plots import Curve, ppl_vs_length
+from evaluation.run_records import (
+    RecordError,
+    config_differences,
+    read_record,
+    record_path,
+    write_record,
+)
 from evaluation.study import recorded_seconds, report, study_configs, summarise
-from training.config import ConfigError, load_config
+from training.config import Config, ConfigError, load_config
 
 
-def run_one(config: Path) -> None:
+def run_one(config: Path, cfg: Config) -> None:
     """Train (or resume, or find finished) one run, then make sure its final checkpoint is
     evaluated."""
-    cfg = load_config(config)
     python = [sys.executable, "-m"]
     subprocess.run([*python, "launch.train", str(config)], check=True)
     final = cfg.run_dir / "eval" / f"step_{cfg.train.max_steps}.json"
     if not final.is_file():  # a run finished earlier without its evaluation
         subprocess.run([*python, "launch.evaluate", str(cfg.run_dir)], check=True)
+
+
+def recorded(out: Path, cfg: Config) -> dict | None:
+    """The record of a run finished with these settings (None: train it)."""
+    record = read_record(out, cfg)
+    if record is None:
+        return None
+    changed = config_differences(record["config"], cfg)
+    if changed:
+        print(f"  {record_path(out, cfg.run.name)} is stale ({', '.join(changed)} changed)")
+        return None
+    return record
+
+
+def final_results(out: Path, cfg: Config) -> tuple[dict, float]:
+    """A run's final evaluation and recorded time: from its run directory where it has the
+    final step's evaluation (refreshing its record), else from its record."""
+    final = cfg.run_dir / "eval" / f"step_{cfg.train.max_steps}.json"
+    if final.is_file():
+        results = {**newest_results(cfg.run_dir), "run": cfg.run.name}
+        seconds = recorded_seconds(cfg.run_dir, results)
+        write_record(out, cfg, results, seconds)
+        return results, seconds
+    record = recorded(out, cfg)
+    if record is None:
+        raise CompareError(
+            f"{cfg.run_dir} has no evaluation of step {cfg.train.max_steps} and "
+            f"{record_path(out, cfg.run.name)} no record of it: train the run first"
+        )
+    return record["results"], record["seconds"]
 
 
 def main(argv: list[str]) -> int:
@@ -51,19 +90,21 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         configs = study_configs(args.study_dir)
-        runs = [load_config(c).run_dir for c in configs]
-    except ConfigError as e:
+        cfgs = [load_config(c) for c in configs]
+        training = [] if args.report_only else list(zip(configs, cfgs, strict=True))
+        for i, (config, cfg) in enumerate(training, 1):
+            print(f"[study {i}/{len(configs)}] {config}", flush=True)
+            if recorded(args.out, cfg) and not cfg.run_dir.is_dir():
+                print(f"  finished earlier: {record_path(args.out, cfg.run.name)}")
+                continue
+            run_one(config, cfg)
+            final_results(args.out, cfg)
+        finals = [final_results(args.out, cfg) for cfg in cfgs]
+    except (ConfigError, CompareError, RecordError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for i, config in enumerate([] if args.report_only else configs, 1):
-        print(f"[study {i}/{len(configs)}] {config}", flush=True)
-        run_one(config)
-    try:
-        results = [{**newest_results(run), "run": run.name} for run in runs]
-    except CompareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    seconds = {run.name: recorded_seconds(run, r) for run, r in zip(runs, results, strict=True)}
+    results = [r for r, _ in finals]
+    seconds = {cfg.run.name: s for cfg, (_, s) in zip(cfgs, finals, strict=True)}
     summary = summarise(results)
     machine = {
         "machine": f"{platform.node()}, {os.cpu_count()} CPU cores, {platform.platform()}",
