@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_runs import TORCHRUN, tiny_run_args
 
 from model import ModelConfig, Transformer
 
@@ -118,26 +119,16 @@ def trained_run(stdlib_dataset, tmp_path_factory) -> Path:
     """The tiny config trained for 4 steps on 2 ranks (ZeRO-3), evaluated at steps 2 and 4.
     Shared: tests that write into a run copy it first."""
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    args = [
-        "configs/tiny.yaml",
-        f"run.dir={run_dir.parent}",
-        f"run.name={run_dir.name}",
-        f"data.path={stdlib_dataset}",
-        "data.seq_len=64",
-        "data.batch_size=4",
+    args = tiny_run_args(
+        run_dir,
+        stdlib_dataset,
         "train.max_steps=4",
         "train.checkpoint_every=2",
         "train.warmup_steps=1",
         *EVAL_ARGS,
-    ]
-    torchrun = [
-        str(Path(sys.executable).parent / "torchrun"),
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-    ]
+    )
     done = subprocess.run(
-        [*torchrun, "-m", "launch.train", *args],
+        [*TORCHRUN, "2", "-m", "launch.train", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

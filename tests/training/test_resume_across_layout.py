@@ -13,6 +13,7 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
+from tiny_runs import tiny_run_args
 
 ROOT = Path(__file__).resolve().parents[2]
 PRE_LAYOUT = "4f79a9f"  # the last commit with launch/checkpoint.py, launch/config.py, ...
@@ -65,18 +66,14 @@ def test_a_checkpoint_of_the_old_layout_resumes(stdlib_dataset, tmp_path):
     )
     assert Path(where.stdout.strip()).is_relative_to(old)  # the old code, not today's
     run_dir = tmp_path / "runs" / "old"
-    args = [
-        "configs/tiny.yaml",
-        f"run.dir={run_dir.parent}",
-        f"run.name={run_dir.name}",
-        f"data.path={stdlib_dataset}",
-        "data.seq_len=64",
-        "data.batch_size=4",
+    args = tiny_run_args(
+        run_dir,
+        stdlib_dataset,
         "train.checkpoint_every=2",
         "train.log_every=1",
         "train.warmup_steps=2",
         "eval.every_checkpoint=false",
-    ]
+    )
     done = _train(old, [*args, "train.max_steps=4"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert (run_dir / "checkpoints" / "step_4").is_dir()

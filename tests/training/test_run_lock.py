@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_runs import tiny_run_args
 
 from data import cache
 from data.cache import cache_root, private_tmp_dir
@@ -40,14 +41,7 @@ def _train_cmd(run_dir: Path, dataset: Path, *extra: str) -> list[str]:
         sys.executable,
         "-m",
         "launch.train",
-        "configs/tiny.yaml",
-        "eval.every_checkpoint=false",
-        f"run.dir={run_dir.parent}",
-        f"run.name={run_dir.name}",
-        f"data.path={dataset}",
-        "data.seq_len=64",
-        "data.batch_size=4",
-        *extra,
+        *tiny_run_args(run_dir, dataset, "eval.every_checkpoint=false", *extra),
     ]
 
 

@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import pytest
 from matplotlib import pyplot as plt
+from tiny_runs import tiny_run_args
 from tracker_records import mlflow_history, wandb_history
 
 from training.config import ConfigError, load_config
@@ -250,20 +251,16 @@ def test_a_tracker_failing_mid_run_costs_the_run_nothing(stdlib_dataset, tmp_pat
     with every checkpoint, every record in metrics.jsonl and TensorBoard, and its summary."""
     run_dir = tmp_path / "runs" / "ro"
     with store_that_can_turn_read_only(tmp_path / "store") as (how, env, make_read_only):
-        args = [
-            "configs/tiny.yaml",
-            f"run.dir={run_dir.parent}",
-            f"run.name={run_dir.name}",
-            f"data.path={stdlib_dataset}",
-            "data.seq_len=64",
-            "data.batch_size=4",
+        args = tiny_run_args(
+            run_dir,
+            stdlib_dataset,
             "train.max_steps=12",
             "train.checkpoint_every=4",
             "train.log_every=1",
             "train.warmup_steps=2",
             "eval.every_checkpoint=false",
             "train.loggers=[tensorboard,jsonl,mlflow]",
-        ]
+        )
         uri = (tmp_path / "store" / "mlruns").as_uri()
         train = subprocess.Popen(
             [sys.executable, "-m", "launch.train", *args],

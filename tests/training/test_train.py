@@ -21,6 +21,7 @@ import torch
 from conftest import EVAL_ARGS
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tiny_runs import TORCHRUN, tiny_run_args
 from tracker_records import mlflow_history, wandb_history
 
 from launch.evaluate import main as evaluate_main
@@ -31,7 +32,6 @@ from training.trainer import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node"]
 STEPS = 40
 TB_TAGS = {
     "train/loss",
@@ -47,20 +47,16 @@ TB_TAGS = {
 
 
 def _args(run_dir: Path, dataset: Path, *extra: str) -> list[str]:
-    return [
-        "configs/tiny.yaml",
-        f"run.dir={run_dir.parent}",
-        f"run.name={run_dir.name}",
-        f"data.path={dataset}",
-        "data.seq_len=64",
-        "data.batch_size=4",
+    return tiny_run_args(
+        run_dir,
+        dataset,
         f"train.max_steps={STEPS}",
         "train.checkpoint_every=20",
         "train.log_every=1",
         "train.warmup_steps=4",
         "eval.every_checkpoint=false",
         *extra,
-    ]
+    )
 
 
 def _rank_env(rank: int, world: int, port: int) -> dict[str, str]:

@@ -6,18 +6,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import torch
 from conftest import ROOT
+from tiny_runs import TORCHRUN
 from zero_init_worker import digest
 
 from model import SCHEMES
 from training.config import load_config
 from training.engine import build_model
 
-TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node"]
 # configs/1b.yaml deepened to 34 layers, with a small vocabulary: 1.62e9 parameters (6.5 GB in
 # float32), in layers the size of a real 1B model's.
 LARGE = "configs/1b.yaml model.n_layers=34,model.vocab_size=2048,deepspeed.precision=fp32"
