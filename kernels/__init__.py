@@ -2,12 +2,13 @@
 
 `attention` and `accumulate_angles` are the dispatch points the model calls. On CUDA they run
 the Triton kernels of `kernels.hybrid` (imported on first use) for the schemes those serve:
-rotations with or without the values, ALiBi or no bias, a sliding window, packed documents.
-Everywhere else (the CPU; xPos decay, PaTH transport, forget gates and non-ALiBi bias tables on
-CUDA too) they run the blockwise PyTorch paths (`kernels.blockwise`, `kernels.path`,
-`kernels.angles`). Both the fused kernel and the blockwise path skip, for ALiBi heads (and the
-blockwise path for forget gates), the key blocks beyond the reach `kernels.alibi_reach` proves
-negligible (skip_eps). No forward pass materialises a T x T
+rotations with or without the values, ALiBi or no bias, a sliding window, packed documents;
+and PaTH transport (with ALiBi, a forget gate or neither, no window) on fla's kernels
+(`kernels.path_fla`) for the head dims and dtypes fla has. Everywhere else (the CPU; xPos
+decay, forget gates and non-ALiBi bias tables on CUDA too) they run the blockwise PyTorch paths
+(`kernels.blockwise`, `kernels.path`, `kernels.angles`). Both the fused kernel and the blockwise
+path skip, for ALiBi heads (and the blockwise path for forget gates), the key blocks beyond the
+reach `kernels.alibi_reach` proves negligible (skip_eps). No forward pass materialises a T x T
 matrix, and no backward saves one: each recomputes its steps (`kernels.path` for PaTH's).
 """
 
@@ -21,6 +22,7 @@ from kernels.alibi_reach import alibi_reach, gate_reach
 from kernels.angles import document_positions, rotate
 from kernels.blockwise import blockwise_attention
 from kernels.path import path_attention
+from kernels.path_fla import FLA_DTYPES, FLA_HEAD_DIMS, fla_installed, fla_path_attention
 from kernels.reference import check_mechanisms
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
 ]
 
 FUSED_DEVICES = ("cuda",)  # device types on which the Triton kernels serve the model
+FLA_DEVICES = ("cuda",)  # device types on which fla's kernels serve PaTH
 
 
 def __getattr__(name: str):
@@ -99,6 +102,18 @@ def fused_serves(
     return q.shape[-1] in HEAD_DIMS and q.dtype in DTYPES and k.dtype == v.dtype == q.dtype
 
 
+def fla_serves(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, window: int | None) -> bool:
+    """Whether `attention` runs this PaTH call on fla's kernels (`kernels.path_fla`): fla
+    installed, a device in FLA_DEVICES, no window, no bias or a constant `AlibiTable`, and a
+    head dim and dtype fla has (FLA_HEAD_DIMS, FLA_DTYPES)."""
+    if q.device.type not in FLA_DEVICES or window is not None:
+        return False
+    if bias is not None and not (isinstance(bias, AlibiTable) and not bias.requires_grad):
+        return False
+    supported = q.shape[-1] in FLA_HEAD_DIMS and q.dtype in FLA_DTYPES
+    return supported and k.dtype == v.dtype == q.dtype and fla_installed()
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -147,7 +162,12 @@ def attention(
             v = rotate(v, angles)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     common = dict(scale=scale, bias=bias, gate=gate, window=window, doc_ids=doc_ids, block=block)
-    if transport is not None:
+    if transport is not None and fla_serves(q, k, v, bias=bias, window=window):
+        slopes = None if bias is None else bias.slopes
+        o = fla_path_attention(
+            q, k, v, *transport, scale=scale, slopes=slopes, gate=gate, doc_ids=doc_ids
+        )
+    elif transport is not None:
         o = path_attention(q, k, v, *transport, **common)
     else:
         reach = None
