@@ -30,6 +30,7 @@ products (not TF32), bfloat16/float16 inputs the tensor cores' native precision.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -37,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.alibi_reach import alibi_reach
+from kernels.alibi_reach import alibi_bounds
 from kernels.hybrid.documents import cu_seqlens_bounds
 from kernels.hybrid.scan import scan_angles
 
@@ -123,10 +124,10 @@ def _log2_slope(SLOPES, hq, ALIBI: tl.constexpr):
 
 
 @triton.jit
-def _logits_masked(s, i, j, starts_i, window, DOCS: tl.constexpr, WINDOW: tl.constexpr):
-    """Mask scores s [len(i), len(j)] to j <= i, j in i's document, i - j < window."""
+def _logits_masked(s, i, j, starts_i, window, BOUNDED: tl.constexpr, WINDOW: tl.constexpr):
+    """Mask scores s [len(i), len(j)] to starts_i <= j <= i and i - j < window."""
     keep = j[None, :] <= i[:, None]
-    if DOCS:
+    if BOUNDED:
         keep = keep & (j[None, :] >= starts_i[:, None])
     if WINDOW:
         keep = keep & ((i[:, None] - j[None, :]) < window)
@@ -156,7 +157,7 @@ def _fwd_block(
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
     ALIBI: tl.constexpr,
-    DOCS: tl.constexpr,
+    BOUNDED: tl.constexpr,
     WINDOW: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -172,7 +173,7 @@ def _fwd_block(
     if ALIBI:
         s = s - slope2 * (i[:, None] - j[None, :]).to(tl.float32)
     if MASKED:
-        s = _logits_masked(s, i, j, starts_i, window, DOCS, WINDOW)
+        s = _logits_masked(s, i, j, starts_i, window, BOUNDED, WINDOW)
     m_new = tl.maximum(m, tl.max(s, 1))
     alpha = tl.exp2(m - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -188,29 +189,24 @@ def _fwd_block(
 
 @triton.jit
 def _key_range(
-    STARTS,
-    b,
-    sd_b,
+    starts_base,
     i,
     i0,
     T,
     window,
-    reach,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    DOCS: tl.constexpr,
+    BOUNDED: tl.constexpr,
     WINDOW: tl.constexpr,
-    SKIP: tl.constexpr,
 ):
-    """For query rows i = i0..i0+BLOCK_M-1: their document starts and the key-block starts
-    lo <= a <= b <= hi; blocks in [a, b) need no mask, those in [lo, a) and [b, hi) do. With
-    SKIP, blocks wholly at distance >= reach from every row are left out (no mask needed: the
-    keys of a visited block beyond the reach are computed exactly)."""
+    """For query rows i = i0..i0+BLOCK_M-1: their first visible keys (document start or skip
+    bound, non-decreasing in i) and the key-block starts lo <= a <= b <= hi; blocks in [a, b)
+    need no mask, those in [lo, a) and [b, hi) do."""
     i_last = tl.minimum(i0 + BLOCK_M, T) - 1
-    if DOCS:
-        starts_i = tl.load(STARTS + b * sd_b + i, mask=i < T, other=0)
-        lo = tl.load(STARTS + b * sd_b + i0)
-        full_from = tl.load(STARTS + b * sd_b + i_last)
+    if BOUNDED:
+        starts_i = tl.load(starts_base + i, mask=i < T, other=0)
+        lo = tl.load(starts_base + i0)
+        full_from = tl.load(starts_base + i_last)
     else:
         starts_i = tl.zeros([BLOCK_M], tl.int32)
         lo = i0 * 0
@@ -218,8 +214,6 @@ def _key_range(
     if WINDOW:
         lo = tl.maximum(lo, i0 - window + 1)
         full_from = tl.maximum(full_from, i_last - window + 1)
-    if SKIP:
-        lo = tl.maximum(lo, i0 - reach + 1)
     lo = (lo // BLOCK_N) * BLOCK_N
     hi = i_last + 1
     b_mid = tl.minimum(tl.maximum(((i0 + 1) // BLOCK_N) * BLOCK_N, lo), hi)
@@ -235,7 +229,6 @@ def _fwd_kernel(
     PHI,
     SLOPES,
     STARTS,
-    REACH,
     O,
     LSE,
     sq_b,
@@ -254,6 +247,7 @@ def _fwd_kernel(
     so_t,
     so_h,
     sd_b,
+    sd_h,
     T,
     HQ,
     G,
@@ -286,11 +280,8 @@ def _fwd_kernel(
     q1 = q1.to(Q.dtype.element_ty)
     q2 = q2.to(Q.dtype.element_ty)
     slope2 = _log2_slope(SLOPES, hq, ALIBI)
-    reach = T
-    if SKIP:
-        reach = tl.load(REACH + bh)
     starts_i, lo, a_mid, b_mid, hi = _key_range(
-        STARTS, b, sd_b, i, i0, T, window, reach, BLOCK_M, BLOCK_N, DOCS, WINDOW, SKIP
+        STARTS + b * sd_b + hq * sd_h, i, i0, T, window, BLOCK_M, BLOCK_N, DOCS or SKIP, WINDOW
     )
     k_base = K + b * sk_b + h * sk_h
     v_base = V + b * sv_b + h * sv_h
@@ -301,17 +292,17 @@ def _fwd_kernel(
     for j0 in range(lo, a_mid, BLOCK_N):
         acc1, acc2, m, l = _fwd_block(
             q1, q2, acc1, acc2, m, l, k_base, v_base, sk_t, sv_t, j0, i, starts_i, slope2,
-            qk_scale2, T, window, P, BLOCK_N, True, ALIBI, DOCS, WINDOW, PRECISION,
+            qk_scale2, T, window, P, BLOCK_N, True, ALIBI, DOCS or SKIP, WINDOW, PRECISION,
         )  # fmt: skip
     for j0 in range(a_mid, b_mid, BLOCK_N):
         acc1, acc2, m, l = _fwd_block(
             q1, q2, acc1, acc2, m, l, k_base, v_base, sk_t, sv_t, j0, i, starts_i, slope2,
-            qk_scale2, T, window, P, BLOCK_N, False, ALIBI, DOCS, WINDOW, PRECISION,
+            qk_scale2, T, window, P, BLOCK_N, False, ALIBI, DOCS or SKIP, WINDOW, PRECISION,
         )  # fmt: skip
     for j0 in range(b_mid, hi, BLOCK_N):
         acc1, acc2, m, l = _fwd_block(
             q1, q2, acc1, acc2, m, l, k_base, v_base, sk_t, sv_t, j0, i, starts_i, slope2,
-            qk_scale2, T, window, P, BLOCK_N, True, ALIBI, DOCS, WINDOW, PRECISION,
+            qk_scale2, T, window, P, BLOCK_N, True, ALIBI, DOCS or SKIP, WINDOW, PRECISION,
         )  # fmt: skip
     acc1 = acc1 / l[:, None]
     acc2 = acc2 / l[:, None]
@@ -371,13 +362,14 @@ def _dkdv_block(
     BLOCK_M: tl.constexpr,
     MASKED: tl.constexpr,
     ALIBI: tl.constexpr,
-    DOCS: tl.constexpr,
+    BOUNDED: tl.constexpr,
     WINDOW: tl.constexpr,
     PRECISION: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr,
 ):
-    """Add query block i0's contribution to dk~, dv~ of the key block j ([BLOCK_N, D] each),
-    and the key block's contribution to the query block's dq~ (atomically: other key blocks
-    add theirs concurrently)."""
+    """Add query block i0's contribution to dk~, dv~ of the key block j ([BLOCK_N, D] each);
+    with DQ_ATOMIC, also the key block's contribution to the query block's dq~ (atomically:
+    other key blocks add theirs concurrently, in an order the GPU picks)."""
     i = i0 + tl.arange(0, BLOCK_M)
     i_ok = i < T
     offs = i[:, None].to(tl.int64) * s_t + tl.arange(0, D)[None, :]
@@ -391,7 +383,7 @@ def _dkdv_block(
     p = tl.exp2(s - lse[None, :])
     if MASKED:
         keep = (j[:, None] <= i[None, :]) & i_ok[None, :]
-        if DOCS:
+        if BOUNDED:
             starts_i = tl.load(starts_base + i, mask=i_ok, other=0)
             keep = keep & (starts_i[None, :] <= j[:, None])
         if WINDOW:
@@ -401,9 +393,10 @@ def _dkdv_block(
     dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     ds = p * (dp - delta[None, :])
     dk = tl.dot(ds.to(q.dtype), q, dk, input_precision=PRECISION)
-    dq = tl.dot(tl.trans(ds).to(k.dtype), k, input_precision=PRECISION) * scale
-    offs_dq = i[:, None].to(tl.int64) * sdq_t + tl.arange(0, D)[None, :]
-    tl.atomic_add(dq_base + offs_dq, dq, mask=i_ok[:, None], sem="relaxed")
+    if DQ_ATOMIC:
+        dq = tl.dot(tl.trans(ds).to(k.dtype), k, input_precision=PRECISION) * scale
+        offs_dq = i[:, None].to(tl.int64) * sdq_t + tl.arange(0, D)[None, :]
+        tl.atomic_add(dq_base + offs_dq, dq, mask=i_ok[:, None], sem="relaxed")
     return dk, dv
 
 
@@ -418,7 +411,6 @@ def _dkdv_kernel(
     SLOPES,
     STARTS,
     ENDS,
-    REACH,
     DQ,
     DK,
     DV,
@@ -438,6 +430,7 @@ def _dkdv_kernel(
     sg_t,
     sg_h,
     sd_b,
+    sd_h,
     T,
     H,
     G,
@@ -451,11 +444,13 @@ def _dkdv_kernel(
     WINDOW: tl.constexpr,
     SKIP: tl.constexpr,
     PRECISION: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """dk~, dv~ (float32) of one key block, summed over the G query heads that read it, and
-    its contributions to those heads' dq~ (float32, accumulated atomically in DQ)."""
+    """dk~, dv~ (float32) of one key block, summed over the G query heads that read it; with
+    DQ_ATOMIC its contributions to those heads' dq~ too (float32, added atomically into DQ).
+    STARTS and ENDS (with DOCS or SKIP) bound the queries that see each key: j <= i < ends_j."""
     b = (tl.program_id(1) // H).to(tl.int64)
     h = tl.program_id(1) % H
     j0 = tl.program_id(0) * BLOCK_N
@@ -466,21 +461,9 @@ def _dkdv_kernel(
     offs_v = j[:, None].to(tl.int64) * sv_t + tl.arange(0, D)[None, :]
     k = tl.load(K + b * sk_b + h * sk_h + offs_k, mask=j_ok[:, None], other=0.0)
     v = tl.load(V + b * sv_b + h * sv_h + offs_v, mask=j_ok[:, None], other=0.0)
-    # Query blocks lo <= a <= b <= hi: those in [a, b) see every key of the block unmasked.
-    hi = T + j0 * 0
-    full_to = T + j0 * 0
-    if DOCS:
-        hi = tl.load(ENDS + b * sd_b + j_last)
-        full_to = tl.load(ENDS + b * sd_b + j0)
-    if WINDOW:
-        hi = tl.minimum(hi, j_last + window)
-        full_to = tl.minimum(full_to, j0 + window)
     lo = (j0 // BLOCK_M) * BLOCK_M
-    a_mid = tl.minimum(tl.maximum(tl.cdiv(j_last, BLOCK_M) * BLOCK_M, lo), hi)
-    b_mid = tl.minimum(tl.maximum((full_to // BLOCK_M) * BLOCK_M, a_mid), hi)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
-    starts_base = STARTS + b * sd_b
     for g in range(G):
         hq = h * G + g
         slope2 = _log2_slope(SLOPES, hq, ALIBI)
@@ -488,32 +471,162 @@ def _dkdv_kernel(
         do_base = DOR + b * sq_b + hq * sq_h
         dq_base = DQ + b * sdq_b + hq * sdq_h
         row_base = (b * (H * G) + hq) * T
-        hi_g = hi
-        if SKIP:  # query blocks with every row at distance >= reach from the whole key block
-            hi_g = tl.minimum(hi, j_last + tl.load(REACH + b * (H * G) + hq))
-        a_mid_g = tl.minimum(a_mid, hi_g)
-        b_mid_g = tl.minimum(b_mid, hi_g)
-        for i0 in range(lo, a_mid_g, BLOCK_M):
+        starts_base = STARTS + b * sd_b + hq * sd_h
+        # Query blocks lo <= a <= b <= hi: those in [a, b) see every key of the block unmasked.
+        hi = T + j0 * 0
+        full_to = T + j0 * 0
+        if DOCS or SKIP:
+            hi = tl.load(ENDS + b * sd_b + hq * sd_h + j_last)
+            full_to = tl.load(ENDS + b * sd_b + hq * sd_h + j0)
+        if WINDOW:
+            hi = tl.minimum(hi, j_last + window)
+            full_to = tl.minimum(full_to, j0 + window)
+        a_mid = tl.minimum(tl.maximum(tl.cdiv(j_last, BLOCK_M) * BLOCK_M, lo), hi)
+        b_mid = tl.minimum(tl.maximum((full_to // BLOCK_M) * BLOCK_M, a_mid), hi)
+        for i0 in range(lo, a_mid, BLOCK_M):
             dk, dv = _dkdv_block(
                 dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, starts_base,
                 dq_base, sq_t, sdq_t, i0, j, slope2, qk_scale2, scale, T, window, D, BLOCK_M,
-                True, ALIBI, DOCS, WINDOW, PRECISION,
+                True, ALIBI, DOCS or SKIP, WINDOW, PRECISION, DQ_ATOMIC,
             )  # fmt: skip
-        for i0 in range(a_mid_g, b_mid_g, BLOCK_M):
+        for i0 in range(a_mid, b_mid, BLOCK_M):
             dk, dv = _dkdv_block(
                 dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, starts_base,
                 dq_base, sq_t, sdq_t, i0, j, slope2, qk_scale2, scale, T, window, D, BLOCK_M,
-                False, ALIBI, DOCS, WINDOW, PRECISION,
+                False, ALIBI, DOCS or SKIP, WINDOW, PRECISION, DQ_ATOMIC,
             )  # fmt: skip
-        for i0 in range(b_mid_g, hi_g, BLOCK_M):
+        for i0 in range(b_mid, hi, BLOCK_M):
             dk, dv = _dkdv_block(
                 dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, starts_base,
                 dq_base, sq_t, sdq_t, i0, j, slope2, qk_scale2, scale, T, window, D, BLOCK_M,
-                True, ALIBI, DOCS, WINDOW, PRECISION,
+                True, ALIBI, DOCS or SKIP, WINDOW, PRECISION, DQ_ATOMIC,
             )  # fmt: skip
     offs_g = j[:, None].to(tl.int64) * sg_t + tl.arange(0, D)[None, :]
     tl.store(DK + b * sg_b + h * sg_h + offs_g, dk * scale, mask=j_ok[:, None])
     tl.store(DV + b * sg_b + h * sg_h + offs_g, dv, mask=j_ok[:, None])
+
+
+@triton.jit
+def _dq_block(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    k_base,
+    v_base,
+    sk_t,
+    sv_t,
+    j0,
+    i,
+    starts_i,
+    slope2,
+    qk_scale2,
+    T,
+    window,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    ALIBI: tl.constexpr,
+    BOUNDED: tl.constexpr,
+    WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Add key block j0's contribution to the query block's dq~ [BLOCK_M, D] (unscaled)."""
+    j = j0 + tl.arange(0, BLOCK_N)
+    j_ok = j < T
+    d = tl.arange(0, D)
+    k = tl.load(k_base + j[:, None].to(tl.int64) * sk_t + d[None, :], mask=j_ok[:, None], other=0.0)
+    v = tl.load(v_base + j[:, None].to(tl.int64) * sv_t + d[None, :], mask=j_ok[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2  # [BLOCK_M, BLOCK_N]
+    if ALIBI:
+        s = s - slope2 * (i[:, None] - j[None, :]).to(tl.float32)
+    if MASKED:
+        s = _logits_masked(s, i, j, starts_i, window, BOUNDED, WINDOW)
+    p = tl.exp2(s - lse[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+
+
+@triton.jit
+def _dq_kernel(
+    QR,
+    K,
+    V,
+    DOR,
+    LSE,
+    DELTA,
+    SLOPES,
+    STARTS,
+    DQ,
+    sq_b,
+    sq_t,
+    sq_h,
+    sk_b,
+    sk_t,
+    sk_h,
+    sv_b,
+    sv_t,
+    sv_h,
+    sdq_b,
+    sdq_t,
+    sdq_h,
+    sd_b,
+    sd_h,
+    T,
+    HQ,
+    G,
+    qk_scale2,
+    scale,
+    window,
+    D: tl.constexpr,
+    ALIBI: tl.constexpr,
+    DOCS: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SKIP: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dq~ (float32) of one query block, summed over its key blocks in order, in registers:
+    the deterministic backward's dq (no atomics), over the forward's own key ranges."""
+    bh = tl.program_id(1)
+    b = (bh // HQ).to(tl.int64)
+    hq = bh % HQ
+    h = hq // G
+    i0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
+    i = i0 + tl.arange(0, BLOCK_M)
+    i_ok = i < T
+    offs = i[:, None].to(tl.int64) * sq_t + tl.arange(0, D)[None, :]
+    q = tl.load(QR + b * sq_b + hq * sq_h + offs, mask=i_ok[:, None], other=0.0)
+    do = tl.load(DOR + b * sq_b + hq * sq_h + offs, mask=i_ok[:, None], other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * T + i, mask=i_ok, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + i, mask=i_ok, other=0.0)
+    slope2 = _log2_slope(SLOPES, hq, ALIBI)
+    starts_i, lo, a_mid, b_mid, hi = _key_range(
+        STARTS + b * sd_b + hq * sd_h, i, i0, T, window, BLOCK_M, BLOCK_N, DOCS or SKIP, WINDOW
+    )
+    k_base = K + b * sk_b + h * sk_h
+    v_base = V + b * sv_b + h * sv_h
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    for j0 in range(lo, a_mid, BLOCK_N):
+        dq = _dq_block(
+            dq, q, do, lse, delta, k_base, v_base, sk_t, sv_t, j0, i, starts_i, slope2,
+            qk_scale2, T, window, D, BLOCK_N, True, ALIBI, DOCS or SKIP, WINDOW, PRECISION,
+        )  # fmt: skip
+    for j0 in range(a_mid, b_mid, BLOCK_N):
+        dq = _dq_block(
+            dq, q, do, lse, delta, k_base, v_base, sk_t, sv_t, j0, i, starts_i, slope2,
+            qk_scale2, T, window, D, BLOCK_N, False, ALIBI, DOCS or SKIP, WINDOW, PRECISION,
+        )  # fmt: skip
+    for j0 in range(b_mid, hi, BLOCK_N):
+        dq = _dq_block(
+            dq, q, do, lse, delta, k_base, v_base, sk_t, sv_t, j0, i, starts_i, slope2,
+            qk_scale2, T, window, D, BLOCK_N, True, ALIBI, DOCS or SKIP, WINDOW, PRECISION,
+        )  # fmt: skip
+    offs_dq = i[:, None].to(tl.int64) * sdq_t + tl.arange(0, D)[None, :]
+    tl.store(DQ + b * sdq_b + hq * sdq_h + offs_dq, dq * scale, mask=i_ok[:, None])
 
 
 @triton.jit
@@ -660,7 +773,7 @@ _dkdv = triton.autotune(
     _configs([(32, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 8, 2)]),
     key=_TUNING_KEY,
     prune_configs_by=None if INTERPRETING else _prune_for_device("_dkdv_kernel"),
-    reset_to_zero=["DQ"],  # each tuning run adds into it
+    reset_to_zero=["DQ"],  # each tuning run adds into it (DQ_ATOMIC: the autotuned path)
 )(_dkdv_kernel)
 
 
@@ -688,25 +801,62 @@ def _rotate(x: Tensor, phi: Tensor) -> Tensor:
     return y
 
 
-def _flags(
-    q: Tensor,
-    slopes: Tensor | None,
-    starts: Tensor | None,
-    window: int | None,
-    reach: Tensor | None,
-) -> dict:
+def _flags(q: Tensor, slopes: Tensor | None, docs: bool, window: int | None, skip: bool) -> dict:
     return dict(
         ALIBI=slopes is not None,
-        DOCS=starts is not None,
+        DOCS=docs,
         WINDOW=window is not None,
-        SKIP=reach is not None,
+        SKIP=skip,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
 
 
+# The deterministic mode's tiles (train.deterministic): pinned, so every process sums in the
+# same order. Per kernel, the first of these the device's shared memory fits (`prune_configs`;
+# _dq_kernel holds q and dO as dk/dv holds k and v, so it is estimated with its tiles swapped).
+DETERMINISTIC_TILES = {
+    "_fwd_kernel": [(64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)],
+    "_dkdv_kernel": [(64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1)],
+    "_dq_kernel": [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
+}
+
+
+@functools.cache
+def _pinned(kernel: str, dtype: torch.dtype, head_dim: int, device: torch.device) -> dict:
+    """Launch keywords (tiles, warps, stages) of `kernel` in the deterministic mode."""
+    configs = _configs(DETERMINISTIC_TILES[kernel])
+    if not INTERPRETING:
+        properties = triton.runtime.driver.active.utils.get_device_properties(device.index)
+        name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        swap = kernel == "_dq_kernel"
+        estimated = [_swapped(c) for c in configs] if swap else configs
+        fits = prune_configs(
+            estimated, kernel="_dkdv_kernel" if swap else kernel, dtype=name,
+            head_dim=head_dim, shared_memory=properties["max_shared_mem"],
+        )  # fmt: skip
+        configs = [_swapped(c) for c in fits] if swap else fits
+    return configs[0].all_kwargs()
+
+
+def _swapped(config: triton.Config) -> triton.Config:
+    """`config` with BLOCK_M and BLOCK_N exchanged."""
+    tiles = {"BLOCK_M": config.kwargs["BLOCK_N"], "BLOCK_N": config.kwargs["BLOCK_M"]}
+    return triton.Config(tiles, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _bound_strides(starts: Tensor | None) -> tuple[int, int]:
+    """(batch, head) strides of visibility bounds: [B, T] document bounds (one for every head)
+    or [B, HQ, T] skipping bounds (`kernels.alibi_reach.alibi_bounds`)."""
+    if starts is None:
+        return 0, 0
+    return starts.stride(0), starts.stride(1) if starts.dim() == 3 else 0
+
+
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, phi, slopes, starts, ends, reach, rotate_values, window, scale):
+    def forward(
+        ctx, q, k, v, phi, slopes, starts, ends, flags, rotate_values, window, scale, pinned
+    ):
         B, T, HQ, D = q.shape
         H = k.shape[2]
         rotate_v = phi is not None and rotate_values
@@ -714,23 +864,25 @@ class _FusedAttention(torch.autograd.Function):
         vr = _rotate(v, phi) if rotate_v else v
         o = torch.empty_like(q)
         lse = torch.empty((B, HQ, T), dtype=torch.float32, device=q.device)
-        flags = _flags(q, slopes, starts, window, reach)
-        _fwd[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * HQ)](
+        tiles = _pinned("_fwd_kernel", q.dtype, D, q.device) if pinned else {}
+        kernel = _fwd_kernel if pinned else _fwd
+        kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * HQ)](
             q, kr, vr, q if phi is None else phi, q if slopes is None else slopes,
-            q if starts is None else starts, q if reach is None else reach, o, lse,
+            q if starts is None else starts, o, lse,
             *_strides(q), *_strides(kr), *_strides(vr), *_strides(phi), *_strides(o),
-            0 if starts is None else starts.stride(0),
-            T, HQ, HQ // H, scale * LOG2E, window or 0, triton.next_power_of_2(T),
-            D=D, ROTATE=phi is not None, ROTATE_V=rotate_v, **flags,
+            *_bound_strides(starts), T, HQ, HQ // H, scale * LOG2E, window or 0,
+            triton.next_power_of_2(T), D=D, ROTATE=phi is not None, ROTATE_V=rotate_v,
+            **flags, **tiles,
         )  # fmt: skip
         # k and v, not their rotations: the backward rotates them again, and needs them exact.
-        ctx.save_for_backward(q, k, v, phi, slopes, starts, ends, reach, o, lse)
+        ctx.save_for_backward(q, k, v, phi, slopes, starts, ends, o, lse)
         ctx.rotate_v, ctx.window, ctx.scale = rotate_v, window, scale
+        ctx.flags, ctx.pinned = flags, pinned
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, phi, slopes, starts, ends, reach, o, lse = ctx.saved_tensors
+        q, k, v, phi, slopes, starts, ends, o, lse = ctx.saved_tensors
         B, T, HQ, D = q.shape
         H = k.shape[2]
         G = HQ // H
@@ -742,21 +894,33 @@ class _FusedAttention(torch.autograd.Function):
         )
         qr, kr = (q, k) if phi is None else (_rotate(q, phi), _rotate(k, phi))
         vr, dor = (_rotate(v, phi), _rotate(do, phi)) if ctx.rotate_v else (v, do)
-        dqr = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        # Without pinning dk/dv add dq atomically (into zeros); pinned, _dq_kernel writes it.
+        dqr = (torch.empty if ctx.pinned else torch.zeros)(
+            q.shape, dtype=torch.float32, device=q.device
+        )
         dkr = torch.empty(kr.shape, dtype=torch.float32, device=q.device)
         dvr = torch.empty_like(dkr)
-        flags = _flags(q, slopes, starts, ctx.window, reach)
-        _dkdv[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)](
-            qr, kr, vr, dor, lse, delta, q if slopes is None else slopes,
-            q if starts is None else starts, q if ends is None else ends,
-            q if reach is None else reach, dqr, dkr, dvr,
-            *_strides(qr), *_strides(kr), *_strides(vr), *_strides(dqr), *_strides(dkr),
-            0 if starts is None else starts.stride(0),
-            T, H, G, ctx.scale * LOG2E, ctx.scale, ctx.window or 0, triton.next_power_of_2(T),
-            D=D, **flags,
+        slopes_arg = q if slopes is None else slopes
+        starts_arg = q if starts is None else starts
+        tiles = _pinned("_dkdv_kernel", q.dtype, D, q.device) if ctx.pinned else {}
+        kernel = _dkdv_kernel if ctx.pinned else _dkdv
+        kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)](
+            qr, kr, vr, dor, lse, delta, slopes_arg, starts_arg, q if ends is None else ends,
+            dqr, dkr, dvr, *_strides(qr), *_strides(kr), *_strides(vr), *_strides(dqr),
+            *_strides(dkr), *_bound_strides(starts), T, H, G, ctx.scale * LOG2E, ctx.scale,
+            ctx.window or 0, triton.next_power_of_2(T), D=D, DQ_ATOMIC=not ctx.pinned,
+            **ctx.flags, **tiles,
         )  # fmt: skip
+        if ctx.pinned:
+            tiles = _pinned("_dq_kernel", q.dtype, D, q.device)
+            _dq_kernel[(triton.cdiv(T, tiles["BLOCK_M"]), B * HQ)](
+                qr, kr, vr, dor, lse, delta, slopes_arg, starts_arg, dqr,
+                *_strides(qr), *_strides(kr), *_strides(vr), *_strides(dqr),
+                *_bound_strides(starts), T, HQ, G, ctx.scale * LOG2E, ctx.scale,
+                ctx.window or 0, D=D, **ctx.flags, **tiles,
+            )  # fmt: skip
         if phi is None:
-            return dqr.to(q.dtype), dkr.to(k.dtype), dvr.to(v.dtype), *(None,) * 8
+            return dqr.to(q.dtype), dkr.to(k.dtype), dvr.to(v.dtype), *(None,) * 9
         dq, dk = torch.empty_like(q), torch.empty_like(k)
         dv = torch.empty_like(v) if ctx.rotate_v else dvr.to(v.dtype)
         dphi = torch.empty(phi.shape, dtype=torch.float32, device=q.device)
@@ -765,7 +929,7 @@ class _FusedAttention(torch.autograd.Function):
             *_strides(phi), *_strides(q), *_strides(k), T, H, G,
             D=D, ROTATE_V=ctx.rotate_v, BLOCK_T=block,
         )  # fmt: skip
-        return dq, dk, dv, dphi.to(phi.dtype), *(None,) * 7
+        return dq, dk, dv, dphi.to(phi.dtype), *(None,) * 8
 
 
 # ----------------------------------------------------------------------------------------------
@@ -825,14 +989,18 @@ def fused_attention(
     ends: Tensor | None = None,
     scale: float | None = None,
     skip_eps: float = 0.0,
+    deterministic: bool = False,
 ) -> Tensor:
     """The fused kernel on accumulated angles: what `kernels.attention` dispatches to on CUDA.
 
     q [B, T, HQ, d]; k, v [B, T, H, d]; angles [B, T, H, d/2] (phi, not increments) or None;
     alibi_slopes [HQ] or None; starts, ends int32 [B, T] document bounds
-    (`kernels.hybrid.documents`) or None. skip_eps > 0 (with ALiBi): skip the key blocks that
-    move the output by at most skip_eps x max|v| (`kernels.alibi_reach`). Differentiable in
-    q, k, v and angles.
+    (`kernels.hybrid.documents`) or None. skip_eps > 0 (with ALiBi): skip the keys that move
+    the output by at most skip_eps x max|v| (`kernels.alibi_reach.alibi_bounds`: per token,
+    the same pairs in forward and backward). deterministic: pinned tiles and dq summed in a
+    fixed order (no atomics), so equal inputs give bitwise-equal outputs and gradients on a
+    GPU (about one more matmul per pair of blocks in the backward). Differentiable in q, k, v
+    and angles.
     """
     _check_inputs(q, k, v, angles, alibi_slopes, window, starts, ends)
     if angles is not None:  # the kernels read pairs at unit stride
@@ -843,12 +1011,14 @@ def fused_attention(
         starts, ends = starts.int().contiguous(), ends.int().contiguous()
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    reach = None
-    if skip_eps > 0 and alibi_slopes is not None:
-        reach = alibi_reach(q, k, alibi_slopes, scale, skip_eps).to(torch.int32).contiguous()
+    docs, skip = starts is not None, skip_eps > 0 and alibi_slopes is not None
+    if skip:
+        starts, ends = alibi_bounds(q, k, alibi_slopes, scale, skip_eps, starts)
+    flags = _flags(q, alibi_slopes, docs, window, skip)
     return _FusedAttention.apply(
-        q, k, v, angles, alibi_slopes, starts, ends, reach, rotate_values, window, scale
-    )
+        q, k, v, angles, alibi_slopes, starts, ends, flags, rotate_values, window, scale,
+        deterministic,
+    )  # fmt: skip
 
 
 def hybrid_attention(
@@ -863,6 +1033,7 @@ def hybrid_attention(
     cu_seqlens: Tensor | None = None,
     scale: float | None = None,
     skip_eps: float = 0.0,
+    deterministic: bool = False,
 ) -> Tensor:
     """Accumulated rotations + ALiBi attention: the Triton scan, then the fused kernel.
 
@@ -871,8 +1042,8 @@ def hybrid_attention(
     inclusive cumsum over each document (None: no rotation; constant theta: RoPE).
     alibi_slopes [HQ]: bias -m_h (i - j), or None. rotate_values: rotate v by phi_j and the
     output back by -phi_i. window: attend only to i - j < window. cu_seqlens [N + 1]: packed
-    documents of a single row (B = 1). scale: default 1/sqrt(d). skip_eps: as in
-    `fused_attention`. Returns o like q, differentiable in q, k, v and delta.
+    documents of a single row (B = 1). scale: default 1/sqrt(d). skip_eps, deterministic: as
+    in `fused_attention`. Returns o like q, differentiable in q, k, v and delta.
     """
     B, T = q.shape[:2]
     starts = ends = None
@@ -890,5 +1061,5 @@ def hybrid_attention(
         phi = scan_angles(delta, starts, ends)
     return fused_attention(
         q, k, v, phi, alibi_slopes, rotate_values=rotate_values, window=window,
-        starts=starts, ends=ends, scale=scale, skip_eps=skip_eps,
+        starts=starts, ends=ends, scale=scale, skip_eps=skip_eps, deterministic=deterministic,
     )  # fmt: skip
