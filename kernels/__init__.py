@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_map
 
 from kernels import angles as _angles
 from kernels.alibi_reach import alibi_reach, gate_reach
@@ -50,19 +51,59 @@ def __getattr__(name: str):
 class AlibiTable(Tensor):
     """ALiBi's bias table b[h, n] = -m_h n, [HQ, T], that remembers its slopes m [HQ].
 
-    It is an ordinary table everywhere (any op on it returns a plain Tensor); the fused CUDA
-    kernel reads `slopes` instead and computes the bias on the fly.
+    It is an ordinary table everywhere (any op on it returns a plain Tensor), but one made by
+    `of_slopes` is built only when an op reads it: the fused CUDA kernel and fla read `slopes`
+    instead and compute the bias on the fly, so on their paths no [HQ, T] table exists.
+    Its shape, dtype, device and grad flags are known without building it.
     """
 
     slopes: Tensor
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    _table: Tensor | None
 
     @staticmethod
     def wrap(table: Tensor, slopes: Tensor) -> AlibiTable:
         """`table` (which must equal -slopes[:, None] * n) tagged with its slopes."""
         tagged = table.as_subclass(AlibiTable)
-        tagged.slopes = slopes
+        tagged.slopes, tagged._table = slopes, table
         return tagged
+
+    @staticmethod
+    def of_slopes(slopes: Tensor, length: int) -> AlibiTable:
+        """The table -slopes[:, None] * n over distances n < length, in slopes' dtype, built on
+        first read (until then it holds one number)."""
+        empty = torch.zeros((), dtype=slopes.dtype, device=slopes.device)
+        tagged = empty.expand(slopes.numel(), length).as_subclass(AlibiTable)
+        tagged.slopes, tagged._table = slopes, None
+        return tagged
+
+    def table(self) -> Tensor:
+        """The table as a plain Tensor (built, once, on the first call)."""
+        if self._table is None:
+            with torch._C.DisableTorchFunctionSubclass():
+                n = torch.arange(self.shape[-1], dtype=self.dtype, device=self.device)
+                self._table = -self.slopes[:, None] * n
+        return self._table
+
+    def as_subclass(self, cls: type) -> Tensor:
+        return self.table().as_subclass(cls)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func not in _TABLE_FREE:
+            args, kwargs = tree_map(
+                lambda x: x.table() if isinstance(x, AlibiTable) else x, (args, kwargs or {})
+            )
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+# What an `AlibiTable` answers without building its table.
+_TABLE_FREE = {
+    *(getattr(Tensor, name).__get__ for name in ("shape", "dtype", "device", "ndim", "is_cuda")),
+    *(getattr(Tensor, name).__get__ for name in ("requires_grad", "grad_fn", "is_leaf")),
+    Tensor.dim,
+    Tensor.size,
+}
 
 
 def accumulate_angles(delta: Tensor, doc_ids: Tensor | None = None) -> Tensor:
@@ -130,6 +171,7 @@ def attention(
     scale: float | None = None,
     skip_eps: float = 0.0,
     block: int = 64,
+    deterministic: bool = False,
 ) -> Tensor:
     """Causal attention for every position scheme, O(T x block) memory.
 
@@ -145,6 +187,9 @@ def attention(
         the key blocks that move the output by at most skip_eps x max|v|
         (`kernels.alibi_reach`); 0: none.
     block: the blockwise path's tile (the fused kernel picks its own).
+    deterministic: the fused kernel with pinned tiles and no atomics (bitwise-reproducible
+        gradients on a GPU; `kernels.hybrid.attention.fused_attention`); the blockwise paths
+        are deterministic anyway.
     """
     check_mechanisms(angles, decay, transport)
     if fused_serves(q, k, v, bias=bias, decay=decay, transport=transport, gate=gate):
@@ -154,7 +199,7 @@ def attention(
         slopes = None if bias is None else bias.slopes
         return fused_attention(
             q, k, v, angles, slopes, rotate_values=rotate_values, window=window,
-            starts=starts, ends=ends, scale=scale, skip_eps=skip_eps,
+            starts=starts, ends=ends, scale=scale, skip_eps=skip_eps, deterministic=deterministic,
         )  # fmt: skip
     if angles is not None:
         q, k = rotate(q, angles), rotate(k, angles)

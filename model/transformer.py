@@ -48,6 +48,7 @@ class Attention(nn.Module):
         self.cfg, self.layer = cfg, layer
         self.probe: AttentionProbe | None = None
         self.sequence_parallel: SequenceParallel | None = None
+        self.deterministic = False  # kernels.attention's (Transformer.deterministic)
         D, HQ, H = cfg.head_dim, cfg.n_heads, cfg.kv_heads
         self.wq = Projection(cfg.d_model, HQ * D)
         self.wk = Projection(cfg.d_model, H * D)
@@ -111,7 +112,7 @@ class Attention(nn.Module):
         if self.probe is not None:
             self.probe(self.layer, q, k, v, kwargs)
         with torch.profiler.record_function("rotalibi.attention"):  # named in train.profile
-            return kernels.attention(q, k, v, **kwargs)
+            return kernels.attention(q, k, v, deterministic=self.deterministic, **kwargs)
 
     def decode(self, x: Tensor, state: LayerCache, step: Step) -> Tensor:
         """Attention of a decoding step's new tokens over the cache (`Transformer.decode`)."""
@@ -197,6 +198,16 @@ class Transformer(nn.Module):
     def sequence_parallel(self, sp: SequenceParallel | None) -> None:
         for block in self.blocks:
             block.attn.sequence_parallel = sp
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether attention runs deterministically on a GPU (train.deterministic)."""
+        return self.blocks[0].attn.deterministic
+
+    @deterministic.setter
+    def deterministic(self, deterministic: bool) -> None:
+        for block in self.blocks:
+            block.attn.deterministic = deterministic
 
     def forward(
         self,

@@ -103,6 +103,10 @@ class Trainer:
         self.sequence_parallel = sequence_parallel_group(world, sp_size)
         self.model = build_model(cfg, world.world_size, world.device)
         self.model.activation_checkpointing = cfg.train.activation_checkpointing
+        self.model.deterministic = cfg.train.deterministic
+        if cfg.train.deterministic:  # PyTorch's own ops too (cuBLAS needs a fixed workspace)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
         self.model.sequence_parallel = self.sequence_parallel
         self.engine = build_engine(
             self.model, cfg, world.world_size, world.device, load_universal=resharding
