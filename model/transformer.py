@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import kernels
+from model.chunked import chunked_hidden
 from model.config import SCHEMES, ModelConfig
 from model.decoding import DecodingCache, LayerCache, Step, attend_new_tokens
 from model.partitioned import full
@@ -216,6 +217,7 @@ class Transformer(nn.Module):
         *,
         head: bool = True,
         targets: Tensor | None = None,
+        chunk: int | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """tokens [B, T] -> logits [B, T, vocab]. doc_ids [B, T] marks packed documents.
         head=False returns the final normalised hidden states [B, T, d_model] instead, for
@@ -224,7 +226,13 @@ class Transformer(nn.Module):
         float32, the number of targets counted), the logits made LOSS_CHUNK positions at a time
         and remade in the backward, so no [T, vocab] tensor ever exists.
         Under sequence parallelism tokens, doc_ids and targets are the whole sequence's and
-        everything returned is this rank's slice of the positions (`sequence_parallel`)."""
+        everything returned is this rank's slice of the positions (`sequence_parallel`).
+        With `chunk` (no grad, head=False, no targets): the same hidden states from
+        `model.chunked.chunked_hidden`, `chunk` positions at a time (long-context evaluation)."""
+        if chunk is not None:
+            if head or targets is not None or torch.is_grad_enabled():
+                raise ValueError("the chunked forward is no-grad and returns hidden states only")
+            return chunked_hidden(self, tokens, doc_ids, chunk)
         B, T = tokens.shape
         sp = self.sequence_parallel
         if sp is not None and T % sp.size:
