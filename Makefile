@@ -50,7 +50,7 @@ eval: setup
 # Results in RUN/eval/lm_eval/ and RUN/tb. README "Hugging Face, generation and lm-eval".
 TASKS ?= rotalibi_heldout
 lm-eval: setup
-	$(PY) -m evaluation.harness $(RUN) --tasks $(TASKS) $(ARGS)
+	$(PY) -m launch.lm_eval $(RUN) --tasks $(TASKS) $(ARGS)
 
 # Sample text from RUN's newest checkpoint: PROMPT, byte for byte, ARGS: --max-new-tokens N,
 # --temperature T, --top-p P, --seed S. The prompt is never parsed: make does not expand it

@@ -1,6 +1,4 @@
-"""lm-evaluation-harness on a run's checkpoint: `python -m evaluation.harness RUN
-[--tasks rotalibi_heldout,...] [--step N] [--limit N] [--batch-size 1] [--max-length L]`
-(`make lm-eval RUN=... TASKS=...`).
+"""lm-evaluation-harness on a run's checkpoint (`python -m launch.lm_eval`, `make lm-eval`).
 
 Exports the checkpoint as a Hugging Face model (`launch.export --hf`, into
 RUN/export/hf_step_<N>/; an export there is reused only when its record shows it was made from
@@ -9,14 +7,13 @@ this very checkpoint, by the sha256 of its manifest, with the weights unchanged 
 (lm-eval's own and those of evaluation/tasks/, such as the offline rotalibi_heldout) and that
 transformers reads the export, then runs lm-eval's `hf` model on it. The results go to
 RUN/eval/lm_eval/step_<N>.json (lm-eval's results, configs and versions) and into the run's
-TensorBoard log as `lm_eval/<task>/<metric>` at step N. --max-length (default: the trained
-length) is the context lm-eval gives the model: its rolling windows for perplexity tasks, its
-truncation for the others.
+TensorBoard log as `lm_eval/<task>/<metric>` at step N. The context lm-eval gives the model
+(default: the trained length) bounds its rolling windows for perplexity tasks and truncates
+the others.
 """
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import json
 import os
@@ -27,8 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from model.hf.convert import HFExportError
-from training.export import ExportError, export_hf, export_source_problem, pick_checkpoint
+from training.export import export_hf, export_source_problem, pick_checkpoint
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 DEFAULT_TASKS = "rotalibi_heldout"
@@ -141,39 +137,3 @@ def evaluate(
         for tag, value in tensorboard_scalars(results).items():
             writer.add_scalar(tag, value, checkpoint.step)
     return out
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m evaluation.harness", description=__doc__)
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated lm-eval tasks")
-    parser.add_argument("--step", type=int, help="the checkpoint's step (default: the newest)")
-    parser.add_argument("--limit", type=int, help="at most this many documents per task")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--max-length", type=int, help="context in tokens (default: trained)")
-    args = parser.parse_args(argv)
-    for name in ("limit", "batch_size", "max_length"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
-    tasks = [task for task in args.tasks.split(",") if task]
-    if not tasks:
-        parser.error("--tasks is empty: name at least one lm-eval task")
-    try:
-        out = evaluate(
-            args.run_dir,
-            tasks,
-            step=args.step,
-            limit=args.limit,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-        )
-    except (ExportError, HFExportError, HarnessError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"lm-eval results in {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

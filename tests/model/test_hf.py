@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from data.tokenizer import decode_document, eos_id, load_tokenizer
 from data.validation import validation_windows
 from evaluation import harness
-from launch import export, generate
+from launch import export, generate, lm_eval
 from model import ModelConfig, Transformer
 from model.config import SCHEMES
 from model.decoding import DecodingCache
@@ -263,7 +263,7 @@ def _rolling_bits_per_byte(model: Transformer, tokenizer, texts: list[str], leng
 def test_lm_eval_on_the_local_task(trained_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
-    assert harness.main([str(run), "--tasks", "rotalibi_heldout", "--limit", "8"]) == 0
+    assert lm_eval.main([str(run), "--tasks", "rotalibi_heldout", "--limit", "8"]) == 0
     results = json.loads((run / "eval" / "lm_eval" / "step_4.json").read_text())
     assert results["n-samples"]["rotalibi_heldout"] == {"original": 24, "effective": 8}
     measured = results["results"]["rotalibi_heldout"]["bits_per_byte,none"]
@@ -282,7 +282,7 @@ def test_lm_eval_on_the_local_task(trained_run, tmp_path, capsys):
     capsys.readouterr()
 
     def fails(*argv: str) -> str:
-        assert harness.main(list(argv)) == 2
+        assert lm_eval.main(list(argv)) == 2
         error = capsys.readouterr().err.strip()
         assert error.count("\n") == 0
         return error

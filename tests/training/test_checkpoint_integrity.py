@@ -282,6 +282,7 @@ def test_lm_eval_reuses_only_an_export_made_from_that_very_checkpoint(base, tmp_
     unchecked: a healthy checkpoint reported NaN, exit 0. An export is reused only when its
     record names this checkpoint's manifest and its weights are those exported."""
     from evaluation import harness
+    from launch import lm_eval
 
     run_dir = _copy(base, tmp_path)
     step_8, step_12 = (exports.pick_checkpoint(run_dir, s) for s in (8, 12))
@@ -291,7 +292,7 @@ def test_lm_eval_reuses_only_an_export_made_from_that_very_checkpoint(base, tmp_
     _nan_export(out)
     (out / "rotalibi_export.json").unlink(missing_ok=True)  # exported by an older rotalibi
 
-    assert harness.main([str(run_dir), "--limit", "2"]) == 0
+    assert lm_eval.main([str(run_dir), "--limit", "2"]) == 0
     results = json.loads((run_dir / "eval" / "lm_eval" / "step_12.json").read_text())
     assert math.isfinite(results["results"]["rotalibi_heldout"]["bits_per_byte,none"])
 
