@@ -10,16 +10,21 @@ Forward. One elementwise pass rotates k and v once per token (rotating them insi
 attention loop would redo the cos/sin for every query block). The attention kernel rotates its
 query block in the prologue, runs the online softmax over the key blocks with the ALiBi bias
 computed from the slopes and the token indices, and back-rotates the output in the epilogue.
-Keys are visited in three runs: blocks that straddle the document start or window edge, blocks
-that need no mask at all, and the diagonal blocks; only the first and last runs evaluate masks.
-Grouped-query heads: query head hq reads key/value head hq // G.
+Keys are visited in three runs: blocks that straddle the first visible key (document start,
+window edge or skipping bound) of some row, blocks that need no mask at all, and the diagonal
+blocks; only the first and last runs evaluate masks. Grouped-query heads: query head hq reads
+key/value head hq // G. Skipping (skip_eps with ALiBi) is a per-token bound on the first
+visible key of each query and head (`kernels.alibi_reach.alibi_bounds`), fixed before any
+kernel runs and read like the document starts, so every kernel sums over the same pairs.
 
 Backward, flash-attention 2 style with recomputation from the saved log-sum-exp: q, k, v and
 dO are rotated (elementwise passes; the forward saves k and v unrotated, at no extra memory),
 then one kernel per key block accumulates dk~, dv~ over the G query heads of its key/value
 head and adds each query block's share of dq~ atomically (five matmuls per pair of blocks,
 as FlashAttention-2; float32 atomics make dq's last bits depend on the order the GPU adds
-them in). A last elementwise pass rotates the gradients back (dx = R(-phi) dx~) and collects
+them in). Deterministic mode: pinned tiles, and dq~ from its own kernel, one program per query
+block summing its key blocks in order (seven matmuls per pair of blocks, no atomics). A last
+elementwise pass rotates the gradients back (dx = R(-phi) dx~) and collects
 dL/dphi_t = sum over x in (q, k, v) of x_1 dx_2 - x_2 dx_1, minus o_1 dO_2 - o_2 dO_1 for the
 output's back-rotation (pairs (x_1, x_2) = (x[p], x[p + d/2]); v and o only when rotated).
 
