@@ -10,7 +10,11 @@ import json
 import statistics
 from pathlib import Path
 
-from training.config import ConfigError
+import yaml
+
+from training.config import Config, ConfigError, to_yaml
+
+VARIED = ("run.name", "run.seed", "model.scheme")  # what a study's runs may differ in
 
 
 def study_configs(study_dir: Path) -> list[Path]:
@@ -19,6 +23,24 @@ def study_configs(study_dir: Path) -> list[Path]:
     if not configs:
         raise ConfigError(f"{study_dir} holds no study config (*.yaml besides base.yaml)")
     return configs
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def uncontrolled_settings(cfgs: list[Config]) -> list[str]:
+    """The settings in which a study's runs differ besides VARIED: a study compares schemes
+    under one model size, budget, learning rate, schedule and evaluation."""
+    flats = [_flat(yaml.safe_load(to_yaml(cfg))) for cfg in cfgs]
+    keys = set().union(*flats) - set(VARIED)
+    return sorted(k for k in keys if len({repr(f.get(k)) for f in flats}) > 1)
 
 
 def recorded_seconds(run_dir: Path, evaluation: dict) -> float:

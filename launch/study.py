@@ -30,7 +30,14 @@ from evaluation.run_records import (
     record_path,
     write_record,
 )
-from evaluation.study import recorded_seconds, report, study_configs, summarise
+from evaluation.study import (
+    VARIED,
+    recorded_seconds,
+    report,
+    study_configs,
+    summarise,
+    uncontrolled_settings,
+)
 from training.config import Config, ConfigError, load_config
 
 
@@ -91,6 +98,13 @@ def main(argv: list[str]) -> int:
     try:
         configs = study_configs(args.study_dir)
         cfgs = [load_config(c) for c in configs]
+        uncontrolled = uncontrolled_settings(cfgs)
+        if uncontrolled:
+            raise ConfigError(
+                f"the runs of {args.study_dir} differ in {', '.join(uncontrolled)}: a study "
+                f"compares schemes with every other setting equal (only {', '.join(VARIED)} "
+                "may differ); compare other runs with `launch.compare`"
+            )
         training = [] if args.report_only else list(zip(configs, cfgs, strict=True))
         for i, (config, cfg) in enumerate(training, 1):
             print(f"[study {i}/{len(configs)}] {config}", flush=True)

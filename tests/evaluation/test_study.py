@@ -6,10 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
-from evaluation.study import recorded_seconds, report, study_configs, summarise
-from training.config import load_config, to_yaml
+from evaluation.study import (
+    recorded_seconds,
+    report,
+    study_configs,
+    summarise,
+    uncontrolled_settings,
+)
+from training.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMES = {
@@ -21,21 +26,22 @@ SCHEMES = {
 @pytest.mark.parametrize("study", ["study", "study_gpu"])
 def test_study_runs_differ_only_in_scheme_name_and_seed(study):
     configs = study_configs(ROOT / "configs" / study)
-    base = yaml.safe_load(to_yaml(load_config(ROOT / "configs" / study / "base.yaml")))
-    schemes, seeds = set(), {}
-    for path in configs:
-        cfg = load_config(path)
-        schemes.add(cfg.model.scheme)
+    cfgs = [load_config(path) for path in configs]
+    assert uncontrolled_settings(cfgs) == []
+    seeds: dict[str, set[int]] = {}
+    for cfg in cfgs:
         seeds.setdefault(cfg.model.scheme, set()).add(cfg.run.seed)
-        resolved = yaml.safe_load(to_yaml(cfg))
-        for section in ("run", "model"):
-            for key in ("name", "seed", "scheme"):
-                resolved[section].pop(key, None)
-                base[section].pop(key, None)
-        assert resolved == base, path
-    assert schemes == SCHEMES
+    assert set(seeds) == SCHEMES
     assert all(len(seeds[s]) >= 2 for s in ("rope", "accrot_v", "alibi", "hybrid"))
-    assert len({load_config(p).run_dir for p in configs}) == len(configs)
+    assert len({cfg.run_dir for cfg in cfgs}) == len(configs)
+
+
+def test_settings_a_study_must_not_vary_are_named(tmp_path):
+    cfgs = [load_config(ROOT / "configs" / "study" / name) for name in ("rope.yaml", "alibi.yaml")]
+    cfgs[1].train.lr = 1e-3
+    cfgs[1].eval.windows += 1
+    cfgs[1].run.seed = 7  # may vary
+    assert uncontrolled_settings(cfgs) == ["eval.windows", "train.lr"]
 
 
 def _result(scheme: str, run: str, ppl: dict[int, float]) -> dict:

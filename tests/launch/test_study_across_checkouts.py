@@ -1,5 +1,6 @@
 """`launch.study` across checkouts: a run whose record matches its config is not trained
-again and is reported from its record; a run whose settings changed is trained and recorded."""
+again and is reported from its record; a run whose settings changed is trained and recorded;
+runs that differ in more than scheme, name and seed are refused."""
 
 from __future__ import annotations
 
@@ -57,14 +58,12 @@ def test_recorded_runs_are_skipped_and_changed_ones_trained(tmp_path, monkeypatc
     assert summary["schemes"]["rope"]["ppl"]["128"]["mean"] == 30.0
     assert summary["machine"]["seconds_per_run"] == {"alibi": 100.0, "rope": 100.0}
 
-    (folder / "rope.yaml").write_text(
-        "base: base.yaml\nrun:\n  name: rope\nmodel:\n  scheme: rope\ntrain:\n  lr: 0.001\n"
-    )
+    with open(folder / "base.yaml", "a") as f:
+        f.write("train:\n  lr: 0.001\n")  # the records are stale
     assert study.main([str(folder), "--out", str(out)]) == 0
-    assert trained == ["rope"]
+    assert trained == ["alibi", "rope"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["schemes"]["rope"]["ppl"]["128"]["mean"] == 20.0
-    assert summary["schemes"]["alibi"]["ppl"]["128"]["mean"] == 30.0
     cfg = load_config(folder / "rope.yaml")
     assert read_record(out, cfg)["config"]["train"]["lr"] == 0.001
     assert read_record(out, cfg)["seconds"] == 1000 / 100 + 5
@@ -79,3 +78,13 @@ def test_a_run_without_evaluation_or_record_is_one_clear_error(tmp_path, capsys)
     (folder / "alibi.yaml").write_text("base: base.yaml\nrun:\n  name: alibi\n")
     assert study.main([str(folder), "--out", str(tmp_path / "out"), "--report-only"]) == 2
     assert "no record of it: train the run first" in capsys.readouterr().err
+
+
+def test_runs_that_differ_in_other_settings_are_refused(tmp_path, capsys):
+    folder = tmp_path / "study"
+    folder.mkdir()
+    (folder / "base.yaml").write_text(f"base: {ROOT / 'configs/study/base.yaml'}\n")
+    (folder / "a.yaml").write_text("base: base.yaml\nrun:\n  name: a\n")
+    (folder / "b.yaml").write_text("base: base.yaml\nrun:\n  name: b\ntrain:\n  lr: 0.1\n")
+    assert study.main([str(folder), "--out", str(tmp_path / "out")]) == 2
+    assert "differ in train.lr: a study compares schemes" in capsys.readouterr().err
