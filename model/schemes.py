@@ -224,13 +224,13 @@ class PositionScheme(Float64Constants):
         elif spec.rotation is not None:
             plan["angles"] = accumulate_angles(inputs["delta"], doc_ids)
         plan["rotate_values"] = spec.rotate_values
-        if spec.bias is not None:
+        if spec.bias == "alibi":
+            # Built from its slopes only where read: the fused CUDA kernel and fla use the slopes.
+            plan["bias"] = AlibiTable.of_slopes(self.bias.slopes[query].to(angle_dtype), T)
+        elif spec.bias is not None:
             # Distances in at least float32: bfloat16 holds integers exactly only up to 256.
             distances = torch.arange(T, device=positions.device, dtype=angle_dtype)
-            table = self.bias(distances)[query]
-            # ALiBi's table keeps its slopes: the fused CUDA kernel computes the bias from them.
-            slopes = self.bias.slopes[query].to(angle_dtype)
-            plan["bias"] = AlibiTable.wrap(table, slopes) if spec.bias == "alibi" else table
+            plan["bias"] = self.bias(distances)[query]
         if spec.forget:
             # F_t = sum of log f_s over s <= t in float64 (the kernels difference it); F may
             # run across documents: their masks remove every pair that would see it.
