@@ -17,10 +17,14 @@ At every evaluation length L (`eval.lengths`; L_train = data.seq_len, the traine
   static part's and of the data-dependent part's departure relative to theta_p) on the text of
   the first `eval.diagnostic_windows` windows cut at the trained length.
 
-A length whose estimated memory does not fit, or that runs out of memory, is skipped and the
-reason recorded. With several ranks every rank runs `Extrapolation.run` on its share of the
-windows and makes the same forward passes (ZeRO-3 gathers the weights inside them); the sums are
-all-reduced, so every rank ends with the same results.
+The forward runs `eval.chunk` positions at a time (`model.chunked`): it holds the residual
+stream and one layer's keys and values, and the LM head and the loss run over chunks of
+positions as well (`head_chunk`); the rotation drift, at the trained length, reads each
+attention layer's input from the plain forward. A length whose estimated memory
+(`forward_bytes`) does not fit, or that runs out of memory, is skipped and the reason recorded.
+With several ranks every rank runs `Extrapolation.run` on its share of the windows and makes
+the same forward passes (ZeRO-3 gathers the weights inside them); the sums are all-reduced, so
+every rank ends with the same results.
 """
 
 from __future__ import annotations
@@ -63,22 +67,70 @@ class SkipLength(Exception):
     """This length cannot run; the message says why."""
 
 
+def head_chunk(cfg: ModelConfig, batch: int, chunk: int | None) -> int:
+    """Positions whose float32 logits the evaluation makes at once: HEAD_ELEMENTS elements of
+    [batch, positions, vocab], and at most `chunk` positions under the chunked forward."""
+    positions = max(1, HEAD_ELEMENTS // (batch * cfg.vocab_size))
+    return positions if chunk is None else min(positions, chunk)
+
+
+def scheme_token_bytes(cfg: ModelConfig, element: int) -> int:
+    """Bytes per token of a layer's full-length scheme state at its largest, while
+    `PositionScheme.plan` makes it: angles (and their float64 scan or RoPE's float64 angles),
+    the bias table, the forget gates' float64 sums, PaTH's Householder vectors."""
+    spec, H, HQ, P = SCHEMES[cfg.scheme], cfg.kv_heads, cfg.n_heads, cfg.head_dim // 2
+    need = 0
+    if spec.rotation == "rope":
+        need += 4 * 2 * H * P + 8 * P  # float64 t theta, the angles expanded over heads
+    elif spec.rotation is not None:
+        need += 4 * 7 * H * P  # increments, padded, chunk sums, float64 offsets (2), angles
+    if spec.bias is not None:
+        need += 4 * 3 * HQ + (4 * cfg.sandwich_dim if spec.bias == "sandwich" else 0)
+    if spec.forget:
+        need += 4 * 2 * HQ + 8 * 2 * HQ  # logits, log f, float64 copy and sums
+    if spec.transport:
+        need += element * 6 * H * cfg.head_dim  # projections, convolution terms, w
+    return need
+
+
 def forward_bytes(
-    cfg: ModelConfig, batch: int, length: int, diagnostics: bool, element: int = 4
+    cfg: ModelConfig,
+    batch: int,
+    length: int,
+    diagnostics: bool,
+    element: int = 4,
+    chunk: int | None = None,
 ) -> int:
     """A generous estimate of the peak memory of one no-grad forward of [batch, length] tokens
-    beyond the weights, with activations of `element` bytes: the residual stream, the larger
-    of a block's attention (projections, rotations, the blockwise sweep's float32 copies, state
-    and per-step tensors, O(length x block)) and MLP activations, one chunk of LM-head logits,
-    and the diagnostics' accumulators and second sweep."""
-    block, width, heads = min(cfg.attn_block, length), cfg.d_model, cfg.n_heads
-    attention = element * 10 * width + 4 * 6 * width + 4 * 8 * heads * block + 12 * block
+    beyond the weights, with activations of `element` bytes, and of the LM head's chunks.
+
+    chunk None (the plain forward): the residual stream, the larger of a block's attention
+    (projections, rotations, the blockwise sweep's float32 copies, state and per-step tensors,
+    O(length x block)) and MLP activations, one chunk of LM-head logits.
+    With `chunk` (`model.chunked`): the residual stream, one layer's keys and values and its
+    scheme state (`scheme_token_bytes`), plus the largest of one chunk's attention (float32
+    scores of `chunk` queries x `chunk` keys, queries, accumulators, a tile of keys and values),
+    its MLP and its LM-head logits.
+    Diagnostics add their accumulators and sweeps (and, chunked, the layer's whole queries)."""
+    block, width, heads, kv = min(cfg.attn_block, length), cfg.d_model, cfg.n_heads, cfg.kv_heads
+    head = 3 * 4 * min(head_chunk(cfg, batch, chunk), length) * batch * cfg.vocab_size
     mlp = element * (4 * cfg.hidden_dim + 4 * width)
-    per_token = 2 * element * width + max(attention, mlp)
-    head = 3 * 4 * min(HEAD_ELEMENTS, batch * length * cfg.vocab_size)
-    need = batch * length * per_token + head
+    sweep = 4 * 8 * heads * block
+    if chunk is None:
+        attention = element * 10 * width + 4 * 6 * width + sweep + 12 * block
+        need = batch * length * (2 * element * width + max(attention, mlp)) + head
+    else:
+        C, D = min(chunk, length), cfg.head_dim
+        keys = element * 2 * kv * D
+        full = element * width + keys + scheme_token_bytes(cfg, element)
+        scores = 4 * heads * C * (5 if SCHEMES[cfg.scheme].forget else 3) * C
+        per_query = element * (2 * width + 4 * heads * D) + 4 * (2 * width + 4 * heads * D)
+        attention = scores + C * (per_query + 4 * 3 * kv * D)
+        need = batch * length * full + max(batch * attention, batch * C * mlp, head)
     if diagnostics:
         need += 8 * heads * length * (cfg.n_layers + 2 * block)
+        if chunk is not None:  # the layer's queries, and the statistics' sweep over them
+            need += batch * length * (element * width + 4 * 3 * width + sweep)
     return need
 
 
@@ -143,9 +195,11 @@ def plan_lengths(cfg: Config, train_length: int) -> tuple[list[int], list[int], 
 
 
 class Extrapolation:
-    """The evaluation of one model (module docstring). `forward(tokens)` returns the final
-    hidden states (default: the model's own forward with head=False); `gathered(params)` makes
-    ZeRO-3 partitioned parameters whole inside a `with` (default: nothing to gather)."""
+    """The evaluation of one model (module docstring). `forward(tokens, chunk)` returns the
+    final hidden states (default: the model's own forward with head=False), `chunk` positions
+    at a time (`model.chunked`; eval.chunk) or all at once (None: the rotation drift, which
+    reads each attention layer's input); `gathered(params)` makes ZeRO-3 partitioned parameters
+    whole inside a `with` (default: nothing to gather)."""
 
     def __init__(
         self,
@@ -154,11 +208,11 @@ class Extrapolation:
         world: World,
         *,
         train_length: int,
-        forward: Callable[[Tensor], Tensor] | None = None,
+        forward: Callable[[Tensor, int | None], Tensor] | None = None,
         gathered: Gathered | None = None,
     ):
         self.model, self.cfg, self.world, self.train_length = model, cfg, world, train_length
-        self.forward = forward or (lambda tokens: model(tokens, head=False))
+        self.forward = forward or (lambda tokens, chunk: model(tokens, head=False, chunk=chunk))
         self.gathered = gathered or (lambda params: nullcontext())
         self.device = world.device
         self.scheme = model.cfg.scheme
@@ -197,25 +251,28 @@ class Extrapolation:
     def _hidden(self, tokens: Tensor, probe=None) -> Tensor:
         context = self.model.attention_probe(probe) if probe is not None else nullcontext()
         with context:
-            return self.forward(tokens.to(self.device))
+            return self.forward(tokens.to(self.device), self.cfg.eval.chunk)
 
     def _head(self, hidden: Tensor) -> Iterator[tuple[int, Tensor]]:
         """(start, float32 logits) of the LM head over chunks of positions."""
         weight = self.model.lm_head.weight
         B, T, _ = hidden.shape
-        chunk = max(1, HEAD_ELEMENTS // (B * self.model.cfg.vocab_size))
+        chunk = head_chunk(self.model.cfg, B, self.cfg.eval.chunk)
         with self.gathered([weight]):
             for start in range(0, T, chunk):
                 yield start, F.linear(hidden[:, start : start + chunk], weight).float()
 
-    def _batch_size(self, length: int, diagnostics: bool, extra_bytes: int) -> int:
+    def _batch_size(
+        self, length: int, diagnostics: bool, extra_bytes: int, chunked: bool = True
+    ) -> int:
         """The most sequences of `length` per forward within eval.batch_tokens and memory
-        (the same on every rank); SkipLength when not even one fits."""
+        (the same on every rank), chunked or not; SkipLength when not even one fits."""
+        chunk = self.cfg.eval.chunk if chunked else None
         budget = self._min(free_bytes(self.device)) * self.cfg.eval.memory_fraction
         batch = max(1, self.cfg.eval.batch_tokens // length)
         element = self.model.embed.weight.element_size()
         need = lambda b: (  # noqa: E731
-            forward_bytes(self.model.cfg, b, length, diagnostics, element) + extra_bytes
+            forward_bytes(self.model.cfg, b, length, diagnostics, element, chunk) + extra_bytes
         )
         while batch > 1 and need(batch) > budget:
             batch //= 2
@@ -422,13 +479,13 @@ class Extrapolation:
         cfg = self.model.cfg
         element = self.model.embed.weight.element_size()
         host = cfg.n_layers * length * cfg.d_model * element  # the inputs of one sequence
-        batch = self._batch_size(length, False, extra_bytes)
+        batch = self._batch_size(length, False, extra_bytes, chunked=False)
         batch = min(batch, max(1, DRIFT_HOST_BYTES // host))
         tokens = windows[:count, :-1]
         found = rotation_drift(
             self.model,
             (tokens[i : i + batch].to(self.device) for i in range(0, count, batch)),
-            forward=self.forward,
+            forward=lambda tokens: self.forward(tokens, None),
             gathered=self.gathered,
         )
         return {

@@ -47,7 +47,7 @@ def checkpoint_hook(trainer: Trainer, step: int) -> dict:
             cfg,
             trainer.world,
             train_length=cfg.data.seq_len,
-            forward=lambda tokens: trainer.engine(tokens, None, head=False),
+            forward=lambda tokens, chunk: trainer.engine(tokens, None, head=False, chunk=chunk),
             gathered=_zero3_gathered,
         )
         results = evaluation.run(step=step, tokens=trainer.tokens)

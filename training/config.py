@@ -180,6 +180,9 @@ class EvalConfig:
     passkey_trials: int = field(default=2, metadata={"min": 1})
     # A length runs only if its estimated memory fits this share of the free memory.
     memory_fraction: float = field(default=0.8, metadata={"min": 0.01, "max": 1.0})
+    # Positions per chunk of the evaluation's forward (model/chunked.py): it holds the residual
+    # stream and one layer's keys and values, plus O(chunk); null: the plain forward.
+    chunk: int | None = field(default=1024, metadata={"min": 1})
 
     def __post_init__(self):
         problems = []
