@@ -77,14 +77,14 @@ def head_chunk(cfg: ModelConfig, batch: int, chunk: int | None) -> int:
 def scheme_token_bytes(cfg: ModelConfig, element: int) -> int:
     """Bytes per token of a layer's full-length scheme state at its largest, while
     `PositionScheme.plan` makes it: angles (and their float64 scan or RoPE's float64 angles),
-    the bias table, the forget gates' float64 sums, PaTH's Householder vectors."""
+    a bias table (not ALiBi's), the forget gates' float64 sums, PaTH's Householder vectors."""
     spec, H, HQ, P = SCHEMES[cfg.scheme], cfg.kv_heads, cfg.n_heads, cfg.head_dim // 2
     need = 0
     if spec.rotation == "rope":
         need += 4 * 2 * H * P + 8 * P  # float64 t theta, the angles expanded over heads
     elif spec.rotation is not None:
         need += 4 * 7 * H * P  # increments, padded, chunk sums, float64 offsets (2), angles
-    if spec.bias is not None:
+    if spec.bias not in (None, "alibi"):  # ALiBi's bias comes from its slopes, tile by tile
         need += 4 * 3 * HQ + (4 * cfg.sandwich_dim if spec.bias == "sandwich" else 0)
     if spec.forget:
         need += 4 * 2 * HQ + 8 * 2 * HQ  # logits, log f, float64 copy and sums

@@ -125,23 +125,25 @@ class PrefixKeys:
         self.decay, self.gate = plan.get("decay"), plan.get("gate")
         self.transport = plan.get("transport")
         bias = plan.get("bias")
-        self.bias = bias
         self.dtype = torch.promote_types(k.dtype, torch.float32)
         self.scale = k.shape[-1] ** -0.5
         # Far tiles are skipped as kernels.attention skips far blocks: ALiBi heads, or forget
         # gates without a bias; never with xPos decay or PaTH transport.
         skips = skip_eps > 0 and self.decay is None and self.transport is None
-        self.slopes = None
-        if skips and self.gate is None and isinstance(bias, kernels.AlibiTable):
-            self.slopes = bias.slopes.detach().double()
+        # ALiBi's bias comes from its slopes, tile by tile (no [HQ, T] table); others' tables.
+        self.alibi = self.table = self.slopes = None
+        if isinstance(bias, kernels.AlibiTable):
+            self.alibi = bias.slopes.to(self.dtype)
+            if skips and self.gate is None:
+                self.slopes = bias.slopes.detach().double()
+        elif bias is not None:
+            self.table = bias.to(self.dtype)
         self.gate_skips = skips and self.gate is not None and bias is None
         self.skip_eps = skip_eps
         self.key_norm = None
         if self.slopes is not None or self.gate_skips:
             norms = torch.linalg.vector_norm(k, dim=-1, dtype=self.dtype).amax(dim=1).double()
             self.key_norm = norms  # [B, H]
-        if self.bias is not None:
-            self.bias = self.bias.as_subclass(Tensor).to(self.dtype)
 
     def attend(self, q: Tensor, start: int) -> Tensor:
         """Causal attention of queries q [B, C, HQ, D] at positions start.. against the keys
@@ -220,8 +222,11 @@ class PrefixKeys:
         i = torch.arange(start, end, device=scores.device)
         j = torch.arange(lo, hi, device=scores.device)
         distance = i[:, None] - j[None, :]
-        if self.bias is not None:
-            table = self.bias[:, distance.clamp(0, self.bias.shape[-1] - 1)]
+        if self.alibi is not None:  # -m n, as `kernels.AlibiTable` makes its table
+            bias = -self.alibi[:, None, None] * distance.clamp(min=0).to(self.dtype)
+            scores += bias.view(H, G, *distance.shape)
+        elif self.table is not None:
+            table = self.table[:, distance.clamp(0, self.table.shape[-1] - 1)]
             scores += table.view(H, G, *distance.shape)
         if self.gate is not None:  # F_i - F_j, differenced in float64
             F_i, F_j = self.gate[:, start:end], self.gate[:, lo:hi]
