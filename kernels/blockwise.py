@@ -36,6 +36,10 @@ class DiagonalSweep:
     key within its query heads' reach; heads are sorted by that step, so step s works on the
     heads `first_head(s)`.. only (a slice, not a gather).
 
+    Knowing the steps takes the reach to the host: one synchronisation with the device,
+    which the skipped steps repay many times over. The backward passes take the forward's
+    `head_steps_by_head` instead of synchronising again.
+
     The state is updated in place: the backward passes recompute what they need.
     """
 
@@ -50,6 +54,7 @@ class DiagonalSweep:
         window: int | None,
         reach: Tensor | None = None,
         gate: Tensor | None = None,
+        head_steps: list[int] | None = None,
     ):
         B, T, HQ, D = q.shape
         H = k.shape[2]
@@ -57,7 +62,8 @@ class DiagonalSweep:
         G, n = HQ // H, -(-T // block)
         self.groups, self.n = G, n
         self.dtype = dtype = torch.promote_types(q.dtype, torch.float32)  # scores in >= fp32
-        steps = self._steps_needed(H, window, reach)
+        steps = self._steps_needed(H, window, reach) if head_steps is None else head_steps
+        self.head_steps_by_head = steps  # per key/value head, in their order
         order = sorted(range(H), key=steps.__getitem__)
         self.head_steps = [steps[h] for h in order]
         self.order = None
@@ -280,17 +286,18 @@ class _BlockwiseAttention(torch.autograd.Function):
         for s, h0, scores in step_scores(sweep, q, k, decay, scale):
             sweep.fold(s, scores, vb[:, h0:, : sweep.n - s], h0)
         out = sweep.unblock(sweep.output()).to(q.dtype)
-        ctx.save_for_backward(q, k, v, bias, gate, decay, doc_ids, reach, out, sweep.log_sum_exp())
+        ctx.save_for_backward(q, k, v, bias, gate, decay, doc_ids, out, sweep.log_sum_exp())
         ctx.scale, ctx.window, ctx.block = scale, window, block
+        ctx.head_steps = sweep.head_steps_by_head
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, bias, gate, decay, doc_ids, reach, out, lse = ctx.saved_tensors
+        q, k, v, bias, gate, decay, doc_ids, out, lse = ctx.saved_tensors
         scale, block = ctx.scale, ctx.block
         sweep = DiagonalSweep(
-            q, k, block=block, doc_ids=doc_ids, bias=bias, window=ctx.window, reach=reach,
-            gate=gate,
+            q, k, block=block, doc_ids=doc_ids, bias=bias, window=ctx.window, gate=gate,
+            head_steps=ctx.head_steps,
         )  # fmt: skip
         qb, kb, vb = sweep.query_blocks(q, scale), sweep.blocks(k), sweep.blocks(v)
         dob, row_dot = sweep.output_gradient(dout, out)
