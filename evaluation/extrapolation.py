@@ -83,7 +83,7 @@ def scheme_token_bytes(cfg: ModelConfig, element: int) -> int:
     if spec.rotation == "rope":
         need += 4 * 2 * H * P + 8 * P  # float64 t theta, the angles expanded over heads
     elif spec.rotation is not None:
-        need += 4 * 7 * H * P  # increments, padded, chunk sums, float64 offsets (2), angles
+        need += 4 * 8 * H * P  # increments, padded, chunk sums, float64 offsets (2), angles
     if spec.bias not in (None, "alibi"):  # ALiBi's bias comes from its slopes, tile by tile
         need += 4 * 3 * HQ + (4 * cfg.sandwich_dim if spec.bias == "sandwich" else 0)
     if spec.forget:

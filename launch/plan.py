@@ -1,7 +1,7 @@
 """Memory and throughput plan of a training config, before any job is queued.
 
     python -m launch.plan configs/7b.yaml [key=value ...] [--gpus N] [--device cuda|cpu]
-        [--mfu 0.4] [--peak-tflops 989]
+        [--mfu 0.4] [--peak-tflops 989] [--gpu-gib 80]
 
 Everything is per GPU (per rank), in bytes, from the config alone (nothing is built):
 
@@ -23,9 +23,17 @@ Everything is per GPU (per rank), in bytes, from the config alone (nothing is bu
   With activation checkpointing a layer keeps its input only, and the backward recomputes one
   layer at a time. CUDA runs the fused RMSNorm, the Triton angle scan and (where it serves the
   scheme) the fused attention; the CPU the composite norm and the blockwise attention.
-- Evaluation at each eval length: eval.batch_tokens // L sequences per forward (no grad); one
-  attention layer's working set (`eval_attention_bytes`) and the whole forward as
-  `evaluation.extrapolation.forward_bytes` estimates it (what decides whether a length runs).
+- Evaluation at each eval length L (README "Long-context evaluation"): eval.batch_tokens // L
+  sequences per forward (no grad), run eval.chunk positions at a time (`model.chunked`). Per
+  token, the state that spans the sequence: the residual stream, one layer's keys and values
+  and its scheme state (`eval_token_bytes`); the whole forward as
+  `evaluation.extrapolation.forward_bytes` estimates it (what decides whether a length runs),
+  on one GPU and split over a sequence-parallel group of train.sequence_parallel ranks; the
+  memory per GPU with the training state that stays resident (weights, gradients, optimizer
+  states, ZeRO buffers), against --gpu-gib. The time to evaluate one checkpoint
+  (`eval_seconds`: the forwards of perplexity, passkey and the diagnostics' two extra sweeps,
+  windows dealt over the job's groups) next to the training time between checkpoints, at the
+  same MFU (the chunked attention runs PyTorch matmuls, not the fused kernel: a lower bound).
 - FLOPs per token, as the MFU of launch.train counts them (`training.metrics`):
   6 N_matmul + 12 L d T_eff, N_matmul the weights of every linear map (the output head
   included, the embedding not), T_eff the mean number of keys a query attends to at the trained
@@ -42,7 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
-from evaluation.extrapolation import forward_bytes
+from evaluation.extrapolation import forward_bytes, plan_lengths, scheme_token_bytes
 from kernels.angles import SCAN_CHUNK
 from model.config import LEARNED_ROTATIONS, SCHEMES, ModelConfig
 from model.transformer import LOSS_CHUNK
@@ -57,6 +65,7 @@ from training.config import (
 from training.engine import precision
 
 H100_BF16_TFLOPS = 989.0  # H100 SXM, dense bf16 (the datasheet's figure without sparsity)
+GPU_GIB = 80.0  # the GPU memory evaluation lengths are checked against (H100 80 GB)
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # kernels.hybrid.attention.HEAD_DIMS, which cannot be imported on a machine without CUDA once
 # Triton is (kernels/hybrid/__init__.py); tests/launch/test_plan.py checks that they agree.
@@ -123,14 +132,18 @@ def matmul_parameters(m: ModelConfig) -> int:
     return m.n_layers * per_layer + m.vocab_size * d
 
 
+def mean_keys(m: ModelConfig, seq_len: int, train_length: int | None = None) -> float:
+    """T_eff: the mean number of keys a query attends to in a sequence of seq_len (causal,
+    within `local`'s window, which is the trained length unless model.window names one)."""
+    window = (m.window or train_length or seq_len) if SCHEMES[m.scheme].window else None
+    if window is None or window >= seq_len:
+        return (seq_len + 1) / 2
+    return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
+
+
 def flops_per_token(m: ModelConfig, seq_len: int) -> float:
     """6 N_matmul + 12 L d T_eff (module docstring)."""
-    window = (m.window or seq_len) if SCHEMES[m.scheme].window else None
-    if window is None or window >= seq_len:
-        keys = (seq_len + 1) / 2
-    else:
-        keys = (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
-    return 6 * matmul_parameters(m) + 12 * m.n_layers * m.d_model * keys
+    return 6 * matmul_parameters(m) + 12 * m.n_layers * m.d_model * mean_keys(m, seq_len)
 
 
 def _norm_bytes(m: ModelConfig, rt: Runtime) -> int:
@@ -237,35 +250,48 @@ def mlp_saved_bytes(m: ModelConfig, rt: Runtime, tokens: int) -> int:
     return tokens * (_norm_bytes(m, rt) + 4 * rt.element * m.hidden_dim + wo_input)
 
 
-def eval_attention_bytes(m: ModelConfig, rt: Runtime, batch: int, length: int) -> int:
-    """One attention layer's working set in a no-grad forward of [batch, length]: q, k, v, the
-    angles and rotated copies, the output; blockwise also its float32 blocks (and their
-    copies for the step's matmuls), online-softmax state, a [HQ, block] score tile per query
-    and wo's input (PaTH: its transported blocks and their products)."""
-    spec, E, A = SCHEMES[m.scheme], rt.element, max(rt.element, 4)
-    HQ, H, D, block = m.n_heads, m.kv_heads, m.head_dim, m.attn_block
-    qkv = (HQ + 2 * H) * D
-    tok = E * (qkv + HQ * D) + (A * H * D // 2 if spec.rotation else 0)
-    if rt.fused:
-        tok += 2 * E * H * D + 4 * HQ  # rotated k, v; log-sum-exp
-        return batch * length * tok
-    if spec.rotation:
-        tok += E * ((HQ + H) * D + spec.rotate_values * H * D)
-    tok += 4 * (2 * qkv + HQ * (2 * D + 2 + block)) + E * HQ * D
-    if spec.transport:
-        tok += 4 * (2 * HQ * D + 2 * H * D + 2 * (HQ + H) * block)
-    if spec.forget:  # logits, log gates, float64 cumulative gates, the sweep's copy, offsets
-        tok += 28 * HQ
-    tables = A * HQ * length if spec.bias else 0
-    return batch * -(-length // block) * block * tok + tables
+def eval_token_bytes(m: ModelConfig, element: int) -> int:
+    """Bytes per token of what the chunked evaluation forward holds over the whole sequence:
+    the residual stream (d_model), one layer's keys and values (2 x kv_heads x head_dim), both
+    of `element` bytes, and the layer's scheme state (`scheme_token_bytes`)."""
+    residual_keys_values = element * (m.d_model + 2 * m.kv_heads * m.head_dim)
+    return residual_keys_values + scheme_token_bytes(m, element)
+
+
+def eval_seconds(
+    cfg: Config, length: int, groups: int, group_size: int, seconds_per_flop: float
+) -> float:
+    """Seconds to evaluate one checkpoint at `length` on `groups` groups of `group_size` ranks
+    (each window split over a group, windows dealt over the groups): per window, the forward's
+    2 N_matmul + 4 L d T_eff FLOPs per token; the windows of perplexity (eval.windows windows
+    of the longest length, cut into windows of `length`), of passkey retrieval, and the
+    diagnostics' two extra score sweeps (4 L d T_eff per token) on their windows."""
+    m, ev = cfg.model, cfg.eval
+    lengths, diagnostic, passkey = plan_lengths(cfg, cfg.data.seq_len)
+    keys = mean_keys(m, length, cfg.data.seq_len)
+    sweep = 4 * m.n_layers * m.d_model * keys  # one pass of scores and values (or 2 of scores)
+    forward = length * (2 * matmul_parameters(m) + sweep)
+    pieces = lengths[-1] // length
+    windows = ev.windows * pieces + (len(ev.passkey_depths) * ev.passkey_trials) * (
+        length in passkey
+    )
+    flops = -(-windows // groups) * forward
+    if length in diagnostic and not SCHEMES[m.scheme].transport:
+        flops += -(-min(ev.diagnostic_windows, ev.windows) * pieces // groups) * length * sweep
+    return flops * seconds_per_flop / group_size
 
 
 @dataclass(frozen=True)
 class EvalPoint:
     length: int
     batch: int  # sequences per forward (before evaluation halves it to fit)
-    attention: int  # bytes: one attention layer's working set
+    token_bytes: int  # bytes per token spanning the sequence (`eval_token_bytes`)
     forward: int  # bytes: the forward beyond the weights (evaluation.extrapolation.forward_bytes)
+    forward_split: int  # the same per rank of a sequence-parallel group
+    memory: int  # per GPU: the resident training state and `forward`
+    memory_split: int  # per GPU under sequence parallelism
+    seconds: float  # one checkpoint's evaluation at this length, on one rank per window
+    seconds_split: float  # the same with each window split over a sequence-parallel group
 
 
 @dataclass(frozen=True)
@@ -289,6 +315,7 @@ class Plan:
     saved_checkpointed: int  # with activation checkpointing: each layer's input
     transient_checkpointed: int  # beyond it: a loss chunk, or a layer recomputed and its backward
     evaluation: list[EvalPoint]
+    gpu_bytes: int  # the GPU memory evaluation lengths are checked against
     flops_per_token: float
     tokens_per_step: int  # the whole job's
     step_seconds: float
@@ -344,6 +371,7 @@ def plan(
     device: str = "cuda",
     mfu: float = 0.4,
     peak_tflops: float | None = None,
+    gpu_gib: float = GPU_GIB,
 ) -> Plan:
     """The plan of `cfg` on `gpus` ranks (default: its SLURM job) of `device` (module
     docstring); ConfigError if sequence parallelism does not fit them."""
@@ -366,12 +394,30 @@ def plan(
     parameters = parameter_count(m)
     peak = peak_tflops or cfg.train.peak_tflops or H100_BF16_TFLOPS
     fpt = flops_per_token(m, T)
+    states = state_bytes(cfg, parameters, world, rt.element)
+    resident = sum(states[key] for key in ("weights", "gradients", "optimizer", "buffers"))
+    seconds_per_flop = 1 / (mfu * peak * 1e12)
+    _, diagnostic, _ = plan_lengths(cfg, T)
     evaluation = []
-    for length in cfg.eval_lengths:
+    for length in sorted(set(cfg.eval_lengths)):
         batch = max(1, cfg.eval.batch_tokens // length)
-        attention_eval = eval_attention_bytes(m, rt, batch, length)
-        whole = forward_bytes(m, batch, length, False, rt.element)
-        evaluation.append(EvalPoint(length, batch, attention_eval, whole))
+        diagnostics = length in diagnostic and not SCHEMES[m.scheme].transport
+        chunk = cfg.eval.chunk
+        whole = forward_bytes(m, batch, length, diagnostics, rt.element, chunk)
+        split = forward_bytes(m, batch, -(-length // sp), diagnostics, rt.element, chunk)
+        evaluation.append(
+            EvalPoint(
+                length,
+                batch,
+                eval_token_bytes(m, rt.element),
+                whole,
+                split,
+                resident + whole,
+                resident + split,
+                eval_seconds(cfg, length, world, 1, seconds_per_flop),
+                eval_seconds(cfg, length, world // sp, sp, seconds_per_flop),
+            )
+        )
     return Plan(
         cfg=cfg,
         world=world,
@@ -379,13 +425,14 @@ def plan(
         precision=chosen,
         fused=rt.fused,
         parameters=parameters,
-        **state_bytes(cfg, parameters, world, rt.element),
+        **states,
         tokens=tokens,
         saved=m.n_layers * layer + outside,
         transient=max(loss, attention),
         saved_checkpointed=inputs + outside,
         transient_checkpointed=max(loss, layer + attention),
         evaluation=evaluation,
+        gpu_bytes=int(gpu_gib * 2**30),
         flops_per_token=fpt,
         tokens_per_step=tokens * cfg.train.grad_accum * world,
         step_seconds=fpt * tokens * cfg.train.grad_accum / (mfu * peak * 1e12),
@@ -407,6 +454,10 @@ def _seconds(s: float) -> str:
 
 def _row(label: str, *cells: str) -> str:
     return f"  {label:<46}" + "".join(f"{cell:>18}" for cell in cells)
+
+
+def _eval_row(label: str, *cells: str) -> str:
+    return f"  {label:<20}" + "".join(f"{cell:>16}" for cell in cells)
 
 
 def table(p: Plan) -> str:
@@ -446,10 +497,44 @@ def table(p: Plan) -> str:
     ]
     if p.host:
         rows.append(_row("offloaded to the host, per rank", _size(p.host)))
-    rows += ["", f"evaluation (no grad; eval.batch_tokens = {cfg.eval.batch_tokens:,})"]
-    rows.append(_row("length", "sequences", "attention/layer", "forward"))
+    between = cfg.train.checkpoint_every * p.step_seconds
+    rows += [
+        "",
+        f"evaluation of each checkpoint (no grad, eval.chunk = {cfg.eval.chunk} positions at a "
+        f"time; eval.batch_tokens = {cfg.eval.batch_tokens:,}); per GPU with the resident "
+        f"training state ({_size(p.weights + p.gradients + p.optimizer + p.buffers)}), "
+        f"against {_size(p.gpu_bytes)}",
+        _eval_row("length", "bytes/token", "memory, 1 GPU", f"memory, SP {sp}", "time", "fits"),
+    ]
     for e in p.evaluation:
-        rows.append(_row(f"{e.length:,}", str(e.batch), _size(e.attention), _size(e.forward)))
+        fits = "yes" if e.memory <= p.gpu_bytes else f"SP {sp} only"
+        if e.memory_split > p.gpu_bytes:
+            fits = "no"
+        rows.append(
+            _eval_row(
+                f"{e.length:,} x {e.batch}",
+                f"{e.token_bytes:,}",
+                _size(e.memory),
+                _size(e.memory_split),
+                _seconds(e.seconds_split if sp > 1 else e.seconds),
+                fits,
+            )
+        )
+    total = sum(e.seconds_split if sp > 1 else e.seconds for e in p.evaluation)
+    rows.append(
+        _eval_row(
+            "one checkpoint",
+            "",
+            "",
+            "",
+            _seconds(total),
+            f"{total / between:.0%} of training" if between > 0 else "",
+        )
+    )
+    rows.append(
+        f"  training between checkpoints (train.checkpoint_every = "
+        f"{cfg.train.checkpoint_every} steps): {_seconds(between)}"
+    )
     rate = p.tokens_per_step / p.step_seconds
     rows += [
         "",
@@ -497,6 +582,10 @@ def _mfu(text: str) -> float:
     return _number(text, float, MIN_MFU, 1, f"a fraction in [{MIN_MFU:g}, 1], e.g. 0.4")
 
 
+def _gpu_gib(text: str) -> float:
+    return _number(text, float, 1e-3, 2**20, "--gpu-gib")
+
+
 def _peak_tflops(text: str) -> float:
     what = f"a finite TFLOP/s in [{MIN_PEAK_TFLOPS:g}, {MAX_PEAK_TFLOPS:g}], e.g. 989"
     return _number(text, float, MIN_PEAK_TFLOPS, MAX_PEAK_TFLOPS, what)
@@ -514,6 +603,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--mfu", type=_mfu, default=0.4, help="model FLOPs utilisation (0.4)")
     parser.add_argument(
+        "--gpu-gib",
+        type=_gpu_gib,
+        default=GPU_GIB,
+        help=f"GPU memory the evaluation lengths must fit (default {GPU_GIB:g})",
+    )
+    parser.add_argument(
         "--peak-tflops",
         type=_peak_tflops,
         help=f"per-GPU peak (default: train.peak_tflops, else {H100_BF16_TFLOPS:g}, H100 bf16)",
@@ -526,7 +621,12 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         result = plan(
-            cfg, gpus=args.gpus, device=args.device, mfu=args.mfu, peak_tflops=args.peak_tflops
+            cfg,
+            gpus=args.gpus,
+            device=args.device,
+            mfu=args.mfu,
+            peak_tflops=args.peak_tflops,
+            gpu_gib=args.gpu_gib,
         )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

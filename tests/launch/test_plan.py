@@ -238,3 +238,28 @@ def test_sequence_parallelism_divides_activations_and_offload_moves_states():
     offloaded = planner.plan(load_config("configs/7b.yaml", ["deepspeed.offload_optimizer=true"]))
     base = planner.plan(load_config("configs/7b.yaml"))
     assert offloaded.optimizer == 0 and offloaded.host == base.optimizer + base.gradients
+
+
+def test_7b_128k_evaluates_up_to_1m_tokens_on_80_gb(capsys):
+    """Every evaluation length, 1x to 8x the trained 131,072, fits an 80 GB GPU with the
+    resident training state; the per-token figure is the hand count for the 7b hybrid in bf16."""
+    cfg = load_config("configs/7b_128k.yaml")
+    p = planner.plan(cfg)
+    residual = 2 * 4096  # d_model 4096 in bf16
+    keys_values = 2 * 2 * 8 * 128  # 8 key/value heads of 128, bf16
+    # The hybrid's angles over 8 heads x 64 pairs while the scan makes them: float32 increments,
+    # their padded copy and chunk sums, two float64 offset tensors, the float32 angles.
+    angles = (4 + 4 + 4 + 8 + 8 + 4) * 8 * 64
+    per_token = residual + keys_values + angles
+    assert per_token == 28_672
+    assert [e.length for e in p.evaluation] == [131_072, 262_144, 524_288, 1_048_576]
+    resident = p.weights + p.gradients + p.optimizer + p.buffers
+    for e in p.evaluation:
+        assert e.token_bytes == per_token
+        assert resident + e.length * per_token <= e.memory <= 80 * 2**30
+        assert e.memory_split < e.memory
+    assert planner.main(["configs/7b_128k.yaml"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    for e in p.evaluation:
+        row = next(line.split() for line in rows if line.strip().startswith(f"{e.length:,} x"))
+        assert row[3] == f"{per_token:,}" and row[-1] == "yes", row
