@@ -74,7 +74,7 @@ study: setup data
 
 # The ablation of the hybrid (docs/ablation.md): every configs/ablation run (24 runs, several
 # hours on 2 CPU cores; a finished run is skipped, also in a later checkout through its record
-# docs/ablation/runs/<name>.json, and an interrupted one resumes), then
+# docs/ablation/records/<name>.json, and an interrupted one resumes), then
 # docs/ablation/{results.md,summary.json,ppl_vs_length.png} and the verdicts in docs/ablation.md.
 ablation: setup data
 	$(PY) -m launch.study configs/ablation --out docs/ablation

@@ -1,5 +1,5 @@
 """The record of a finished study run: its resolved config, final evaluation and time, kept
-beside the study's report (`<out>/runs/<name>.json`, committed with it). Run directories are
+beside the study's report (`<out>/records/<name>.json`, committed with it). Run directories are
 not committed, so a study that spans several checkouts (the ablation takes hours) skips a run
 whose record matches its config, and reports from the record.
 """
@@ -23,7 +23,7 @@ class RecordError(ValueError):
 
 
 def record_path(out: Path, run: str) -> Path:
-    return out / "runs" / f"{run}.json"
+    return out / "records" / f"{run}.json"  # not runs/: git ignores those
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -4,7 +4,7 @@ Run from the repository root. Trains every config of STUDY_DIR (default configs/
 per scheme, a second seed for some; `base.yaml` is their common base and is not a run) one
 after the other, each evaluated at its final checkpoint; a finished run is skipped and an
 interrupted one resumes. Each finished run leaves its record in --out (default docs/study):
-`runs/<name>.json` (its config, final evaluation and time; see evaluation/run_records.py), so a
+`records/<name>.json` (its config, final evaluation and time; see evaluation/run_records.py), so a
 later checkout skips it too, unless its settings changed. Then it writes into --out
 `ppl_vs_length.png` (one curve per scheme, the mean over its seeds), `results.md` (the tables
 docs/study.md quotes) and `summary.json` (every number of those tables, the machine and the

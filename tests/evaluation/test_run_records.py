@@ -31,7 +31,7 @@ def _results(cfg) -> dict:
 
 def test_a_record_reads_back_as_written_and_matches_its_config(tmp_path, cfg):
     path = write_record(tmp_path, cfg, _results(cfg), 612.5)
-    assert path == tmp_path / "runs" / "hybrid_fox_seed1.json"
+    assert path == tmp_path / "records" / "hybrid_fox_seed1.json"
     record = read_record(tmp_path, cfg)
     assert record["results"] == _results(cfg) and record["seconds"] == 612.5
     assert config_differences(record["config"], cfg) == []
