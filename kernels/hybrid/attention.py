@@ -176,7 +176,7 @@ def _fwd_block(
     s = tl.dot(q1, k1, input_precision=PRECISION)
     s = tl.dot(q2, k2, s, input_precision=PRECISION) * qk_scale2
     if ALIBI:
-        s = s - slope2 * (i[:, None] - j[None, :]).to(tl.float32)
+        s = s - slope2[:, None] * (i[:, None] - j[None, :]).to(tl.float32)
     if MASKED:
         s = _logits_masked(s, i, j, starts_i, window, BOUNDED, WINDOW)
     m_new = tl.maximum(m, tl.max(s, 1))
@@ -193,29 +193,28 @@ def _fwd_block(
 
 
 @triton.jit
+def _row_starts(starts_base, i, i_ok, BLOCK_M: tl.constexpr, BOUNDED: tl.constexpr):
+    """The first visible key of each row i (document start or skipping bound; 0 unbounded)."""
+    if BOUNDED:
+        return tl.load(starts_base + i, mask=i_ok, other=0)
+    return tl.zeros([BLOCK_M], tl.int32)
+
+
+@triton.jit
 def _key_range(
-    starts_base,
-    i,
+    starts_i,
+    i_ok,
     i0,
-    T,
+    i_last,
     window,
-    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BOUNDED: tl.constexpr,
     WINDOW: tl.constexpr,
 ):
-    """For query rows i = i0..i0+BLOCK_M-1: their first visible keys (document start or skip
-    bound, non-decreasing in i) and the key-block starts lo <= a <= b <= hi; blocks in [a, b)
-    need no mask, those in [lo, a) and [b, hi) do."""
-    i_last = tl.minimum(i0 + BLOCK_M, T) - 1
-    if BOUNDED:
-        starts_i = tl.load(starts_base + i, mask=i < T, other=0)
-        lo = tl.load(starts_base + i0)
-        full_from = tl.load(starts_base + i_last)
-    else:
-        starts_i = tl.zeros([BLOCK_M], tl.int32)
-        lo = i0 * 0
-        full_from = i0 * 0
+    """Key-block starts lo <= a <= b <= hi for query rows i0..i_last (of one or several heads)
+    whose first visible keys are starts_i: blocks in [a, b) need no mask, those in [lo, a) and
+    [b, hi) do."""
+    lo = tl.min(tl.where(i_ok, starts_i, i_last), 0)
+    full_from = tl.max(tl.where(i_ok, starts_i, 0), 0)
     if WINDOW:
         lo = tl.maximum(lo, i0 - window + 1)
         full_from = tl.maximum(full_from, i_last - window + 1)
@@ -223,7 +222,7 @@ def _key_range(
     hi = i_last + 1
     b_mid = tl.minimum(tl.maximum(((i0 + 1) // BLOCK_N) * BLOCK_N, lo), hi)
     a_mid = tl.minimum(tl.maximum(tl.cdiv(full_from, BLOCK_N) * BLOCK_N, lo), b_mid)
-    return starts_i, lo, a_mid, b_mid, hi
+    return lo, a_mid, b_mid, hi
 
 
 @triton.jit
@@ -267,27 +266,39 @@ def _fwd_kernel(
     WINDOW: tl.constexpr,
     SKIP: tl.constexpr,
     PRECISION: tl.constexpr,
+    GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     P: tl.constexpr = D // 2
-    bh = tl.program_id(1)
-    b = (bh // HQ).to(tl.int64)
-    hq = bh % HQ
-    h = hq // G
-    i0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest rows first
-    i = i0 + tl.arange(0, BLOCK_M)
+    # GROUP query heads of one key/value head per program, ROWS query positions each: every
+    # K/V block is loaded once for all of them (at least 16 rows a head, as tl.dot needs).
+    ROWS: tl.constexpr = BLOCK_M // GROUP if BLOCK_M // GROUP >= 16 else BLOCK_M
+    HEADS: tl.constexpr = BLOCK_M // ROWS
+    b = (tl.program_id(1) // (HQ // HEADS)).to(tl.int64)
+    hq0 = (tl.program_id(1) % (HQ // HEADS)) * HEADS
+    h = hq0 // G
+    r = tl.arange(0, BLOCK_M)
+    hq = hq0 + r // ROWS  # each row's query head
+    i0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * ROWS  # longest rows first
+    i = i0 + r % ROWS
     i_ok = i < T
-    q1, q2 = _load_halves(Q + b * sq_b + hq * sq_h, i, i_ok, sq_t, P)
+    i_last = tl.minimum(i0 + ROWS, T) - 1
+    pairs = tl.arange(0, P)[None, :]
+    q_offs = hq[:, None].to(tl.int64) * sq_h + i[:, None].to(tl.int64) * sq_t + pairs
+    q1 = tl.load(Q + b * sq_b + q_offs, mask=i_ok[:, None], other=0.0).to(tl.float32)
+    q2 = tl.load(Q + b * sq_b + q_offs + P, mask=i_ok[:, None], other=0.0).to(tl.float32)
+    phi_base = PHI + b * sp_b + h * sp_h
     if ROTATE:  # prologue: q~ = R(phi_i) q
-        c, s = _cos_sin(PHI + b * sp_b + h * sp_h, i, i_ok, sp_t, P)
+        c, s = _cos_sin(phi_base, i, i_ok, sp_t, P)
         q1, q2 = q1 * c - q2 * s, q1 * s + q2 * c
     q1 = q1.to(Q.dtype.element_ty)
     q2 = q2.to(Q.dtype.element_ty)
-    slope2 = _log2_slope(SLOPES, hq, ALIBI)
-    starts_i, lo, a_mid, b_mid, hi = _key_range(
-        STARTS + b * sd_b + hq * sd_h, i, i0, T, window, BLOCK_M, BLOCK_N, DOCS or SKIP, WINDOW
-    )
+    slope2 = tl.zeros([BLOCK_M], tl.float32)
+    if ALIBI:
+        slope2 = tl.load(SLOPES + hq) * _LOG2E
+    starts_i = _row_starts(STARTS + b * sd_b + hq * sd_h, i, i_ok, BLOCK_M, DOCS or SKIP)
+    lo, a_mid, b_mid, hi = _key_range(starts_i, i_ok, i0, i_last, window, BLOCK_N, WINDOW)
     k_base = K + b * sk_b + h * sk_h
     v_base = V + b * sv_b + h * sv_h
     m = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
@@ -312,10 +323,12 @@ def _fwd_kernel(
     acc1 = acc1 / l[:, None]
     acc2 = acc2 / l[:, None]
     if ROTATE_V:  # epilogue: o = R(-phi_i) o~
-        c, s = _cos_sin(PHI + b * sp_b + h * sp_h, i, i_ok, sp_t, P)
+        c, s = _cos_sin(phi_base, i, i_ok, sp_t, P)
         acc1, acc2 = acc1 * c + acc2 * s, acc2 * c - acc1 * s
-    _store_halves(O + b * so_b + hq * so_h, i, i_ok, so_t, acc1, acc2, P)
-    tl.store(LSE + bh.to(tl.int64) * T + i, m + tl.log2(l), mask=i_ok)
+    o_offs = hq[:, None].to(tl.int64) * so_h + i[:, None].to(tl.int64) * so_t + pairs
+    tl.store(O + b * so_b + o_offs, acc1.to(O.dtype.element_ty), mask=i_ok[:, None])
+    tl.store(O + b * so_b + o_offs + P, acc2.to(O.dtype.element_ty), mask=i_ok[:, None])
+    tl.store(LSE + (b * HQ + hq) * T + i, m + tl.log2(l), mask=i_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -609,9 +622,9 @@ def _dq_kernel(
     lse = tl.load(LSE + bh.to(tl.int64) * T + i, mask=i_ok, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * T + i, mask=i_ok, other=0.0)
     slope2 = _log2_slope(SLOPES, hq, ALIBI)
-    starts_i, lo, a_mid, b_mid, hi = _key_range(
-        STARTS + b * sd_b + hq * sd_h, i, i0, T, window, BLOCK_M, BLOCK_N, DOCS or SKIP, WINDOW
-    )
+    starts_i = _row_starts(STARTS + b * sd_b + hq * sd_h, i, i_ok, BLOCK_M, DOCS or SKIP)
+    i_last = tl.minimum(i0 + BLOCK_M, T) - 1
+    lo, a_mid, b_mid, hi = _key_range(starts_i, i_ok, i0, i_last, window, BLOCK_N, WINDOW)
     k_base = K + b * sk_b + h * sk_h
     v_base = V + b * sv_b + h * sv_h
     dq = tl.zeros([BLOCK_M, D], tl.float32)
@@ -849,6 +862,13 @@ def _swapped(config: triton.Config) -> triton.Config:
     return triton.Config(tiles, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
+def query_heads_per_program(block_m: int, group: int) -> int:
+    """How many query heads one forward program serves (HEADS in `_fwd_kernel`): `group` (a
+    power of two dividing the key/value group) when each head keeps at least 16 of the
+    block_m rows, else 1."""
+    return group if block_m // group >= 16 else 1
+
+
 def _bound_strides(starts: Tensor | None) -> tuple[int, int]:
     """(batch, head) strides of visibility bounds: [B, T] document bounds (one for every head)
     or [B, HQ, T] skipping bounds (`kernels.alibi_reach.alibi_bounds`)."""
@@ -871,13 +891,18 @@ class _FusedAttention(torch.autograd.Function):
         lse = torch.empty((B, HQ, T), dtype=torch.float32, device=q.device)
         tiles = _pinned("_fwd_kernel", q.dtype, D, q.device) if pinned else {}
         kernel = _fwd_kernel if pinned else _fwd
-        kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * HQ)](
+
+        def grid(meta: dict) -> tuple[int, int]:
+            heads = query_heads_per_program(meta["BLOCK_M"], meta["GROUP"])
+            return triton.cdiv(T, meta["BLOCK_M"] // heads), B * HQ // heads
+
+        kernel[grid](
             q, kr, vr, q if phi is None else phi, q if slopes is None else slopes,
             q if starts is None else starts, o, lse,
             *_strides(q), *_strides(kr), *_strides(vr), *_strides(phi), *_strides(o),
             *_bound_strides(starts), T, HQ, HQ // H, scale * LOG2E, window or 0,
             triton.next_power_of_2(T), D=D, ROTATE=phi is not None, ROTATE_V=rotate_v,
-            **flags, **tiles,
+            GROUP=(HQ // H) & -(HQ // H), **flags, **tiles,
         )  # fmt: skip
         # k and v, not their rotations: the backward rotates them again, and needs them exact.
         ctx.save_for_backward(q, k, v, phi, slopes, starts, ends, o, lse)
