@@ -61,56 +61,65 @@ def _scan_kernel(
     """One chunk's sums. Forward: Y_t = sum of X_s over max(starts_t, chunk start) <= s <= t
     (+ the carry CARRY[b, c, h, p] where starts_t precedes the chunk), reduced mod 2*pi.
     REVERSE: the sums over t <= s < min(ends_t, chunk end). BOUNDS: the starts, or the ends
-    (REVERSE). Without CARRIED, only the edge token's sum is written, to CARRY [B, n, H, P].
+    (REVERSE). Without CARRIED, only the edge token's sum (its last token's; the first's in
+    REVERSE) is written, to CARRY [B, n, H, P].
     """
     c = tl.program_id(0)
     p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     b = (tl.program_id(2) // H).to(tl.int64)
     h = tl.program_id(2) % H
     p_ok = p < P
-    rows = tl.arange(0, CHUNK)
     lo = c * CHUNK
-    t = lo + rows
+    t = lo + tl.arange(0, CHUNK)
     t_ok = t < T
     mask = t_ok[:, None] & p_ok[None, :]
     x_base = X + b * sx_b + h * sx_h
     x = tl.load(x_base + t[:, None].to(tl.int64) * sx_t + p[None, :], mask=mask, other=0.0)
     x = x.to(tl.float64)
-    if REVERSE:
-        if DOCS:
-            bound = tl.load(BOUNDS + b * sb_b + t, mask=t_ok, other=T)
-        else:
-            bound = tl.full([CHUNK], T, tl.int32)
-        run = tl.cumsum(x, axis=0, reverse=True)  # sums over s >= t within the chunk
-        # t's document ends inside the chunk: drop the sum from its end on; after it: carry.
-        ends_inside = bound < lo + CHUNK
-        cut_at = tl.minimum(tl.maximum(bound - lo, 0), CHUNK - 1)
-        takes_carry = bound > lo + CHUNK
-        edge_row = 0
-    else:
-        if DOCS:
-            bound = tl.load(BOUNDS + b * sb_b + t, mask=t_ok, other=0)
-        else:
-            bound = tl.zeros([CHUNK], tl.int32)
-        run = tl.cumsum(x, axis=0)  # sums over s <= t within the chunk
-        # t's document starts inside the chunk: drop the sum before it; before it: carry.
-        ends_inside = bound > lo
-        cut_at = tl.minimum(tl.maximum(bound - 1 - lo, 0), CHUNK - 1)
-        takes_carry = bound < lo
-        edge_row = CHUNK - 1
-    cut = tl.gather(run, tl.broadcast_to(cut_at[:, None], (CHUNK, BLOCK_P)), axis=0)
-    y = run - tl.where(ends_inside[:, None], cut, 0.0)
     # CARRY is a contiguous float64 [B, n, H, P].
     carry_ptr = CARRY + ((b * tl.num_programs(0) + c) * H + h) * P + p
-    if CARRIED:
+    if not CARRIED:
+        # The edge token's sum: the chunk's rows in its document.
+        if REVERSE:
+            edge_bound = T
+            if DOCS:
+                edge_bound = tl.load(BOUNDS + b * sb_b + lo)
+            inside = t < edge_bound
+        else:
+            edge_bound = 0
+            if DOCS:
+                edge_bound = tl.load(BOUNDS + b * sb_b + tl.minimum(lo + CHUNK, T) - 1)
+            inside = t >= edge_bound
+        tl.store(carry_ptr, tl.sum(tl.where(inside[:, None], x, 0.0), axis=0), mask=p_ok)
+    else:
+        if REVERSE:
+            if DOCS:
+                bound = tl.load(BOUNDS + b * sb_b + t, mask=t_ok, other=T)
+            else:
+                bound = tl.full([CHUNK], T, tl.int32)
+            run = tl.cumsum(x, axis=0, reverse=True)  # sums over s >= t within the chunk
+            # t's document ends inside the chunk: drop the sum from its end on; after it: carry.
+            ends_inside = bound < lo + CHUNK
+            cut_at = tl.minimum(tl.maximum(bound - lo, 0), CHUNK - 1)
+            takes_carry = bound > lo + CHUNK
+        else:
+            if DOCS:
+                bound = tl.load(BOUNDS + b * sb_b + t, mask=t_ok, other=0)
+            else:
+                bound = tl.zeros([CHUNK], tl.int32)
+            run = tl.cumsum(x, axis=0)  # sums over s <= t within the chunk
+            # t's document starts inside the chunk: drop the sum before it; before it: carry.
+            ends_inside = bound > lo
+            cut_at = tl.minimum(tl.maximum(bound - 1 - lo, 0), CHUNK - 1)
+            takes_carry = bound < lo
+        cut = tl.gather(run, tl.broadcast_to(cut_at[:, None], (CHUNK, BLOCK_P)), axis=0)
+        y = run - tl.where(ends_inside[:, None], cut, 0.0)
         carry = tl.load(carry_ptr, mask=p_ok, other=0.0)
         y = y + tl.where(takes_carry[:, None], carry[None, :], 0.0)
         if not REVERSE:
             y = y - _TWO_PI * tl.floor(y / _TWO_PI)
         y_base = Y + b * sy_b + h * sy_h
         tl.store(y_base + t[:, None].to(tl.int64) * sy_t + p[None, :], y, mask=mask)
-    else:
-        tl.store(carry_ptr, tl.sum(tl.where(rows[:, None] == edge_row, y, 0.0), axis=0), mask=p_ok)
 
 
 def scan_grid(batch: int, length: int, heads: int, pairs: int) -> tuple[int, int, int]:
