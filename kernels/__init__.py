@@ -143,11 +143,20 @@ def fused_serves(
     return q.shape[-1] in HEAD_DIMS and q.dtype in DTYPES and k.dtype == v.dtype == q.dtype
 
 
-def fla_serves(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, window: int | None) -> bool:
+def fla_serves(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    bias: Tensor | None,
+    window: int | None,
+    deterministic: bool = False,
+) -> bool:
     """Whether `attention` runs this PaTH call on fla's kernels (`kernels.path_fla`): fla
-    installed, a device in FLA_DEVICES, no window, no bias or a constant `AlibiTable`, and a
-    head dim and dtype fla has (FLA_HEAD_DIMS, FLA_DTYPES)."""
-    if q.device.type not in FLA_DEVICES or window is not None:
+    installed, a device in FLA_DEVICES, no window, no bias or a constant `AlibiTable`, a head
+    dim and dtype fla has (FLA_HEAD_DIMS, FLA_DTYPES), and not `deterministic` (fla's backward
+    adds its gradients with atomics)."""
+    if q.device.type not in FLA_DEVICES or window is not None or deterministic:
         return False
     if bias is not None and not (isinstance(bias, AlibiTable) and not bias.requires_grad):
         return False
@@ -188,8 +197,8 @@ def attention(
         (`kernels.alibi_reach`); 0: none.
     block: the blockwise path's tile (the fused kernel picks its own).
     deterministic: the fused kernel with pinned tiles and no atomics (bitwise-reproducible
-        gradients on a GPU; `kernels.hybrid.attention.fused_attention`); the blockwise paths
-        are deterministic anyway.
+        gradients on a GPU; `kernels.hybrid.attention.fused_attention`), and PaTH on the
+        blockwise path rather than fla's; the blockwise paths are deterministic anyway.
     """
     check_mechanisms(angles, decay, transport)
     if fused_serves(q, k, v, bias=bias, decay=decay, transport=transport, gate=gate):
@@ -207,7 +216,9 @@ def attention(
             v = rotate(v, angles)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     common = dict(scale=scale, bias=bias, gate=gate, window=window, doc_ids=doc_ids, block=block)
-    if transport is not None and fla_serves(q, k, v, bias=bias, window=window):
+    if transport is not None and fla_serves(
+        q, k, v, bias=bias, window=window, deterministic=deterministic
+    ):
         slopes = None if bias is None else bias.slopes
         o = fla_path_attention(
             q, k, v, *transport, scale=scale, slopes=slopes, gate=gate, doc_ids=doc_ids

@@ -97,10 +97,12 @@ def test_fla_serves_exactly_cuda_with_its_head_dims_and_dtypes(
     slopes = alibi_slopes(4)
     alibi = kernels.AlibiTable.wrap(-slopes[:, None] * torch.arange(8.0), slopes)
     assert kernels.fla_serves(q, q, q, bias=alibi, window=None) == expected
-    # A learned bias table, a window, or fla missing: the blockwise path.
+    # A learned bias table or a window: the blockwise path.
     learned = torch.zeros(4, 8, requires_grad=True)
     assert not kernels.fla_serves(q, q, q, bias=learned, window=None)
     assert not kernels.fla_serves(q, q, q, bias=None, window=4)
+    # Deterministic training: fla's backward adds with atomics.
+    assert not kernels.fla_serves(q, q, q, bias=None, window=None, deterministic=True)
 
 
 def test_without_fla_installed_cuda_runs_the_blockwise_path(monkeypatch):
