@@ -36,7 +36,9 @@ products (not TF32), bfloat16/float16 inputs the tensor cores' native precision.
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
 
 import torch
 import triton
@@ -520,8 +522,9 @@ def _dkdv_kernel(
                 True, ALIBI, DOCS or SKIP, WINDOW, PRECISION, DQ_ATOMIC,
             )  # fmt: skip
     offs_g = j[:, None].to(tl.int64) * sg_t + tl.arange(0, D)[None, :]
-    tl.store(DK + b * sg_b + h * sg_h + offs_g, dk * scale, mask=j_ok[:, None])
-    tl.store(DV + b * sg_b + h * sg_h + offs_g, dv, mask=j_ok[:, None])
+    dk = (dk * scale).to(DK.dtype.element_ty)
+    tl.store(DK + b * sg_b + h * sg_h + offs_g, dk, mask=j_ok[:, None])
+    tl.store(DV + b * sg_b + h * sg_h + offs_g, dv.to(DV.dtype.element_ty), mask=j_ok[:, None])
 
 
 @triton.jit
@@ -644,7 +647,8 @@ def _dq_kernel(
             qk_scale2, T, window, D, BLOCK_N, True, ALIBI, DOCS or SKIP, WINDOW, PRECISION,
         )  # fmt: skip
     offs_dq = i[:, None].to(tl.int64) * sdq_t + tl.arange(0, D)[None, :]
-    tl.store(DQ + b * sdq_b + hq * sdq_h + offs_dq, dq * scale, mask=i_ok[:, None])
+    dq = (dq * scale).to(DQ.dtype.element_ty)
+    tl.store(DQ + b * sdq_b + hq * sdq_h + offs_dq, dq, mask=i_ok[:, None])
 
 
 @triton.jit
@@ -735,6 +739,17 @@ def _configs(candidates: list[tuple[int, int, int, int]]) -> list[triton.Config]
     ]
 
 
+# `make gpu-check` pins one config per autotuned kernel (bench.gpu_check): ROTALIBI_TILES holds a
+# JSON object {kernel: [BLOCK_M, BLOCK_N, warps, stages]}, and the autotuner has nothing to tune.
+PIN_ENV = "ROTALIBI_TILES"
+
+
+def _candidates(kernel: str, tuned: list[tuple[int, int, int, int]]) -> list[tuple]:
+    """The autotuner's candidates for `kernel`: `tuned`, or the one config PIN_ENV pins."""
+    pinned = json.loads(os.environ.get(PIN_ENV) or "{}").get(kernel)
+    return [tuple(pinned)] if pinned else tuned
+
+
 def shared_memory_estimate(config: triton.Config, *, kernel: str, dtype: str, head_dim: int) -> int:
     """Bytes of shared memory `config` needs: a model fitted to Triton 3.8's allocations on
     sm_80 and sm_90, and an upper bound of them (kernels.hybrid.aot checks it against every
@@ -780,15 +795,18 @@ def _prune_for_device(kernel: str):
     return {"early_config_prune": prune}
 
 
+# The autotuner's (BLOCK_M, BLOCK_N, warps, stages) candidates, before `prune_configs`.
+FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
+DKDV_CONFIGS = [(32, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 8, 2)]
 # T in power-of-two buckets: evaluating at many lengths does not retune at each one.
 _TUNING_KEY = ["T_BUCKET", "D", "ALIBI", "DOCS", "WINDOW", "SKIP", "PRECISION"]
 _fwd = triton.autotune(
-    _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)]),
+    _configs(_candidates("_fwd_kernel", FWD_CONFIGS)),
     key=[*_TUNING_KEY, "ROTATE", "ROTATE_V"],
     prune_configs_by=None if INTERPRETING else _prune_for_device("_fwd_kernel"),
 )(_fwd_kernel)
 _dkdv = triton.autotune(
-    _configs([(32, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 8, 2)]),
+    _configs(_candidates("_dkdv_kernel", DKDV_CONFIGS)),
     key=_TUNING_KEY,
     prune_configs_by=None if INTERPRETING else _prune_for_device("_dkdv_kernel"),
     reset_to_zero=["DQ"],  # each tuning run adds into it (DQ_ATOMIC: the autotuned path)
@@ -869,6 +887,12 @@ def query_heads_per_program(block_m: int, group: int) -> int:
     return group if block_m // group >= 16 else 1
 
 
+def _gradient_buffer(x: Tensor, *, final: bool) -> Tensor:
+    """An empty gradient like x. The kernels accumulate in float32 registers and store in the
+    buffer's dtype: x's for a final gradient, float32 when the unrotate pass still reads it."""
+    return torch.empty(x.shape, dtype=x.dtype if final else torch.float32, device=x.device)
+
+
 def _bound_strides(starts: Tensor | None) -> tuple[int, int]:
     """(batch, head) strides of visibility bounds: [B, T] document bounds (one for every head)
     or [B, HQ, T] skipping bounds (`kernels.alibi_reach.alibi_bounds`)."""
@@ -924,12 +948,14 @@ class _FusedAttention(torch.autograd.Function):
         )
         qr, kr = (q, k) if phi is None else (_rotate(q, phi), _rotate(k, phi))
         vr, dor = (_rotate(v, phi), _rotate(do, phi)) if ctx.rotate_v else (v, do)
-        # Without pinning dk/dv add dq atomically (into zeros); pinned, _dq_kernel writes it.
-        dqr = (torch.empty if ctx.pinned else torch.zeros)(
-            q.shape, dtype=torch.float32, device=q.device
-        )
-        dkr = torch.empty(kr.shape, dtype=torch.float32, device=q.device)
-        dvr = torch.empty_like(dkr)
+        # Without pinning dk/dv add dq atomically (float32, into zeros); pinned, _dq_kernel
+        # writes it.
+        if ctx.pinned:
+            dqr = _gradient_buffer(q, final=phi is None)
+        else:
+            dqr = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dkr = _gradient_buffer(k, final=phi is None)
+        dvr = _gradient_buffer(v, final=not ctx.rotate_v)
         slopes_arg = q if slopes is None else slopes
         starts_arg = q if starts is None else starts
         tiles = _pinned("_dkdv_kernel", q.dtype, D, q.device) if ctx.pinned else {}
