@@ -751,33 +751,53 @@ def _candidates(kernel: str, tuned: list[tuple[int, int, int, int]]) -> list[tup
 
 
 def shared_memory_estimate(config: triton.Config, *, kernel: str, dtype: str, head_dim: int) -> int:
-    """Bytes of shared memory `config` needs: a model fitted to Triton 3.8's allocations on
-    sm_80 and sm_90, and an upper bound of them (kernels.hybrid.aot checks it against every
-    compiled variant; bench/results/check_gpu_compile_vm.json has them). In [rows, d] operand
-    tiles: with 16-bit inputs the forward holds its q and k/v tiles once, dk/dv its q, dO, k
-    and v tiles and a second q tile. Float32 holds its resident tiles (q in the forward, k and
-    v in dk/dv), two streamed tiles per extra pipeline stage, and one [BLOCK_M, BLOCK_N]
-    float32 tile of probabilities on its way to the second matmul."""
+    """Bytes of shared memory `config` needs: an upper bound of Triton 3.8's allocations on
+    sm_80 and sm_90 for the JIT's aligned specialization (kernels.hybrid.aot checks it against
+    every compiled variant; bench/results/check_gpu_compile_vm.json has them). With e-byte
+    inputs, in [rows, d] operand tiles: the forward holds its q tile and, per pipeline stage,
+    a k and a v tile (sm_90 buffers every stage, sm_80 one fewer); dk/dv holds its k and v
+    tiles and, per stage, a q and a dO tile with their log-sum-exp and delta rows, plus layout
+    conversions of up to 320 d bytes (float32: 640 d). Float32 forwards also stage their q
+    tile twice and the [BLOCK_M, BLOCK_N] probabilities."""
     m, n, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
-    if dtype == "fp32":
-        resident, streamed = (m, n) if kernel == "_fwd_kernel" else (2 * n, m)
-        rows = resident + 2 * (stages - 1) * streamed
-        return rows * head_dim * 4 + m * n * 4 + 2048
-    rows = m + n if kernel == "_fwd_kernel" else 2 * (m + n) + m
-    return rows * head_dim * 2 + 2048
+    d, e = head_dim, 4 if dtype == "fp32" else 2
+    if kernel == "_fwd_kernel":
+        need = e * d * (m + 2 * n * stages) + 1024
+        return need + (e * d * m + 4 * m * n if dtype == "fp32" else 0)
+    return stages * m * (2 * e * d + 16) + 2 * e * n * d + 160 * e * d
+
+
+# Configs the gate measured spilling registers with 16-bit inputs (bench/results/
+# check_gpu_compile_vm.json; `python -m kernels.hybrid.aot --spills FILE` prints this table):
+# (kernel, sm, head dim) -> {(BLOCK_M, BLOCK_N, warps, stages)}. prune_configs drops them.
+SPILLING_16BIT: dict[tuple[str, int, int], set[tuple[int, int, int, int]]] = {}
+
+
+def _tiles(config: triton.Config) -> tuple[int, int, int, int]:
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps,
+            config.num_stages)  # fmt: skip
 
 
 def prune_configs(
-    configs: list[triton.Config], *, kernel: str, dtype: str, head_dim: int, shared_memory: int
+    configs: list[triton.Config],
+    *,
+    kernel: str,
+    dtype: str,
+    head_dim: int,
+    shared_memory: int,
+    arch: int | None = None,
 ) -> list[triton.Config]:
-    """The configs whose shared memory fits `shared_memory` bytes, largest tiles first; the
-    smallest one when none fits (the compile then says why)."""
+    """The configs whose shared memory fits `shared_memory` bytes and, with 16-bit inputs on
+    sm_`arch`, that do not spill (SPILLING_16BIT), largest tiles first; the smallest one
+    when none is left (the compile gate then says why)."""
 
     def need(c: triton.Config) -> int:
         return shared_memory_estimate(c, kernel=kernel, dtype=dtype, head_dim=head_dim)
 
+    spilling = SPILLING_16BIT.get((kernel, arch, head_dim), set()) if dtype != "fp32" else set()
     ordered = sorted(configs, key=need, reverse=True)
-    return [c for c in ordered if need(c) <= shared_memory] or ordered[-1:]
+    kept = [c for c in ordered if need(c) <= shared_memory and _tiles(c) not in spilling]
+    return kept or ordered[-1:]
 
 
 def _prune_for_device(kernel: str):
@@ -785,19 +805,26 @@ def _prune_for_device(kernel: str):
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         x = named_args["Q" if kernel == "_fwd_kernel" else "QR"]
-        properties = triton.runtime.driver.active.utils.get_device_properties(x.device.index)
+        active = triton.runtime.driver.active
+        properties = active.utils.get_device_properties(x.device.index)
         dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[x.dtype]
         return prune_configs(
             configs, kernel=kernel, dtype=dtype, head_dim=kwargs["D"],
-            shared_memory=properties["max_shared_mem"],
+            shared_memory=properties["max_shared_mem"], arch=active.get_current_target().arch,
         )  # fmt: skip
 
     return {"early_config_prune": prune}
 
 
 # The autotuner's (BLOCK_M, BLOCK_N, warps, stages) candidates, before `prune_configs`.
-FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
-DKDV_CONFIGS = [(32, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 8, 2)]
+FWD_CONFIGS = [
+    (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4),
+    (64, 64, 8, 3), (64, 32, 4, 3),
+]  # fmt: skip
+DKDV_CONFIGS = [
+    (32, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 8, 2),
+    (32, 64, 8, 3), (32, 32, 4, 3),
+]  # fmt: skip
 # T in power-of-two buckets: evaluating at many lengths does not retune at each one.
 _TUNING_KEY = ["T_BUCKET", "D", "ALIBI", "DOCS", "WINDOW", "SKIP", "PRECISION"]
 _fwd = triton.autotune(
@@ -850,10 +877,12 @@ def _flags(q: Tensor, slopes: Tensor | None, docs: bool, window: int | None, ski
 # The deterministic mode's tiles (train.deterministic): pinned, so every process sums in the
 # same order. Per kernel, the first of these the device's shared memory fits (`prune_configs`;
 # _dq_kernel holds q and dO as dk/dv holds k and v, so it is estimated with its tiles swapped).
+# 64 x 64 with 8 warps: at d = 128, bfloat16, compiled for sm_90 without the JIT's alignment
+# specialization, the fewest spills found (forward 0 B, dk/dv 12 B, dq 0 B a thread).
 DETERMINISTIC_TILES = {
-    "_fwd_kernel": [(64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1)],
-    "_dkdv_kernel": [(64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1)],
-    "_dq_kernel": [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
+    "_fwd_kernel": [(64, 64, 8, 3), (64, 32, 4, 2), (32, 32, 4, 1)],
+    "_dkdv_kernel": [(64, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)],
+    "_dq_kernel": [(64, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
 }
 
 
