@@ -332,6 +332,26 @@ def test_model_dispatch_runs_the_served_schemes_on_the_fused_kernel(scheme, monk
         assert _rel(p.grad.cpu(), p64.grad) < 1e-4, name
 
 
+def test_the_deterministic_flag_reaches_the_fused_kernel(monkeypatch):
+    """train.deterministic: the trainer sets Transformer.deterministic, and every attention
+    layer passes it through kernels.attention to the fused kernel."""
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["deterministic"])
+        return fused_attention(*args, **kwargs)
+
+    model = small_model("hybrid", d_model=128, n_layers=2).float()
+    monkeypatch.setattr(kernels, "FUSED_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr("kernels.hybrid.fused_attention", spy)
+    tokens = torch.randint(0, 61, (1, 17))
+    for deterministic in (False, True):
+        model.deterministic = deterministic
+        with torch.no_grad():
+            model(tokens)
+    assert seen == [False, False, True, True] and model.deterministic
+
+
 def test_fused_serves_only_what_it_computes(monkeypatch):
     monkeypatch.setattr(kernels, "FUSED_DEVICES", ("cuda", "cpu"))
     q, k, v, _ = _inputs(1, 8, 32)
