@@ -36,7 +36,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import psutil
 import torch
@@ -52,6 +52,7 @@ from evaluation.rotation_drift import drift_scalars, has_learned_rotations, rota
 from kernels.diagnostics import PATH_UNSUPPORTED, attention_statistics
 from model import SCHEMES, ModelConfig, Transformer
 from model.receptive_field import converges, log_terms, receptive_field, receptive_field_limit
+from model.sequence_parallel import SequenceParallel
 from training.config import Config, ConfigError
 from training.distributed import World
 
@@ -199,7 +200,10 @@ class Extrapolation:
     final hidden states (default: the model's own forward with head=False), `chunk` positions
     at a time (`model.chunked`; eval.chunk) or all at once (None: the rotation drift, which
     reads each attention layer's input); `gathered(params)` makes ZeRO-3 partitioned parameters
-    whole inside a `with` (default: nothing to gather)."""
+    whole inside a `with` (default: nothing to gather). With `sequence_parallel` (this rank's
+    group of the job's consecutive groups, `training.distributed.sequence_parallel_group`) each
+    window of perplexity and passkey is split over a group (the model's Ulysses path), windows
+    dealt over the groups; the diagnostics' windows, which the probe reads whole, over ranks."""
 
     def __init__(
         self,
@@ -210,11 +214,15 @@ class Extrapolation:
         train_length: int,
         forward: Callable[[Tensor, int | None], Tensor] | None = None,
         gathered: Gathered | None = None,
+        sequence_parallel: SequenceParallel | None = None,
     ):
         self.model, self.cfg, self.world, self.train_length = model, cfg, world, train_length
         self.forward = forward or (lambda tokens, chunk: model(tokens, head=False, chunk=chunk))
         self.gathered = gathered or (lambda params: nullcontext())
         self.device = world.device
+        self.sp = sequence_parallel
+        size = 1 if sequence_parallel is None else sequence_parallel.size
+        self.group, self.groups = world.rank // size, world.world_size // size
         self.scheme = model.cfg.scheme
         self.diagnosable = not SCHEMES[self.scheme].transport
         self.lengths, self.diagnostic_lengths, self.passkey_lengths = plan_lengths(
@@ -237,10 +245,13 @@ class Extrapolation:
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN)
         return tensor.item()
 
-    def _shares(self, count: int, batch: int) -> Iterator[list[int]]:
-        """This rank's items (every world_size-th of `count`) in batches, padded with -1 so
-        that every rank runs the same number of equally shaped batches."""
+    def _shares(self, count: int, batch: int, split: bool = False) -> Iterator[list[int]]:
+        """This rank's items (every world_size-th of `count`; `split`: its sequence-parallel
+        group's, every groups-th) in batches, padded with -1 so that every rank runs the same
+        number of equally shaped batches."""
         rank, size = self.world.rank, self.world.world_size
+        if split:
+            rank, size = self.group, self.groups
         mine = list(range(rank, count, size))
         mine += [-1] * (-(-count // size) - len(mine))
         for start in range(0, len(mine), batch):
@@ -253,6 +264,27 @@ class Extrapolation:
         with context:
             return self.forward(tokens.to(self.device), self.cfg.eval.chunk)
 
+    @contextmanager
+    def _split(self) -> Iterator[None]:
+        """Within the block the model runs each sequence over this rank's group."""
+        saved = self.model.sequence_parallel
+        self.model.sequence_parallel = self.sp
+        try:
+            yield
+        finally:
+            self.model.sequence_parallel = saved
+
+    def _split_hidden(self, tokens: Tensor) -> tuple[Tensor, int]:
+        """(This rank's slice of the hidden states of tokens [B, T] run over its sequence-
+        parallel group, the position of its first row). T is padded at the end to a multiple
+        of the group's size (causal: the padding changes no earlier position)."""
+        if self.sp is None:
+            return self._hidden(tokens), 0
+        pad = -tokens.shape[1] % self.sp.size
+        with self._split():
+            hidden = self._hidden(F.pad(tokens, (0, pad)))
+        return hidden, self.sp.rank * hidden.shape[1]
+
     def _head(self, hidden: Tensor) -> Iterator[tuple[int, Tensor]]:
         """(start, float32 logits) of the LM head over chunks of positions."""
         weight = self.model.lm_head.weight
@@ -263,16 +295,23 @@ class Extrapolation:
                 yield start, F.linear(hidden[:, start : start + chunk], weight).float()
 
     def _batch_size(
-        self, length: int, diagnostics: bool, extra_bytes: int, chunked: bool = True
+        self,
+        length: int,
+        diagnostics: bool,
+        extra_bytes: int,
+        chunked: bool = True,
+        split: bool = False,
     ) -> int:
         """The most sequences of `length` per forward within eval.batch_tokens and memory
-        (the same on every rank), chunked or not; SkipLength when not even one fits."""
+        (the same on every rank), chunked or not, split over the sequence-parallel group or
+        whole; SkipLength when not even one fits."""
         chunk = self.cfg.eval.chunk if chunked else None
+        held = length if self.sp is None or not split else -(-length // self.sp.size)
         budget = self._min(free_bytes(self.device)) * self.cfg.eval.memory_fraction
         batch = max(1, self.cfg.eval.batch_tokens // length)
         element = self.model.embed.weight.element_size()
         need = lambda b: (  # noqa: E731
-            forward_bytes(self.model.cfg, b, length, diagnostics, element, chunk) + extra_bytes
+            forward_bytes(self.model.cfg, b, held, diagnostics, element, chunk) + extra_bytes
         )
         while batch > 1 and need(batch) > budget:
             batch //= 2
@@ -327,7 +366,8 @@ class Extrapolation:
         per_held_out = count // held_out.shape[0]
         n_diag = min(self.cfg.eval.diagnostic_windows, held_out.shape[0]) * per_held_out
         n_diag = n_diag if diagnostics else 0
-        batch = self._batch_size(length, n_diag > 0, extra_bytes)
+        batch = self._batch_size(length, True, extra_bytes) if n_diag else 1
+        split_batch = self._batch_size(length, False, extra_bytes, split=True)
         cfg = self.model.cfg
         sums = torch.zeros(4, dtype=torch.float64)  # nll all, count all, nll beyond, count beyond
         shape = (cfg.n_layers, cfg.n_heads, length if n_diag else 0)
@@ -343,15 +383,22 @@ class Extrapolation:
 
             return record
 
-        for first, n, with_probe in ((0, n_diag, True), (n_diag, count - n_diag, False)):
-            for items in self._shares(n, batch):
+        passes = ((0, n_diag, True, batch), (n_diag, count - n_diag, False, split_batch))
+        for first, n, with_probe, size in passes:
+            for items in self._shares(n, size, split=not with_probe):
                 real = torch.tensor([i >= 0 for i in items])
                 chunk = windows[[first + max(i, 0) for i in items]]
                 rows = real.nonzero().flatten().to(self.device)
-                use_probe = with_probe and bool(real.any())
-                hidden = self._hidden(chunk[:, :-1], probe(rows) if use_probe else None)
+                if with_probe:
+                    use_probe = bool(real.any())
+                    hidden = self._hidden(chunk[:, :-1], probe(rows) if use_probe else None)
+                    offset = 0
+                else:
+                    hidden, offset = self._split_hidden(chunk[:, :-1])
                 weight = real.double()
-                for start, logits in self._head(hidden):
+                for local, logits in self._head(hidden):
+                    start = offset + local
+                    logits = logits[:, : max(0, length - start)]  # padding: no target
                     targets = chunk[:, 1 + start : 1 + start + logits.shape[1]].to(self.device)
                     nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
                     nll = nll.double().cpu() * weight[:, None]
@@ -406,13 +453,12 @@ class Extrapolation:
         tokens = torch.tensor([p.tokens for p in prompts])
         answer = max(p.answer for p in prompts)
         sums = torch.zeros(len(ev.passkey_depths), 3, dtype=torch.float64)  # right, nll, cases
-        batch = self._batch_size(length, False, extra_bytes)
-        for items in self._shares(len(cases), batch):
+        batch = self._batch_size(length, False, extra_bytes, split=True)
+        for items in self._shares(len(cases), batch, split=True):
             chunk = tokens[[max(i, 0) for i in items]]
-            hidden = self._hidden(chunk[:, :-1])[:, -answer:]
-            logits = torch.cat([part for _, part in self._head(hidden)], dim=1)
+            logits = self._last_logits(*self._split_hidden(chunk[:, :-1]), length, answer)
             for row, i in enumerate(items):
-                if i < 0:
+                if i < 0 or (self.sp is not None and self.sp.rank > 0):  # counted once a group
                     continue
                 n = prompts[i].answer
                 predicted, expected = logits[row, -n:].cpu(), chunk[row, -n:]
@@ -425,6 +471,24 @@ class Extrapolation:
             "passkey": dict(zip(depths, (sums[:, 0] / sums[:, 2]).tolist(), strict=True)),
             "passkey_nll": dict(zip(depths, _rounded(sums[:, 1] / sums[:, 2]), strict=True)),
         }
+
+    def _last_logits(self, hidden: Tensor, offset: int, length: int, count: int) -> Tensor:
+        """Float32 logits [B, count, vocab] of the last `count` of `length` positions from
+        hidden states of the positions offset.. (under sequence parallelism each rank of the
+        group holds some of them: summed over the group)."""
+        first = length - count
+        low, high = max(first, offset), min(length, offset + hidden.shape[1])
+        logits = torch.zeros(
+            hidden.shape[0], count, self.model.cfg.vocab_size, device=hidden.device
+        )
+        if high > low:
+            mine = hidden[:, low - offset : high - offset]
+            logits[:, low - first : high - first] = torch.cat(
+                [part for _, part in self._head(mine)], dim=1
+            )
+        if self.sp is not None:
+            torch.distributed.all_reduce(logits, group=self.sp.group)
+        return logits
 
     def receptive_fields(self) -> dict | None:
         """The TRF of the scheme's distance bias per layer and head (None without one)."""

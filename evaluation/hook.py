@@ -35,7 +35,8 @@ def evaluation_hook(cfg: Config) -> Callable[[Trainer, int], dict]:
 
 def checkpoint_hook(trainer: Trainer, step: int) -> dict:
     """launch.train's CheckpointHook: evaluate the checkpoint just saved, on every rank (each
-    on its share of the windows, ZeRO-3 gathering the weights in the engine's forward); rank
+    sequence-parallel group on its share of the windows, each window split over the group as in
+    training; ZeRO-3 gathering the weights in the engine's forward); rank
     0 writes the outputs. Returns the scalars and (rank 0) the plot for the metrics. A failure
     is logged, and training goes on (the checkpoint is saved; `launch.evaluate` can redo it)."""
     cfg, module = trainer.cfg, trainer.engine.module
@@ -49,6 +50,7 @@ def checkpoint_hook(trainer: Trainer, step: int) -> dict:
             train_length=cfg.data.seq_len,
             forward=lambda tokens, chunk: trainer.engine(tokens, None, head=False, chunk=chunk),
             gathered=_zero3_gathered,
+            sequence_parallel=trainer.sequence_parallel,
         )
         results = evaluation.run(step=step, tokens=trainer.tokens)
         found = scalars(results)

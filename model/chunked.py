@@ -16,6 +16,12 @@ transport (queries carried back over each tile by its compact UT form, `kernels.
 proven skipping of far tiles for ALiBi heads and forget gates (`kernels.alibi_reach`). Its
 working set is O(chunk x chunk) per head, so the whole forward holds the residual stream, the
 keys and values and O(chunk) more (`evaluation.extrapolation.forward_bytes` counts it).
+
+Under sequence parallelism (`model.sequence_parallel`, N ranks) each rank holds its 1/N of the
+residual stream, and the keys, values and scheme inputs go through the same all-to-all as in
+training (`SequenceParallel.to_heads`): each rank keeps the whole sequence's keys of 1/N of the
+heads. Each chunk of queries crosses over the same way, every rank's chunk at once, attends to
+the rank's heads, and comes back (`SequenceParallel.to_tokens`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from kernels.blockwise import exp_or_zero
 from kernels.path import ut_transform
 from model.config import SCHEMES
 from model.positions import sinusoidal_embedding
+from model.schemes import query_heads
 
 EVAL_CHUNK = 1024  # positions per chunk (and keys per tile) of the chunked forward
 
@@ -49,22 +56,29 @@ def chunked_hidden(
     """The final normalised hidden states [B, T, d_model] of tokens [B, T] for `model` (a
     `model.transformer.Transformer`), equal to `model(tokens, doc_ids, head=False)`,
     computed `chunk` positions at a time (module docstring). The attention probe
-    (`Transformer.attention_probe`) sees the whole layer's q, k, v as in the plain forward."""
+    (`Transformer.attention_probe`) sees the whole layer's q, k, v as in the plain forward.
+    Under sequence parallelism: this rank's slice [B, T/N, d_model], as the plain forward's."""
     if chunk < 1:
         raise ValueError(f"chunk={chunk}: the chunked forward needs at least 1 position a chunk")
-    if model.sequence_parallel is not None:
-        raise ValueError("the chunked forward runs whole sequences: unset sequence_parallel")
+    sp = model.sequence_parallel
     B, T = tokens.shape
+    if sp is not None and T % sp.size:
+        raise ValueError(f"sequence length {T} is not a multiple of sequence_parallel={sp.size}")
     positions = kernels.document_positions(doc_ids, B, T, tokens.device)
-    x = torch.empty(B, T, model.cfg.d_model, dtype=model.embed.weight.dtype, device=tokens.device)
+    local_tokens, local_positions = tokens, positions
+    if sp is not None:
+        local_tokens, local_positions = sp.local(tokens), sp.local(positions)
+    n = local_tokens.shape[1]
+    x = torch.empty(B, n, model.cfg.d_model, dtype=model.embed.weight.dtype, device=tokens.device)
     absolute = SCHEMES[model.cfg.scheme].absolute
-    for part in chunks(T, chunk):
-        x[:, part] = model.embed(tokens[:, part])
+    for part in chunks(n, chunk):
+        x[:, part] = model.embed(local_tokens[:, part])
         if absolute:
-            x[:, part] += sinusoidal_embedding(positions[:, part], model.cfg.d_model).to(x.dtype)
+            embedding = sinusoidal_embedding(local_positions[:, part], model.cfg.d_model)
+            x[:, part] += embedding.to(x.dtype)
     for block in model.blocks:
         _layer(block, x, positions, doc_ids, chunk)
-    for part in chunks(T, chunk):
+    for part in chunks(n, chunk):
         x[:, part] = model.norm(x[:, part])
     return x
 
@@ -72,35 +86,59 @@ def chunked_hidden(
 def _layer(
     block: nn.Module, x: Tensor, positions: Tensor, doc_ids: Tensor | None, chunk: int
 ) -> None:
-    """One block (`model.transformer.Block`) on the residual stream x [B, T, d], in place."""
+    """One block (`model.transformer.Block`) on the residual stream x [B, n, d] (the whole
+    sequence, or this rank's slice of it under sequence parallelism), in place; positions and
+    doc_ids [B, T] are the whole sequence's."""
     attn = block.attn
-    cfg = attn.cfg
-    B, T, _ = x.shape
-    k = x.new_empty(B, T, cfg.kv_heads, cfg.head_dim)
+    cfg, sp = attn.cfg, attn.sequence_parallel
+    B, n, _ = x.shape
+    k = x.new_empty(B, n, cfg.kv_heads, cfg.head_dim)
     v = torch.empty_like(k)
     inputs: dict[str, Tensor] = {}
-    for part in chunks(T, chunk):
+    for part in chunks(n, chunk):
         h = block.attn_norm(x[:, part])
         k[:, part] = attn.wk(h).view(B, -1, cfg.kv_heads, cfg.head_dim)
         v[:, part] = attn.wv(h).view(B, -1, cfg.kv_heads, cfg.head_dim)
         for name, value in attn.position.token_inputs(h).items():
             if name not in inputs:
-                inputs[name] = value.new_empty(B, T, *value.shape[2:])
+                inputs[name] = value.new_empty(B, n, *value.shape[2:])
             inputs[name][:, part] = value
-    plan = attn.position.plan(inputs, positions, doc_ids, x.dtype)
+    heads = q_order = None
+    if sp is not None:
+        if attn.probe is not None:
+            raise ValueError("the attention probe needs whole sequences: unset sequence_parallel")
+        order = torch.tensor(sp.head_order(cfg.kv_heads) or range(cfg.kv_heads), device=x.device)
+        q_order = query_heads(order, cfg.n_heads // cfg.kv_heads)
+        k, v = sp.to_heads(k[:, :, order]), sp.to_heads(v[:, :, order])
+        inputs = {name: sp.to_heads(t[:, :, order]) for name, t in inputs.items()}
+        heads = torch.tensor(sp.heads(cfg.kv_heads), device=x.device)
+    plan = attn.position.plan(inputs, positions, doc_ids, x.dtype, heads)
     del inputs
     if attn.probe is not None:
-        q = x.new_empty(B, T, cfg.n_heads, cfg.head_dim)
-        for part in chunks(T, chunk):
+        q = x.new_empty(B, n, cfg.n_heads, cfg.head_dim)
+        for part in chunks(n, chunk):
             q[:, part] = attn.wq(block.attn_norm(x[:, part])).view(B, -1, cfg.n_heads, cfg.head_dim)
         kwargs = dict(plan, doc_ids=doc_ids, skip_eps=cfg.alibi_skip_eps, block=cfg.attn_block)
         attn.probe(attn.layer, q, k, v, kwargs)
         del q
     keys = PrefixKeys(k, v, plan, doc_ids, cfg.alibi_skip_eps, chunk)
-    for part in chunks(T, chunk):
+    for part in chunks(n, chunk):
         h = block.attn_norm(x[:, part])
         q = attn.wq(h).view(B, -1, cfg.n_heads, cfg.head_dim)
-        x[:, part] += attn.wo(keys.attend(q, part.start).flatten(2))
+        if sp is None:
+            o = keys.attend(q, part.start)
+        else:  # every rank's chunk `part`, this rank's heads; back to this rank's tokens
+            q = sp.to_heads(q[:, :, q_order])
+            size = part.stop - part.start
+            o = torch.cat(
+                [
+                    keys.attend(q[:, r * size : (r + 1) * size], r * n + part.start)
+                    for r in range(sp.size)
+                ],
+                dim=1,
+            )
+            o = sp.to_tokens(o)[:, :, q_order.argsort()]
+        x[:, part] += attn.wo(o.flatten(2))
         x[:, part] += block.mlp(block.mlp_norm(x[:, part]))
 
 
@@ -162,10 +200,9 @@ class PrefixKeys:
         bound = self._logit_bound(queries) if self.key_norm is not None else None
         carried = None
         first = 0 if self.window is None else max(0, start - self.window + 1)
-        # Tiles aligned to multiples of `tile`, nearest first; the nearest ends at `end`.
-        last_tile = (end - 1) // self.tile
-        for index in range(last_tile, first // self.tile - 1, -1):
-            lo, hi = index * self.tile, min((index + 1) * self.tile, end)
+        # Tiles of keys nearest first: the queries' own positions, then `tile` keys at a time.
+        for hi in [end, *range(start, first, -self.tile)]:
+            lo = start if hi == end else max(first, hi - self.tile)
             if bound is not None and self._negligible(bound, start, end, lo, hi):
                 break  # every farther tile is more negligible still
             keys = self._keys(lo, hi)

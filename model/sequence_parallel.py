@@ -60,6 +60,12 @@ class SequenceParallel:
 
         return _SeqAllToAll.apply(self.group, x, 2, 1, 0)
 
+    def to_tokens(self, x: Tensor) -> Tensor:
+        """The inverse of `to_heads`: [B, T, H/N, ...] -> [B, T/N, H, ...]; differentiable."""
+        from deepspeed.sequence.layer import _SeqAllToAll
+
+        return _SeqAllToAll.apply(self.group, x, 1, 2, 0)
+
     def attention(self, local_attention: Callable[..., Tensor]) -> Callable[..., Tensor]:
         """`local_attention(q, k, v, *args)` on the whole sequence of this rank's heads, wrapped
         by DeepSpeed's DistributedAttention: called with this rank's tokens of every head, it
