@@ -110,13 +110,17 @@ bench-attention-cpu: setup
 bench-attention-cost: setup
 	$(PY) -m bench.attention_cost $(ARGS)
 
-# On a CUDA machine: the compiled kernel tests, bench-attention at 8k-32k and 20 training steps
-# of configs/125m.yaml, in under 8 minutes, into bench/results/gpu_check-<device>-<time>.json.
+# On a CUDA machine, within 8 minutes (ARGS=--quick: 4): the compiled kernel tests in parallel,
+# bench-attention at 8k-32k, PaTH against the reference, bitwise determinism and 20 training
+# steps of configs/125m.yaml, into bench/results/gpu_check-<device>-<time>.json (ARGS: --quick,
+# --autotune).
 gpu-check: setup
-	$(PY) -m bench.gpu_check
+	$(PY) -m bench.gpu_check $(ARGS)
 
-# Every Triton kernel compiled for sm_80 and sm_90 on this machine (no GPU needed): fails on a
-# compile error, shared memory over the target's limit or register spills (ARGS: --subset).
+# Every Triton kernel launch the schemes reach, traced and compiled for sm_80 and sm_90 with the
+# JIT's own specialization on this machine (no GPU needed): fails on a compile error, shared
+# memory over the target's limit or the pruning's estimate, or register spills (ARGS: --subset,
+# --main-flags, --dtype, --head-dim, --out FILE).
 check-gpu-compile: setup
 	$(PY) -m kernels.hybrid.aot $(ARGS)
 

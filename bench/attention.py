@@ -238,48 +238,81 @@ def _difference(x: dict[str, Tensor]) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def run_benchmark(args: argparse.Namespace) -> dict:
-    rows, skipped, costs = [], {}, []
-    for method in args.methods:
-        if (why := _available(method)) is not None:
-            skipped[method] = why
-    methods = [m for m in args.methods if m not in skipped]
-    grid = [(t, d) for d in args.head_dims for t in args.lengths]
-    for length, head_dim in tqdm(grid, desc="bench.attention"):
-        if args.width % head_dim:
-            raise SystemExit(f"--width {args.width} is not a multiple of head dim {head_dim}")
-        batch, heads = max(1, args.tokens // length), args.width // head_dim
-        x = _inputs(batch, length, heads, head_dim)
-        flops = _flops(batch, heads, length, head_dim)
-        shape = dict(T=length, d=head_dim, B=batch, HQ=heads, H=heads)
-        costs.append(cost_summary(CostShape(batch, length, heads, heads, head_dim)))
-        if "hybrid" in methods and "flex_composed" in methods and length <= 32768:
-            shape["hybrid_vs_flex_rel_diff"] = _difference(x)
-        for method in methods:
-            row = dict(method=method, **shape)
-            try:
-                measured = _measure(*BUILDERS[method](x), args.rep_ms)
-            except torch.OutOfMemoryError:
-                row["error"] = "out of memory"
-            else:
-                row.update(measured)
-                for key, count in flops.items():
-                    row[key.replace("_ms", "_tflops")] = count / (measured[key] * 1e-3) / 1e12
-            rows.append(row)
-            torch.cuda.empty_cache()
-        del x
-    return dict(
-        device=torch.cuda.get_device_name(),
+def _row(
+    method: str, shape: dict, flops: dict, build: Callable, x: dict, measure: Callable
+) -> dict:
+    """One method's measurements at one shape; a method that fails in any way (an anchor's
+    assertion on its head dim, out of memory, ...) gives a row with its error instead."""
+    row = dict(method=method, **shape)
+    try:
+        measured = measure(*build(x))
+    except torch.OutOfMemoryError:
+        row["error"] = "out of memory"
+    except Exception as e:  # any failure of one method is that method's row
+        row["error"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+    else:
+        row.update(measured)
+        for key, count in flops.items():
+            row[key.replace("_ms", "_tflops")] = count / (measured[key] * 1e-3) / 1e12
+    return row
+
+
+def run_benchmark(
+    args: argparse.Namespace,
+    out: Path | None = None,
+    *,
+    builders: dict[str, Callable] = BUILDERS,
+    make_inputs: Callable | None = None,
+    measure: Callable | None = None,
+) -> dict:
+    """Every method at every shape; the report is rewritten to `out` after every row, so a
+    run stopped by a timeout or a kill keeps what it measured."""
+    make_inputs = make_inputs or _inputs
+    measure = measure or (lambda run, leaves: _measure(run, leaves, args.rep_ms))
+    on_cuda = torch.cuda.is_available()
+    report = dict(
+        device=torch.cuda.get_device_name() if on_cuda else "cpu",
         torch=torch.__version__,
         triton=__import__("triton").__version__,
         python=platform.python_version(),
         dtype="bfloat16",
         date=time.strftime("%Y-%m-%dT%H:%M:%S"),
         args={k: str(v) for k, v in vars(args).items()},
-        skipped=skipped,
-        results=rows,
-        cost_model=costs,
+        skipped={},
+        results=[],
+        cost_model=[],
     )
+
+    def save() -> None:
+        if out is not None:
+            out.write_text(json.dumps(report, indent=2))
+
+    for method in args.methods:
+        if (why := _available(method)) is not None:
+            report["skipped"][method] = why
+    methods = [m for m in args.methods if m not in report["skipped"]]
+    grid = [(t, d) for d in args.head_dims for t in args.lengths]
+    for length, head_dim in tqdm(grid, desc="bench.attention"):
+        if args.width % head_dim:
+            raise SystemExit(f"--width {args.width} is not a multiple of head dim {head_dim}")
+        batch, heads = max(1, args.tokens // length), args.width // head_dim
+        x = make_inputs(batch, length, heads, head_dim)
+        flops = _flops(batch, heads, length, head_dim)
+        shape = dict(T=length, d=head_dim, B=batch, HQ=heads, H=heads)
+        report["cost_model"].append(cost_summary(CostShape(batch, length, heads, heads, head_dim)))
+        if "hybrid" in methods and "flex_composed" in methods and length <= 32768:
+            try:
+                shape["hybrid_vs_flex_rel_diff"] = _difference(x)
+            except Exception as e:  # the comparison is optional, the rows are not
+                shape["hybrid_vs_flex_rel_diff"] = f"{type(e).__name__}: {str(e)[:200]}"
+        for method in methods:
+            report["results"].append(_row(method, shape, flops, builders[method], x, measure))
+            save()
+            if on_cuda:
+                torch.cuda.empty_cache()
+        del x
+    save()
+    return report
 
 
 def _table(report: dict) -> str:
@@ -334,8 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         + time.strftime("-%Y%m%d-%H%M%S.json")
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = run_benchmark(args)
-    out.write_text(json.dumps(report, indent=2))
+    report = run_benchmark(args, out)
     print(_table(report))
     print(cost_table(report["cost_model"]))
     print(f"wrote {out}")
