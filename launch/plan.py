@@ -28,12 +28,14 @@ Everything is per GPU (per rank), in bytes, from the config alone (nothing is bu
   token, the state that spans the sequence: the residual stream, one layer's keys and values
   and its scheme state (`eval_token_bytes`); the whole forward as
   `evaluation.extrapolation.forward_bytes` estimates it (what decides whether a length runs),
-  on one GPU and split over a sequence-parallel group of train.sequence_parallel ranks; the
-  memory per GPU with the training state that stays resident (weights, gradients, optimizer
-  states, ZeRO buffers), against --gpu-gib. The time to evaluate one checkpoint
-  (`eval_seconds`: the forwards of perplexity, passkey and the diagnostics' two extra sweeps,
-  windows dealt over the job's groups) next to the training time between checkpoints, at the
-  same MFU (the chunked attention runs PyTorch matmuls, not the fused kernel: a lower bound).
+  on one GPU and split over a sequence-parallel group of train.sequence_parallel ranks (the
+  diagnostics' windows stay whole); the memory per GPU with the training state that stays
+  resident (weights, gradients, optimizer states, ZeRO buffers), against --gpu-gib. A length
+  fits when its forward is within eval.memory_fraction of what the state leaves (the check
+  evaluation makes). The time to evaluate one checkpoint (`eval_seconds`: the forwards of
+  perplexity, passkey and the diagnostics' two extra sweeps, windows dealt over the job's
+  groups) next to the training time between checkpoints, at the same MFU (the chunked
+  attention runs PyTorch matmuls, not the fused kernel: a lower bound).
 - FLOPs per token, as the MFU of launch.train counts them (`training.metrics`):
   6 N_matmul + 12 L d T_eff, N_matmul the weights of every linear map (the output head
   included, the embedding not), T_eff the mean number of keys a query attends to at the trained
@@ -329,6 +331,13 @@ class Plan:
             return self.saved_checkpointed + self.transient_checkpointed
         return self.saved + self.transient
 
+    def eval_fits(self, forward: int) -> bool:
+        """Whether an evaluation forward of `forward` bytes runs next to the resident training
+        state: within eval.memory_fraction of the GPU memory the state leaves (the check
+        evaluation makes before each length, `Extrapolation._batch_size`)."""
+        resident = self.weights + self.gradients + self.optimizer + self.buffers
+        return forward <= self.cfg.eval.memory_fraction * (self.gpu_bytes - resident)
+
     @property
     def total(self) -> int:
         return self.weights + self.gradients + self.optimizer + self.buffers + self.activations
@@ -404,7 +413,9 @@ def plan(
         diagnostics = length in diagnostic and not SCHEMES[m.scheme].transport
         chunk = cfg.eval.chunk
         whole = forward_bytes(m, batch, length, diagnostics, rt.element, chunk)
-        split = forward_bytes(m, batch, -(-length // sp), diagnostics, rt.element, chunk)
+        # Split over a group, but the diagnostics' windows run whole (the probe reads them so).
+        split = forward_bytes(m, batch, -(-length // sp), False, rt.element, chunk)
+        split = max(split, whole) if diagnostics and sp > 1 else split
         evaluation.append(
             EvalPoint(
                 length,
@@ -507,9 +518,8 @@ def table(p: Plan) -> str:
         _eval_row("length", "bytes/token", "memory, 1 GPU", f"memory, SP {sp}", "time", "fits"),
     ]
     for e in p.evaluation:
-        fits = "yes" if e.memory <= p.gpu_bytes else f"SP {sp} only"
-        if e.memory_split > p.gpu_bytes:
-            fits = "no"
+        fits = "yes" if p.eval_fits(e.forward) else f"SP {sp} only"
+        fits = fits if p.eval_fits(e.forward_split) else "no"
         rows.append(
             _eval_row(
                 f"{e.length:,} x {e.batch}",
