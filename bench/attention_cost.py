@@ -10,6 +10,8 @@ The model (FlashAttention's own way of counting IO):
 - the sequence is a multiple of the tiles, no documents, window or skipping (those only remove
   block pairs, from both kernels alike);
 - causal block pairs: a query block visits every key block up to its diagonal, whole tiles;
+- the hybrid's forward program serves up to G query heads of a key/value head (fewer rows of
+  each, so its diagonal tiles are narrower and each K/V tile is loaded once for them);
 - FlashAttention-2 uses the same tiles: the forward runs one program per query block and query
   head, the backward one per key block and query head, adds dq atomically into a float32
   buffer it zeroes first and converts at the end, and with grouped-query heads writes dk, dv
@@ -74,6 +76,13 @@ def backward_pairs(T: int, m: int, n: int) -> int:
     return sum(T // m - (k * n) // m for k in range(T // n))
 
 
+def forward_heads(s: Shape) -> int:
+    """Query heads a hybrid forward program serves, fwd_tiles[0] // heads rows each
+    (kernels.hybrid.attention.query_heads_per_program): it loads each K/V tile once for all."""
+    group = (s.HQ // s.H) & -(s.HQ // s.H)
+    return group if s.fwd_tiles[0] // group >= 16 else 1
+
+
 def hybrid_passes(s: Shape) -> list[Pass]:
     """The passes of `kernels.hybrid_attention` forward and backward (angles by the scan)."""
     e, d, P = s.element, s.d, s.d // 2
@@ -81,8 +90,11 @@ def hybrid_passes(s: Shape) -> list[Pass]:
     q_tokens, kv_tokens = s.B * s.T * s.HQ, s.B * s.T * s.H
     rotate = 2 * d * e + 4 * P  # read x and phi, write R(phi) x
     (fm, fn), (bm, bn) = s.fwd_tiles, s.bwd_tiles
-    fwd_programs, bwd_programs = s.B * s.HQ * (s.T // fm), s.B * s.H * (s.T // bn)
-    fwd_pairs = s.B * s.HQ * forward_pairs(s.T, fm, fn)
+    heads = forward_heads(s)
+    rows, fwd_slopes = fm // heads, slope if heads == 1 else slope * fm
+    fwd_programs = s.B * (s.HQ // heads) * (s.T // rows)
+    bwd_programs = s.B * s.H * (s.T // bn)
+    fwd_pairs = s.B * (s.HQ // heads) * forward_pairs(s.T, rows, fn)
     bwd_pairs = s.B * s.HQ * backward_pairs(s.T, bm, bn)
     passes = [
         Pass("scan angles", "fwd", 0, kv_tokens * P * 4 * 2),
@@ -91,7 +103,7 @@ def hybrid_passes(s: Shape) -> list[Pass]:
             "attention",
             "fwd",
             fwd_pairs * 2 * (2 * fm * fn * d),
-            fwd_programs * (fm * (2 * d * e + 4 * P * (1 + rv) + 4) + slope)
+            fwd_programs * (fm * (2 * d * e + 4 * P * (1 + rv) + 4) + fwd_slopes)
             + fwd_pairs * 2 * fn * d * e,
         ),
         Pass("row dot(dO, O)", "bwd", 0, q_tokens * (2 * d * e + 4)),
@@ -101,7 +113,7 @@ def hybrid_passes(s: Shape) -> list[Pass]:
             "dk, dv, dq",
             "bwd",
             bwd_pairs * 5 * (2 * bm * bn * d),
-            bwd_programs * (2 * bn * d * e + G * slope + 2 * bn * d * 4)
+            bwd_programs * (2 * bn * d * e + G * slope + bn * d * (4 + (e if not rv else 4)))
             + bwd_pairs * bm * (2 * d * e + 2 * 4 + 2 * 4 * d),
         ),
         Pass(
@@ -113,9 +125,7 @@ def hybrid_passes(s: Shape) -> list[Pass]:
         ),
         Pass("scan angles (reverse)", "bwd", 0, kv_tokens * P * 4 * 2),
     ]
-    if not rv:  # dv leaves the dk/dv/dq kernel in float32
-        passes.append(Pass("dv to input dtype (torch)", "bwd", 0, kv_tokens * d * (4 + e), False))
-    return passes
+    return passes  # without rotated values dv leaves the dk/dv/dq kernel in the input dtype
 
 
 def fa2_passes(s: Shape) -> list[Pass]:
@@ -159,10 +169,13 @@ def summary(s: Shape) -> dict:
     extra bytes as a fraction of FA2's."""
     hybrid, fa2 = hybrid_passes(s), fa2_passes(s)
     (fm, fn), (bm, bn) = s.fwd_tiles, s.bwd_tiles
-    one_matmul = {  # FLOPs of one matmul over every visited tile
-        "fwd": s.B * s.HQ * forward_pairs(s.T, fm, fn) * 2 * fm * fn * s.d,
+    heads = forward_heads(s)
+    one_matmul = {  # FLOPs of one matmul over every tile each visits
+        "fwd": s.B * s.HQ * forward_pairs(s.T, fm // heads, fn) * 2 * (fm // heads) * fn * s.d,
+        "fa2_fwd": s.B * s.HQ * forward_pairs(s.T, fm, fn) * 2 * fm * fn * s.d,
         "bwd": s.B * s.HQ * backward_pairs(s.T, bm, bn) * 2 * bm * bn * s.d,
     }
+    one_matmul["fa2_bwd"] = one_matmul["bwd"]
     row = {"shape": asdict(s), "passes": [asdict(p) for p in hybrid]}
     row["fa2_passes"] = [asdict(p) for p in fa2]
     for phase in ("fwd", "bwd"):
@@ -171,7 +184,8 @@ def summary(s: Shape) -> dict:
                 row[f"{name}{phase}_{key}"] = sum(
                     getattr(p, key) for p in passes if p.phase == phase
                 )
-            row[f"{name}{phase}_matmuls"] = row[f"{name}{phase}_flops"] / one_matmul[phase]
+            flops = row[f"{name}{phase}_flops"]
+            row[f"{name}{phase}_matmuls"] = flops / one_matmul[f"{name}{phase}"]
     both = row["fwd_bytes"] + row["bwd_bytes"]
     fa2_both = row["fa2_fwd_bytes"] + row["fa2_bwd_bytes"]
     row["extra_bytes_vs_fa2"] = (both - fa2_both) / fa2_both

@@ -298,7 +298,10 @@ def _fwd_kernel(
     q2 = q2.to(Q.dtype.element_ty)
     slope2 = tl.zeros([BLOCK_M], tl.float32)
     if ALIBI:
-        slope2 = tl.load(SLOPES + hq) * _LOG2E
+        if HEADS == 1:
+            slope2 += tl.load(SLOPES + hq0) * _LOG2E
+        else:
+            slope2 = tl.load(SLOPES + hq) * _LOG2E
     starts_i = _row_starts(STARTS + b * sd_b + hq * sd_h, i, i_ok, BLOCK_M, DOCS or SKIP)
     lo, a_mid, b_mid, hi = _key_range(starts_i, i_ok, i0, i_last, window, BLOCK_N, WINDOW)
     k_base = K + b * sk_b + h * sk_h
