@@ -56,7 +56,8 @@ def chunked_hidden(
     """The final normalised hidden states [B, T, d_model] of tokens [B, T] for `model` (a
     `model.transformer.Transformer`), equal to `model(tokens, doc_ids, head=False)`,
     computed `chunk` positions at a time (module docstring). The attention probe
-    (`Transformer.attention_probe`) sees the whole layer's q, k, v as in the plain forward.
+    (`Transformer.attention_probe`) sees the whole layer's q, k, v as in the plain forward
+    (once the layer has attended: its statistics do not depend on the order).
     Under sequence parallelism: this rank's slice [B, T/N, d_model], as the plain forward's."""
     if chunk < 1:
         raise ValueError(f"chunk={chunk}: the chunked forward needs at least 1 position a chunk")
@@ -114,17 +115,15 @@ def _layer(
         heads = torch.tensor(sp.heads(cfg.kv_heads), device=x.device)
     plan = attn.position.plan(inputs, positions, doc_ids, x.dtype, heads)
     del inputs
-    if attn.probe is not None:
-        q = x.new_empty(B, n, cfg.n_heads, cfg.head_dim)
-        for part in chunks(n, chunk):
-            q[:, part] = attn.wq(block.attn_norm(x[:, part])).view(B, -1, cfg.n_heads, cfg.head_dim)
-        kwargs = dict(plan, doc_ids=doc_ids, skip_eps=cfg.alibi_skip_eps, block=cfg.attn_block)
-        attn.probe(attn.layer, q, k, v, kwargs)
-        del q
+    # The probe's queries are kept as the chunks make them: a module called for the probe alone
+    # would be one more ZeRO-3 gather on this rank than on the others.
+    queries = None if attn.probe is None else x.new_empty(B, n, cfg.n_heads, cfg.head_dim)
     keys = PrefixKeys(k, v, plan, doc_ids, cfg.alibi_skip_eps, chunk)
     for part in chunks(n, chunk):
         h = block.attn_norm(x[:, part])
         q = attn.wq(h).view(B, -1, cfg.n_heads, cfg.head_dim)
+        if queries is not None:
+            queries[:, part] = q
         if sp is None:
             o = keys.attend(q, part.start)
         else:  # every rank's chunk `part`, this rank's heads; back to this rank's tokens
@@ -140,6 +139,9 @@ def _layer(
             o = sp.to_tokens(o)[:, :, q_order.argsort()]
         x[:, part] += attn.wo(o.flatten(2))
         x[:, part] += block.mlp(block.mlp_norm(x[:, part]))
+    if queries is not None:
+        kwargs = dict(plan, doc_ids=doc_ids, skip_eps=cfg.alibi_skip_eps, block=cfg.attn_block)
+        attn.probe(attn.layer, queries, k, v, kwargs)
 
 
 class PrefixKeys:
