@@ -2,7 +2,8 @@
 no GPU needed: `make check-gpu-compile` (`python -m kernels.hybrid.aot`).
 
 What runs is found by running it: for every scheme of `model.config.SCHEMES`, with and without
-packed documents and ALiBi skipping, every input dtype and head dim, multi-head and grouped-query,
+packed documents, ALiBi skipping and the deterministic mode (train.deterministic), every input
+dtype and head dim, multi-head and grouped-query,
 one attention layer of the model runs forward and backward on CPU tensors that say they are on
 CUDA while `kernels.FUSED_DEVICES` includes the CPU. Each kernel launch is recorded instead of
 run: the kernel, its arguments, its constexprs. Triton's own JIT binder then computes from those
@@ -19,8 +20,9 @@ hold their tiles in registers; the bfloat16/float16 configs that spill are prune
 report gives registers and spills, the compiled metadata the shared memory.
 
 `--subset` (the suite runs it: tests/kernels/test_kernels_aot.py) compiles every flag
-combination once, alternating the targets, and every tile config of the main combination
-(scheme hybrid, bfloat16, d = 128, packed documents, skipping) on both.
+combination of the schemes once (at d = 32, the smallest tiles kept, the targets taking turns)
+and every tile config of the main combination (scheme hybrid, bfloat16, d = 128, packed
+documents, skipping; and its deterministic mode) on both.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class Context:
     heads: str  # a key of KV_HEADS
     docs: bool
     skip: bool
+    deterministic: bool = False  # train.deterministic: pinned tiles, dq without atomics
 
 
 @dataclass
@@ -119,8 +122,8 @@ class Variant:
         )
 
     def gates_spills(self) -> bool:
-        """Spills fail the gate, except in the float32 autotuned kernels (reported)."""
-        return not (self.tuned and self.dtype == "fp32")
+        """Spills fail the gate, except in the float32 attention kernels (reported)."""
+        return not ("BLOCK_M" in self.constexprs and self.dtype == "fp32")
 
 
 @dataclass
@@ -235,21 +238,27 @@ def _layer(scheme: str, dtype: str, head_dim: int, heads: str) -> torch.nn.Modul
     return Attention(cfg, layer=0, window=LENGTH // 2).to(DTYPES[dtype])
 
 
-def trace(context: Context) -> list[Launch]:
-    """The kernel launches of one attention layer's forward and backward in `context`."""
+def trace(context: Context, arch: int = ARCHS[-1]) -> list[Launch]:
+    """The kernel launches of one attention layer's forward and backward in `context`, on
+    sm_`arch` (the deterministic mode pins tiles by the device's shared memory)."""
     import kernels
     from kernels.alibi_reach import DEFAULT_SKIP_EPS
+    from kernels.hybrid import attention
 
     c = context
     layer = _layer(c.scheme, c.dtype, c.head_dim, c.heads)
     layer.cfg.alibi_skip_eps = DEFAULT_SKIP_EPS if c.skip else 0.0
+    layer.deterministic = c.deterministic
+    for cached in vars(attention).values():  # choices cached per device: made anew per target
+        if callable(getattr(cached, "cache_clear", None)):
+            cached.cache_clear()
     x = torch.randn(BATCH, LENGTH, layer.cfg.d_model, dtype=DTYPES[c.dtype])
     x = x.as_subclass(_SaysCuda).requires_grad_()
     doc_ids = (torch.arange(LENGTH) >= LENGTH // 3).long().expand(BATCH, LENGTH)
     doc_ids = doc_ids if c.docs else None
     positions = kernels.document_positions(doc_ids, BATCH, LENGTH, x.device)
     launches: list[Launch] = []
-    with recording(launches):
+    with recording(launches), target(arch):
         out = layer(x, positions, doc_ids)
         torch.autograd.grad(out, [x], torch.ones_like(out))
     return launches
@@ -264,9 +273,9 @@ def contexts(*, dtypes=tuple(DTYPES), head_dims=HEAD_DIMS, heads=tuple(KV_HEADS)
     probe = dict(dtype="fp32", head_dim=min(HEAD_DIMS), heads="mha", docs=True, skip=True)
     launching = [s for s in SCHEMES if trace(Context(s, **probe))]
     return [
-        Context(scheme, dtype, d, h, docs, skip)
+        Context(scheme, dtype, d, h, docs, skip, deterministic)
         for scheme in launching for dtype in dtypes for d in head_dims for h in heads
-        for docs in (False, True) for skip in (False, True)
+        for docs in (False, True) for skip in (False, True) for deterministic in (False, True)
     ]  # fmt: skip
 
 
@@ -301,7 +310,7 @@ def _configs(launch: Launch, arch: int) -> list[dict]:
     if launch.tuner is None:
         return [{}]
     tuner = launch.tuner
-    tuner.nargs = dict(zip(tuner.arg_names, launch.args, strict=True))
+    tuner.nargs = dict(zip(tuner.arg_names, launch.args, strict=False))  # the rest: kwargs
     with target(arch):
         kept = tuner.prune_configs(launch.kwargs)
     tuner.nargs = None
@@ -314,25 +323,27 @@ def variants(found: list[Context]) -> tuple[dict[int, list[Variant]], list[str]]
     by_arch: dict[int, dict[str, Variant]] = {arch: {} for arch in ARCHS}
     errors = []
     for context in found:
-        try:
-            launches = trace(context)
-            for launch in launches:
-                _add(launch, context, by_arch)
+        try:  # the deterministic mode's tiles depend on the target: traced for each
+            for archs in [[a] for a in ARCHS] if context.deterministic else [ARCHS]:
+                for launch in trace(context, archs[0]):
+                    _add(launch, context, by_arch, archs)
         except Exception as e:  # the gate fails naming it
             first = (str(e).strip().splitlines() or [""])[0]
             errors.append(f"{context}: {type(e).__name__}: {first}")
     return {arch: list(v.values()) for arch, v in by_arch.items()}, errors
 
 
-def _add(launch: Launch, context: Context, by_arch: dict[int, dict[str, Variant]]) -> None:
-    """The launch's variants (one per config kept) added to `by_arch`, or its context to
-    theirs when they are there."""
+def _add(
+    launch: Launch, context: Context, by_arch: dict[int, dict[str, Variant]], archs: list[int]
+) -> None:
+    """The launch's variants on `archs` (one per config kept) added to `by_arch`, or its
+    context to theirs when they are there."""
     fn = launch.fn
     flags = {
         k: v for k, v in launch.kwargs.items()
         if k in fn.arg_names and not k.startswith("BLOCK_") and k != "D"
     }  # fmt: skip
-    for arch in ARCHS:
+    for arch in archs:
         for extra in _configs(launch, arch):
             signature, constexprs, attrs, options = specialize(launch, arch, extra)
             variant = Variant(
@@ -349,10 +360,13 @@ def flag_combination(variant: Variant) -> str:
 
 
 def subset_contexts() -> list[Context]:
-    """The subset's contexts: every flag combination at the smallest head dim (bfloat16 and
-    float32: the two precisions), multi-head; and the main combination."""
+    """The subset's contexts: every flag combination of the schemes at the smallest head dim
+    (bfloat16 and float32: the two precisions), multi-head; the main combination, and its
+    deterministic mode."""
     found = contexts(dtypes=("bf16", "fp32"), head_dims=(min(HEAD_DIMS),), heads=("mha",))
-    return [*found, Context(**MAIN, heads="mha")]
+    main = Context(**MAIN, heads="mha")
+    deterministic = Context(**MAIN, heads="mha", deterministic=True)
+    return [*(c for c in found if not c.deterministic), main, deterministic]
 
 
 def subset(by_arch: dict[int, list[Variant]]) -> list[tuple[Variant, int]]:
@@ -365,9 +379,11 @@ def subset(by_arch: dict[int, list[Variant]]) -> list[tuple[Variant, int]]:
     representative: dict[int, dict[str, Variant]] = {}
     for arch in ARCHS:  # configs are kept largest first: the last variant has the smallest
         representative[arch] = {flag_combination(v): v for v in by_arch[arch]}
-    others = [c for c in representative[ARCHS[0]] if c not in done]
-    for turn, combination in enumerate(others):
+    combinations = {c: None for arch in ARCHS for c in representative[arch] if c not in done}
+    for turn, combination in enumerate(combinations):
         arch = ARCHS[turn % len(ARCHS)]
+        if combination not in representative[arch]:  # reached on the other target only
+            arch = next(a for a in ARCHS if combination in representative[a])
         chosen.append((representative[arch][combination], arch))
     return chosen
 
