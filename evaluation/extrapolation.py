@@ -481,11 +481,11 @@ class Extrapolation:
         logits = torch.zeros(
             hidden.shape[0], count, self.model.cfg.vocab_size, device=hidden.device
         )
-        if high > low:
-            mine = hidden[:, low - offset : high - offset]
-            logits[:, low - first : high - first] = torch.cat(
-                [part for _, part in self._head(mine)], dim=1
-            )
+        # Every rank runs the head (under ZeRO-3 it gathers the weight: a collective).
+        mine = hidden[:, low - offset : high - offset] if high > low else hidden[:, :0]
+        parts = [part for _, part in self._head(mine)]
+        if parts:
+            logits[:, low - first : high - first] = torch.cat(parts, dim=1)
         if self.sp is not None:
             torch.distributed.all_reduce(logits, group=self.sp.group)
         return logits
