@@ -28,6 +28,16 @@ def _model(scheme: str) -> Transformer:
     return model.eval()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The chunked path makes many small ops: on a loaded 2-core machine each one waits on the
+    worker threads, so these small models run single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def text() -> tuple[torch.Tensor, torch.Tensor]:
     """Two rows of T + 1 tokens; the first packs three documents, the second two."""
