@@ -21,6 +21,7 @@ from data.tokenizer import load_tokenizer
 from evaluation.extrapolation import Extrapolation, plan_lengths, scalars
 from evaluation.results import PLOT_TAG, write_outputs
 from model import Transformer
+from model.sequence_parallel import SequenceParallel
 from training import checkpoint as ckpt
 from training.config import Config, ConfigError, check_evaluation_overrides, load_config
 from training.distributed import World
@@ -167,10 +168,13 @@ def evaluate(
     out: Path,
     attn_block: int | None = None,
     force: bool = False,
+    world: World | None = None,
+    sequence_parallel: SequenceParallel | None = None,
 ) -> dict:
-    """Evaluate one target in this process and write its outputs under `out` (attn_block: the
-    blockwise attention's tile, if not the checkpoint's; force: replace finite results by
-    non-finite ones)."""
+    """Evaluate one target and write its outputs under `out` (attn_block: the blockwise
+    attention's tile, if not the checkpoint's; force: replace finite results by non-finite
+    ones). In this process alone, or on every rank of `world` (each holding the whole model),
+    windows split over `sequence_parallel` groups; rank 0 writes."""
     model, train_length, tokens = target.load()
     if attn_block is not None:
         model.cfg.attn_block = attn_block
@@ -178,11 +182,13 @@ def evaluate(
     model = model.to(device).eval()
     for p in model.parameters():  # as DeepSpeed trains: parameters cast, buffers kept
         p.data = p.data.to(dtype[precision(cfg, device)])
-    world = World(rank=0, world_size=1, local_rank=0, device=device)
+    world = world or World(rank=0, world_size=1, local_rank=0, device=device)
     log.info("evaluating %s (step %d) on %s", target.source, target.step, device)
-    results = Extrapolation(model, cfg, world, train_length=train_length).run(
-        step=target.step, tokens=tokens
-    )
+    results = Extrapolation(
+        model, cfg, world, train_length=train_length, sequence_parallel=sequence_parallel
+    ).run(step=target.step, tokens=tokens)
+    if not world.is_main:
+        return results
     path, figure = write_outputs(results, out / "eval", force=force)
     tensorboard = TensorBoardTracker(out / "tb")
     tensorboard.scalars(results["step"], scalars(results))

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import EVAL_ARGS, ROOT
+
+from launch import evaluate
 
 WORKER = "tests/helpers/sequence_parallel_eval_worker.py"
 TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node"]
@@ -45,3 +47,25 @@ def test_two_ranks_evaluate_as_one(stdlib_dataset, tmp_path):
         if scheme != "path_alibi":  # PaTH has no diagnostics
             entropy = (split["entropy"]["63"], whole["entropy"]["63"])
             np.testing.assert_allclose(*entropy, rtol=1e-5)
+
+
+def test_launch_evaluate_splits_windows_over_torchrun_ranks(trained_run, tmp_path, capsys):
+    """`torchrun --nproc_per_node 2 -m launch.evaluate RUN --sequence-parallel 2` gives the
+    numbers the 2-rank training's own evaluation recorded (ranks dealt whole windows there);
+    one process asking for 2 is a one-line error."""
+    out = tmp_path / "split"
+    done = subprocess.run(
+        [*TORCHRUN, "2", "-m", "launch.evaluate", str(trained_run), "--step", "4", "--out",
+         str(out), "--sequence-parallel", "2", *EVAL_ARGS],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    split = json.loads((out / "eval" / "step_4.json").read_text())
+    inside = json.loads((trained_run / "eval" / "step_4.json").read_text())
+    for key in ("ppl", "ppl_beyond"):
+        assert split[key] == pytest.approx(inside[key], rel=1e-6), key
+    for key in ("windows", "passkey", "mixing_window"):
+        assert split[key] == inside[key], key
+    assert evaluate.main([str(trained_run), "--sequence-parallel", "2"]) == 2
+    error = capsys.readouterr().err
+    assert "--sequence-parallel 2 must be at least 1 and divide the 1 ranks" in error
