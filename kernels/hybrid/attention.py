@@ -773,7 +773,15 @@ def shared_memory_estimate(config: triton.Config, *, kernel: str, dtype: str, he
 # Configs the gate measured spilling registers with 16-bit inputs (bench/results/
 # check_gpu_compile_vm.json; `python -m kernels.hybrid.aot --spills FILE` prints this table):
 # (kernel, sm, head dim) -> {(BLOCK_M, BLOCK_N, warps, stages)}. prune_configs drops them.
-SPILLING_16BIT: dict[tuple[str, int, int], set[tuple[int, int, int, int]]] = {}
+SPILLING_16BIT: dict[tuple[str, int, int], set[tuple[int, int, int, int]]] = {
+    ("_dkdv_kernel", 80, 128): {(32, 64, 4, 4), (32, 128, 8, 3), (64, 64, 8, 2)},
+    ("_dkdv_kernel", 90, 128): {(32, 64, 4, 4), (64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 3)},
+    ("_fwd_kernel", 80, 32): {(64, 64, 8, 3)},
+    ("_fwd_kernel", 80, 64): {(128, 64, 4, 3), (128, 128, 8, 3)},
+    ("_fwd_kernel", 80, 128): {(64, 32, 4, 4), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3)},
+    ("_fwd_kernel", 90, 64): {(128, 64, 4, 3)},
+    ("_fwd_kernel", 90, 128): {(128, 64, 4, 3), (128, 128, 8, 3)},
+}
 
 
 def _tiles(config: triton.Config) -> tuple[int, int, int, int]:
