@@ -758,16 +758,16 @@ def shared_memory_estimate(config: triton.Config, *, kernel: str, dtype: str, he
     sm_80 and sm_90 for the JIT's aligned specialization (kernels.hybrid.aot checks it against
     every compiled variant; bench/results/check_gpu_compile_vm.json has them). With e-byte
     inputs, in [rows, d] operand tiles: the forward holds its q tile and, per pipeline stage,
-    a k and a v tile (sm_90 buffers every stage, sm_80 one fewer); dk/dv holds its k and v
-    tiles and, per stage, a q and a dO tile with their log-sum-exp and delta rows, plus layout
-    conversions of up to 320 d bytes (float32: 640 d). Float32 forwards also stage their q
-    tile twice and the [BLOCK_M, BLOCK_N] probabilities."""
+    a k and a v tile (sm_90 buffers every stage, sm_80 one fewer); dk/dv holds, per stage, a
+    q and a dO tile with their log-sum-exp and delta rows, and its k and v tiles twice over
+    (the second pair: layout conversions, measured at up to 0.6 of it). Float32 forwards also
+    stage their q tile twice and the [BLOCK_M, BLOCK_N] probabilities."""
     m, n, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
     d, e = head_dim, 4 if dtype == "fp32" else 2
     if kernel == "_fwd_kernel":
         need = e * d * (m + 2 * n * stages) + 1024
         return need + (e * d * m + 4 * m * n if dtype == "fp32" else 0)
-    return stages * m * (2 * e * d + 16) + 2 * e * n * d + 160 * e * d
+    return stages * m * (2 * e * d + 16) + 4 * e * n * d
 
 
 # Configs the gate measured spilling registers with 16-bit inputs (bench/results/
