@@ -49,6 +49,8 @@ from data.tokenizer import load_tokenizer
 from data.validation import validation_windows
 from evaluation.passkey import passkey_key, passkey_prompt
 from evaluation.rotation_drift import drift_scalars, has_learned_rotations, rotation_drift
+from kernels import AlibiTable
+from kernels.alibi_reach import visited_fraction
 from kernels.diagnostics import PATH_UNSUPPORTED, attention_statistics
 from model import SCHEMES, ModelConfig, Transformer
 from model.receptive_field import converges, log_terms, receptive_field, receptive_field_limit
@@ -167,10 +169,27 @@ def _rounded(x: Tensor | float) -> list | float:
     return float(f"{x:.6g}")
 
 
+def skipping_visits(q: Tensor, k: Tensor, kwargs: dict) -> float | None:
+    """The fraction of the causal key blocks (of the attention's `block`) that skipping visits
+    for these inputs (`kernels.alibi_reach.visited_fraction`): what skipping buys. None where
+    nothing is skipped: no ALiBi bias, model.alibi_skip_eps = 0, xPos decay or PaTH."""
+    bias, eps = kwargs.get("bias"), kwargs.get("skip_eps", 0.0)
+    if not isinstance(bias, AlibiTable) or not eps or kwargs.get("decay") is not None:
+        return None
+    if kwargs.get("transport") is not None or kwargs.get("gate") is not None:
+        return None
+    return float(
+        visited_fraction(
+            q, k, bias.slopes, eps=eps, scale=kwargs.get("scale"),
+            doc_ids=kwargs.get("doc_ids"), block=kwargs.get("block", 64),
+        )
+    )  # fmt: skip
+
+
 def _rows(kwargs: dict, rows: Tensor) -> dict:
     """Attention kwargs restricted to batch rows (the entries with a batch dimension)."""
     out = dict(kwargs)
-    for key in ("angles", "doc_ids"):
+    for key in ("angles", "doc_ids", "gate"):
         if out.get(key) is not None:
             out[key] = out[key][rows]
     return out
@@ -373,13 +392,18 @@ class Extrapolation:
         shape = (cfg.n_layers, cfg.n_heads, length if n_diag else 0)
         mass = torch.zeros(shape, dtype=torch.float64)
         entropy = torch.zeros(shape[:2], dtype=torch.float64)
+        visited = torch.zeros(2, cfg.n_layers, dtype=torch.float64)  # sum of fractions, count
         beyond = torch.arange(length) >= self.train_length
 
         def probe(rows: Tensor):
             def record(layer: int, q: Tensor, k: Tensor, v: Tensor, kwargs: dict) -> None:
-                stats = attention_statistics(q[rows], k[rows], **_rows(kwargs, rows))
+                kwargs = _rows(kwargs, rows)
+                stats = attention_statistics(q[rows], k[rows], **kwargs)
                 mass[layer] += stats.mass.cpu()
                 entropy[layer] += stats.entropy.cpu()
+                fraction = skipping_visits(q[rows], k[rows], kwargs)
+                if fraction is not None:
+                    visited[:, layer] += torch.tensor([fraction * len(rows), len(rows)])
 
             return record
 
@@ -415,6 +439,9 @@ class Extrapolation:
             result["diagnostics"] = self._summarise(
                 self._sum(mass), self._sum(entropy), n_diag, length
             )
+            fraction, count = self._sum(visited)
+            if count.all():
+                result["diagnostics"]["visited_fraction"] = _rounded(fraction / count)
         return result
 
     def _summarise(self, mass: Tensor, entropy: Tensor, windows: int, length: int) -> dict:
@@ -618,6 +645,7 @@ class Extrapolation:
             "far_mass": {},
             "entropy": {},
             "mass_by_distance": {},
+            "visited_fraction": {},
             "passkey": {},
             "passkey_nll": {},
             "held_out": self._describe(held_out),
@@ -679,10 +707,13 @@ class Extrapolation:
 
 def scalars(results: dict) -> dict[str, float]:
     """The TensorBoard scalars of one evaluation: extrap/ppl@L, extrap/ppl_beyond@L, the
-    mean passkey accuracy extrap/passkey@L and, with learned rotations, per layer the largest
+    mean passkey accuracy extrap/passkey@L, the mean over layers of the key blocks skipping
+    visits extrap/visited_fraction@L and, with learned rotations, per layer the largest
     drift over pairs extrap/rotation_static@layer<i> and extrap/rotation_spread@layer<i>."""
     found = {f"extrap/ppl@{n}": v for n, v in results["ppl"].items()}
     found.update({f"extrap/ppl_beyond@{n}": v for n, v in results["ppl_beyond"].items()})
+    for n, per_layer in results.get("visited_fraction", {}).items():
+        found[f"extrap/visited_fraction@{n}"] = sum(per_layer) / len(per_layer)
     for n, by_depth in results["passkey"].items():
         found[f"extrap/passkey@{n}"] = sum(by_depth.values()) / len(by_depth)
     found.update(drift_scalars(results.get("rotation_drift")))

@@ -32,7 +32,7 @@ def load_results(eval_dir: Path) -> list[dict]:
 
 PER_LENGTH = (
     "windows", "ppl", "ppl_beyond", "mixing_window", "far_mass", "entropy", "mass_by_distance",
-    "passkey", "passkey_nll", "seconds",
+    "visited_fraction", "passkey", "passkey_nll", "seconds",
 )  # fmt: skip
 
 
@@ -49,7 +49,7 @@ def merged(old: dict, new: dict) -> dict:
         return new
     result = {**old, **new}
     for key in PER_LENGTH:
-        result[key] = {**old.get(key, {}), **new[key]}
+        result[key] = {**old.get(key, {}), **new.get(key, {})}
     evaluated = {str(n) for n in new["lengths"]}
     evaluated |= {f"passkey@{n}" for n in evaluated}
     kept = {k: v for k, v in old.get("skipped", {}).items() if k not in evaluated}

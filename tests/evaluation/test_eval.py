@@ -133,6 +133,48 @@ def test_alibi_diagnostics_with_zero_queries_and_keys_follow_the_closed_form(std
         assert field["limit"]["0.01"][0][h] == math.ceil(math.log(100) / m)
 
 
+def _needed_tiles(slopes: list[float], length: int, block: int, eps: float) -> float:
+    """With zero queries and keys, the fraction of the causal (query tile, key tile) pairs that
+    hold a key of attention weight above eps (the truncated geometric series): the least that
+    skipping with skip_eps = eps can visit."""
+    needed = causal = 0
+    for m in slopes:
+        r = math.exp(-m)
+        for a in range(length // block):
+            for b in range(a + 1):
+                causal += 1
+                needed += any(
+                    r ** (i - j) * (1 - r) / (1 - r ** (i + 1)) > eps
+                    for i in range(a * block, (a + 1) * block)
+                    for j in range(b * block, min(i + 1, (b + 1) * block))
+                )
+    return needed / causal
+
+
+def test_evaluation_reports_the_key_blocks_skipping_visits(stdlib_dataset):
+    """Per diagnostic length and layer, the fraction of key tiles ALiBi's skipping visits: at
+    least the tiles holding a key of weight above eps (zero queries and keys: the closed form),
+    fewer with a larger eps; none for a scheme that skips nothing."""
+    found = {}
+    for eps in (1e-9, 0.05):
+        cfg = _config(
+            stdlib_dataset, *SHORT, "model.scheme=alibi", "model.attn_block=8",
+            f"model.alibi_skip_eps={eps}",
+        )  # fmt: skip
+        model = _model(cfg, perturb=0.05)
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn.wq.weight.zero_()
+                block.attn.wk.weight.zero_()
+        found[eps] = _evaluate(model, cfg)["visited_fraction"]["64"]
+        least = _needed_tiles(alibi_slopes(cfg.model.n_heads).tolist(), 64, 8, eps)
+        assert len(found[eps]) == cfg.model.n_layers
+        assert all(least <= f <= 1 for f in found[eps]), (found[eps], least)
+    assert all(a > b for a, b in zip(found[1e-9], found[0.05], strict=True)), found
+    rope = _config(stdlib_dataset, *SHORT, "model.scheme=rope")
+    assert _evaluate(_model(rope), rope)["visited_fraction"] == {}
+
+
 def test_lengths_that_do_not_fit_or_run_out_of_memory_are_skipped(stdlib_dataset, monkeypatch):
     cfg = _config(stdlib_dataset, "data.seq_len=32", "eval.lengths=[32,64,128]")
     model = _model(cfg)
