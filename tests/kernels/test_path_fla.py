@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from fla.ops.path_attn.naive import naive_path_attn
 
 import kernels
 from kernels import path_fla
@@ -23,12 +24,11 @@ SCALE = D**-0.5
 def _varlen_naive(q, k, v, w, beta, g, scale, cu_seqlens):
     """fla's `parallel_path_attn` contract on its naive reference (8-token chunks, so the
     transport crosses chunks): cu_seqlens rows one by one."""
-    naive = pytest.importorskip("fla.ops.path_attn.naive", reason="needs fla-core installed")
     g = torch.zeros(q.shape[:3], dtype=torch.float32) if g is None else g
     if cu_seqlens is None:
-        return naive.naive_path_attn(q, k, v, w, beta, g, scale, chunk_size=8), None
+        return naive_path_attn(q, k, v, w, beta, g, scale, chunk_size=8), None
     pieces = [
-        naive.naive_path_attn(*(x[:, a:b] for x in (q, k, v, w, beta, g)), scale, chunk_size=8)
+        naive_path_attn(*(x[:, a:b] for x in (q, k, v, w, beta, g)), scale, chunk_size=8)
         for a, b in itertools.pairwise(cu_seqlens.tolist())
     ]
     return torch.cat(pieces, dim=1), None
