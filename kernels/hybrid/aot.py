@@ -20,9 +20,9 @@ hold their tiles in registers; the bfloat16/float16 configs that spill are prune
 report gives registers and spills, the compiled metadata the shared memory.
 
 `--subset` (the suite runs it: tests/kernels/test_kernels_aot.py) compiles every flag
-combination of the schemes once (at d = 32, the smallest tiles kept, the targets taking turns)
-and every tile config of the main combination (scheme hybrid, bfloat16, d = 128, packed
-documents, skipping; and its deterministic mode) on both.
+combination of the schemes once (at d = 32, the smallest tiles kept, the targets taking turns;
+the deterministic mode's at the main combination) and every tile config of the main
+combination (scheme hybrid, bfloat16, d = 128, packed documents, skipping) on both.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import contextlib
 import functools
 import io
 import json
+import multiprocessing
 import os
 import re
 import sys
@@ -317,9 +318,31 @@ def _configs(launch: Launch, arch: int) -> list[dict]:
     return [c.all_kwargs() for c in kept]
 
 
-def variants(found: list[Context]) -> tuple[dict[int, list[Variant]], list[str]]:
+def variants(found: list[Context], workers: int = 1) -> tuple[dict[int, list[Variant]], list[str]]:
     """Per target, the distinct variants the contexts launch (in order of first launch), and
-    the contexts that could not be traced, each with its error in one line."""
+    the contexts that could not be traced, each with its error in one line; traced in
+    `workers` processes, a scheme's contexts in one."""
+    schemes = list(dict.fromkeys(c.scheme for c in found))
+    chunks = [[c for c in found if c.scheme == scheme] for scheme in schemes]
+    if workers > 1:
+        spawn = multiprocessing.get_context("spawn")  # torch's threads do not survive a fork
+        with ProcessPoolExecutor(max_workers=workers, mp_context=spawn) as pool:
+            traced = list(pool.map(_variants, chunks))
+    else:
+        traced = [_variants(chunk) for chunk in chunks]
+    merged: dict[int, dict[str, Variant]] = {arch: {} for arch in ARCHS}
+    errors = []
+    for by_arch, chunk_errors in traced:
+        errors += chunk_errors
+        for arch, found_here in by_arch.items():
+            for variant in found_here:
+                kept = merged[arch].setdefault(variant.key(), variant)
+                kept.contexts += [c for c in variant.contexts if c not in kept.contexts]
+    return {arch: list(v.values()) for arch, v in merged.items()}, errors
+
+
+def _variants(found: list[Context]) -> tuple[dict[int, list[Variant]], list[str]]:
+    """`variants` of `found` in this process."""
     by_arch: dict[int, dict[str, Variant]] = {arch: {} for arch in ARCHS}
     errors = []
     for context in found:
@@ -362,7 +385,7 @@ def flag_combination(variant: Variant) -> str:
 def subset_contexts() -> list[Context]:
     """The subset's contexts: every flag combination of the schemes at the smallest head dim
     (bfloat16 and float32: the two precisions), multi-head; the main combination, and its
-    deterministic mode."""
+    deterministic mode (whose flags the subset then compiles once)."""
     found = contexts(dtypes=("bf16", "fp32"), head_dims=(min(HEAD_DIMS),), heads=("mha",))
     main = Context(**MAIN, heads="mha")
     deterministic = Context(**MAIN, heads="mha", deterministic=True)
@@ -515,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
             for c in found
             if c.heads == "mha" and all(getattr(c, k) == v for k, v in main.items())
         ]
-    by_arch, errors = variants(found)
+    by_arch, errors = variants(found, args.workers)
     for error in errors:
         print(f"not traced: {error}", flush=True)
     every = [(v, arch) for arch in ARCHS for v in by_arch[arch]]
