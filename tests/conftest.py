@@ -136,3 +136,13 @@ def trained_run(stdlib_dataset, tmp_path_factory) -> Path:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch single-threaded for a module of many small ops (the chunked forward of small
+    models): on a loaded 2-core machine each op would wait on the worker threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -28,14 +28,7 @@ SETTINGS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The chunked path makes many small ops: on a loaded 2-core machine each one waits on the
-    worker threads, so the tiny model runs single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _compare(found, expected, where: str) -> None:

@@ -28,14 +28,7 @@ def _model(scheme: str) -> Transformer:
     return model.eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The chunked path makes many small ops: on a loaded 2-core machine each one waits on the
-    worker threads, so these small models run single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
