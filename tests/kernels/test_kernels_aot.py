@@ -208,7 +208,7 @@ def test_subset_covers_every_flag_combination_the_schemes_reach(subset_results):
             (r["variant"]["constexprs"]["BLOCK_M"], r["variant"]["constexprs"]["BLOCK_N"],
              r["variant"]["options"]["num_warps"], r["variant"]["options"]["num_stages"])
             for r in subset_results
-            if r["arch"] == arch and r["variant"]["kernel"] == kernel
+            if r["arch"] == arch and r["variant"]["kernel"] == kernel and r["variant"]["tuned"]
             and any(c.items() >= main.items() for c in r["variant"]["contexts"])
         }  # fmt: skip
         candidates = FWD_CONFIGS if kernel == "_fwd_kernel" else DKDV_CONFIGS
