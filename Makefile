@@ -122,7 +122,7 @@ gpu-check: setup
 # memory over the target's limit or the pruning's estimate, or register spills (ARGS: --subset,
 # --main-flags, --dtype, --head-dim, --out FILE).
 check-gpu-compile: setup
-	$(PY) -m kernels.hybrid.aot $(ARGS)
+	$(PY) -m bench.compile_gate $(ARGS)
 
 # ruff, then the import layers (pyproject.toml's [tool.importlinter]: launch > evaluation >
 # training > model > data | kernels); an upward import fails naming it.

@@ -6,7 +6,7 @@ such a machine this package turns the interpreter on before Triton is imported: 
 run the very same kernels on the CPU (slowly; small shapes only). If Triton is already imported
 without it, the import stops and says so. With CUDA, set TRITON_INTERPRET=1 yourself to debug;
 without, TRITON_INTERPRET=0 keeps the kernels compilable for GPU targets that cannot run here
-(`kernels.hybrid.aot`).
+(`bench.compile_gate`).
 """
 
 from __future__ import annotations

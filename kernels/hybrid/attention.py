@@ -755,7 +755,7 @@ def _candidates(kernel: str, tuned: list[tuple[int, int, int, int]]) -> list[tup
 
 def shared_memory_estimate(config: triton.Config, *, kernel: str, dtype: str, head_dim: int) -> int:
     """Bytes of shared memory `config` needs: an upper bound of Triton 3.8's allocations on
-    sm_80 and sm_90 for the JIT's aligned specialization (kernels.hybrid.aot checks it against
+    sm_80 and sm_90 for the JIT's aligned specialization (bench.compile_gate checks it against
     every compiled variant; bench/results/check_gpu_compile_vm.json has them). With e-byte
     inputs, in [rows, d] operand tiles: the forward holds its q tile and, per pipeline stage,
     a k and a v tile (sm_90 buffers every stage, sm_80 one fewer); dk/dv holds, per stage, a
@@ -771,7 +771,7 @@ def shared_memory_estimate(config: triton.Config, *, kernel: str, dtype: str, he
 
 
 # Configs the gate measured spilling registers with 16-bit inputs (bfloat16 and float16 runs of
-# bench/results/check_gpu_compile_vm.json; `python -m kernels.hybrid.aot --spills FILE` prints
+# bench/results/check_gpu_compile_vm.json; `python -m bench.compile_gate --spills FILE` prints
 # this table):
 # (kernel, sm, head dim) -> {(BLOCK_M, BLOCK_N, warps, stages)}. prune_configs drops them.
 SPILLING_16BIT: dict[tuple[str, int, int], set[tuple[int, int, int, int]]] = {
@@ -855,7 +855,7 @@ _dkdv = triton.autotune(
 def elementwise_block(head_dim: int) -> int:
     """Tokens per program of the elementwise kernels: 2048 elements of each tensor, which keeps
     the unrotate pass (cos, sin and the halves of several tensors per token) within registers
-    at every head dim (kernels.hybrid.aot checks it: 64 tokens at d = 128 spilled 800 B)."""
+    at every head dim (bench.compile_gate checks it: 64 tokens at d = 128 spilled 800 B)."""
     return 16 if INTERPRETING else 2048 // head_dim
 
 

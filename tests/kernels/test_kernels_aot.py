@@ -1,4 +1,4 @@
-"""The compile gate (kernels.hybrid.aot) compiles what runs: the JIT's own specialization, every
+"""The compile gate (bench.compile_gate) compiles what runs: the JIT's own specialization, every
 flag combination the schemes reach; the pruning's shared-memory estimate bounds what the gate
 measured, and no kept 16-bit config spills; the GPU check says what it needs here."""
 
@@ -116,7 +116,7 @@ def test_no_kept_16bit_config_spills_in_the_full_gate():
 _SPECIALIZATION = """
 import json
 from triton.runtime.jit import JITFunction
-from kernels.hybrid import aot
+from bench import compile_gate as aot
 
 seen = []
 JITFunction._do_compile = lambda self, key, sig, device, constexprs, options, attrs, warmup: (
@@ -183,7 +183,7 @@ def _fused_forward_flags() -> set[tuple]:
 @pytest.fixture(scope="module")
 def subset_results(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("aot") / "aot.json"
-    command = [sys.executable, "-m", "kernels.hybrid.aot", "--subset", "--workers", "2"]
+    command = [sys.executable, "-m", "bench.compile_gate", "--subset", "--workers", "2"]
     done = subprocess.run(
         [*command, "--out", str(out)], cwd=ROOT, env=COMPILING, capture_output=True, text=True,
         timeout=900,

@@ -1,5 +1,5 @@
 """Every Triton kernel the model launches, compiled ahead of time for real GPUs, on any machine,
-no GPU needed: `make check-gpu-compile` (`python -m kernels.hybrid.aot`).
+no GPU needed: `make check-gpu-compile` (`python -m bench.compile_gate`).
 
 What runs is found by running it: for every scheme of `model.config.SCHEMES`, with and without
 packed documents, ALiBi skipping and the deterministic mode (train.deterministic), every input
@@ -524,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    {key}: {sorted(tiles)},")
         return 0
     if any(os.environ.get(k) != v for k, v in ENVIRONMENT.items()):  # Triton has read it
-        command = [sys.executable, "-m", "kernels.hybrid.aot", *sys.argv[1:]]
+        command = [sys.executable, "-m", "bench.compile_gate", *sys.argv[1:]]
         os.execve(sys.executable, command, {**os.environ, **ENVIRONMENT})
     if args.subset:
         found = subset_contexts()
