@@ -566,6 +566,9 @@ def test_a_stop_while_workers_encode_ends_them_and_leaves_nothing(dataset, tmp_p
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # As from a terminal: a shell's background job inherits SIGINT ignored, which would
+        # make workers look ready before they are and the build deaf to Ctrl-C.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while len(workers := _ready_workers(build.pid)) < 2:
