@@ -2,15 +2,15 @@
 no GPU needed: `make check-gpu-compile` (`python -m bench.compile_gate`).
 
 What runs is found by running it: for every scheme of `model.config.SCHEMES`, with and without
-packed documents, ALiBi skipping and the deterministic mode (train.deterministic), every input
-dtype and head dim, multi-head and grouped-query,
-one attention layer of the model runs forward and backward on CPU tensors that say they are on
-CUDA while `kernels.FUSED_DEVICES` includes the CPU. Each kernel launch is recorded instead of
-run: the kernel, its arguments, its constexprs. Triton's own JIT binder then computes from those
-arguments the specialization a GPU launch gets (`tt.divisibility=16` on 16-byte aligned pointers
-and on integers that are multiples of 16, integers equal to 1 as constants), and each autotuned
-kernel's configs are pruned by its own `early_config_prune` for the target's shared memory. So
-the gate follows the kernels, their flags and their signatures as they change.
+packed documents, ALiBi skipping and the deterministic mode (train.deterministic), every input dtype
+and head dim, multi-head and grouped-query, one attention layer of the model runs forward and
+backward on CPU tensors that say they are on CUDA while `kernels.FUSED_DEVICES` includes the CPU.
+Each kernel launch is recorded instead of run: the kernel, its arguments, its constexprs. Triton's
+own JIT binder then computes from those arguments the specialization a GPU launch gets
+(`tt.divisibility=16` on 16-byte aligned pointers and on integers that are multiples of 16, integers
+equal to 1 as constants), and each autotuned kernel's configs are pruned by its own
+`early_config_prune` for the target's shared memory. So the gate follows the kernels, their flags
+and their signatures as they change.
 
 Each variant is lowered through ptxas for sm_80 (A100) and sm_90 (H100, H200). It fails the
 gate on a compile error, on shared memory above the target's per-block limit or above the
@@ -503,7 +503,11 @@ def spilling_16bit(results: list[dict]) -> dict[tuple[str, int, int], set[tuple]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.compile_gate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--subset", action="store_true", help="the suite's subset (see above)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument(
