@@ -26,13 +26,14 @@ def record_path(out: Path, run: str) -> Path:
     return out / "records" / f"{run}.json"  # not runs/: git ignores those
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested mapping as {dotted key: leaf}."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
+def flat_settings(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A resolved config (or any nested mapping) as {dotted key: value}."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
-        flat.update(_flat(value, f"{prefix}{key}."))
+        if isinstance(value, dict):
+            flat.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
     return flat
 
 
@@ -40,8 +41,8 @@ def config_differences(recorded: dict, cfg: Config) -> list[str]:
     """The settings the record and `cfg` both have with different values. A setting only one
     of them has (added to the config schema since, with a default that keeps what the run
     did) is not a difference."""
-    old, new = _flat(recorded), _flat(yaml.safe_load(to_yaml(cfg)))
-    return sorted(k.rstrip(".") for k in old.keys() & new.keys() if old[k] != new[k])
+    old, new = flat_settings(recorded), flat_settings(yaml.safe_load(to_yaml(cfg)))
+    return sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
 
 
 def write_record(out: Path, cfg: Config, results: dict, seconds: float) -> Path:

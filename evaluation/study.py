@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from evaluation.run_records import flat_settings
 from training.config import Config, ConfigError, to_yaml
 
 VARIED = ("run.name", "run.seed", "model.scheme")  # what a study's runs may differ in
@@ -25,20 +26,10 @@ def study_configs(study_dir: Path) -> list[Path]:
     return configs
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def uncontrolled_settings(cfgs: list[Config]) -> list[str]:
     """The settings in which a study's runs differ besides VARIED: a study compares schemes
     under one model size, budget, learning rate, schedule and evaluation."""
-    flats = [_flat(yaml.safe_load(to_yaml(cfg))) for cfg in cfgs]
+    flats = [flat_settings(yaml.safe_load(to_yaml(cfg))) for cfg in cfgs]
     keys = set().union(*flats) - set(VARIED)
     return sorted(k for k in keys if len({repr(f.get(k)) for f in flats}) > 1)
 

@@ -112,7 +112,7 @@ def main(argv: list[str]) -> int:
                 print(f"  finished earlier: {record_path(args.out, cfg.run.name)}")
                 continue
             run_one(config, cfg)
-            final_results(args.out, cfg)
+            final_results(args.out, cfg)  # its record, kept even if a later run fails
         finals = [final_results(args.out, cfg) for cfg in cfgs]
     except (ConfigError, CompareError, RecordError) as e:
         print(f"error: {e}", file=sys.stderr)
