@@ -120,7 +120,7 @@ gpu-check: setup
 # Every Triton kernel launch the schemes reach, traced and compiled for sm_80 and sm_90 with the
 # JIT's own specialization on this machine (no GPU needed): fails on a compile error, shared
 # memory over the target's limit or the pruning's estimate, or register spills (ARGS: --subset,
-# --main-flags, --dtype, --head-dim, --out FILE).
+# --main-flags, --dtype, --head-dim, --heads, --out FILE).
 check-gpu-compile: setup
 	$(PY) -m bench.compile_gate $(ARGS)
 

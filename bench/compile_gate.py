@@ -498,7 +498,8 @@ def spilling_16bit(results: list[dict]) -> dict[tuple[str, int, int], set[tuple]
             continue
         tiles = (v["constexprs"]["BLOCK_M"], v["constexprs"]["BLOCK_N"],
                  v["options"]["num_warps"], v["options"]["num_stages"])  # fmt: skip
-        table.setdefault((v["kernel"], r["arch"], context["head_dim"]), set()).add(tiles)
+        key = (v["kernel"], r["arch"], context["head_dim"], context["heads"] != "mha")
+        table.setdefault(key, set()).add(tiles)
     return dict(sorted(table.items()))
 
 
@@ -514,6 +515,10 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype", choices=DTYPES, action="append", help="only these input dtypes (repeatable)"
     )
     parser.add_argument("--head-dim", type=int, choices=HEAD_DIMS, action="append")
+    parser.add_argument(
+        "--heads", choices=tuple(KV_HEADS), action="append",
+        help="only these head layouts: mha, or gqa (4 key/value heads for 16 query heads)",
+    )  # fmt: skip
     parser.add_argument(
         "--main-flags", action="store_true",
         help="only the main flag combination (every dtype, head dim and tile config)",
@@ -534,14 +539,10 @@ def main(argv: list[str] | None = None) -> int:
         found = subset_contexts()
     else:
         dtypes, head_dims = tuple(args.dtype or DTYPES), tuple(args.head_dim or HEAD_DIMS)
-        found = contexts(dtypes=dtypes, head_dims=head_dims)
+        found = contexts(dtypes=dtypes, head_dims=head_dims, heads=tuple(args.heads or KV_HEADS))
     if args.main_flags:
         main = {k: v for k, v in MAIN.items() if k not in ("dtype", "head_dim")}
-        found = [
-            c
-            for c in found
-            if c.heads == "mha" and all(getattr(c, k) == v for k, v in main.items())
-        ]
+        found = [c for c in found if all(getattr(c, k) == v for k, v in main.items())]
     by_arch, errors = variants(found, args.workers)
     for error in errors:
         print(f"not traced: {error}", flush=True)

@@ -143,8 +143,8 @@ class Check:
 
 def pinned_tiles(gate: list[dict], arch: int) -> dict[str, list[int]]:
     """Per autotuned kernel, [BLOCK_M, BLOCK_N, warps, stages] of the largest tiles that passed
-    the compile gate on sm_`arch` without spilling, for bfloat16 at d = 128 (the main
-    combination); kernels with none are left to the autotuner."""
+    the compile gate on sm_`arch` without spilling, for bfloat16 at d = 128 without grouped
+    heads (the main combination); kernels with none are left to the autotuner."""
     best: dict[str, tuple] = {}
     for result in gate:
         variant = result["variant"]
@@ -152,7 +152,7 @@ def pinned_tiles(gate: list[dict], arch: int) -> dict[str, list[int]]:
         usable = (
             result["arch"] == arch and variant["tuned"] and result["problem"] is None
             and result["spilled"] == 0 and context["dtype"] == "bf16"
-            and context["head_dim"] == 128
+            and context["head_dim"] == 128 and context["heads"] == "mha"
         )  # fmt: skip
         if not usable:
             continue

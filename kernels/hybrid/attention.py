@@ -814,20 +814,66 @@ def shared_memory_estimate(config: triton.Config, *, kernel: str, dtype: str, he
 
 
 # Configs the gate measured spilling registers with 16-bit inputs (bfloat16 and float16 runs;
-# `python -m bench.compile_gate --spills FILE` prints this table from a gate JSON). The gate
-# compiles only the configs pruning keeps, so an entry is measured once, with its table entry
-# removed: dk/dv's in the run of bench/results/check_gpu_compile_vm.json, the forward's (its
-# kernel unchanged since) in the run before:
-# (kernel, sm, head dim) -> {(BLOCK_M, BLOCK_N, warps, stages)}. prune_configs drops them.
-SPILLING_16BIT: dict[tuple[str, int, int], set[tuple[int, int, int, int]]] = {
-    ("_dkdv_kernel", 80, 64): {(64, 64, 4, 3), (64, 64, 8, 2)},
-    ("_dkdv_kernel", 80, 128): {(32, 32, 4, 3), (32, 64, 4, 4), (64, 64, 8, 2)},
-    ("_dkdv_kernel", 90, 128): {(32, 64, 4, 4), (32, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2)},
-    ("_fwd_kernel", 80, 32): {(64, 64, 8, 3)},
-    ("_fwd_kernel", 80, 64): {(128, 64, 4, 3), (128, 128, 8, 3)},
-    ("_fwd_kernel", 80, 128): {(64, 32, 4, 4), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3)},
-    ("_fwd_kernel", 90, 64): {(128, 64, 4, 3)},
-    ("_fwd_kernel", 90, 128): {(128, 64, 4, 3), (128, 128, 8, 3)},
+# `python -m bench.compile_gate --spills FILE` prints this table from a gate JSON), per
+# (kernel, sm, head dim, grouped: several query heads per key/value head) ->
+# {(BLOCK_M, BLOCK_N, warps, stages)}; prune_configs drops them. The gate compiles only the
+# configs pruning keeps, so an entry is measured once, with its table entry removed: dk/dv's
+# in the run of bench/results/check_gpu_compile_vm.json, the forward's (its kernel unchanged
+# since) in the run before. A config that spills without grouping is listed with it too.
+SPILLING_16BIT: dict[tuple[str, int, int, bool], set[tuple[int, int, int, int]]] = {
+    ("_dkdv_kernel", 80, 32, True): {(64, 64, 4, 3), (64, 128, 8, 3)},
+    ("_dkdv_kernel", 80, 64, False): {(64, 64, 4, 3), (64, 64, 8, 2)},
+    ("_dkdv_kernel", 80, 64, True): {
+        (32, 64, 4, 4),
+        (32, 64, 8, 3),
+        (32, 128, 8, 3),
+        (64, 64, 4, 3),
+        (64, 64, 8, 2),
+        (64, 128, 8, 3),
+    },
+    ("_dkdv_kernel", 80, 128, False): {(32, 32, 4, 3), (32, 64, 4, 4), (64, 64, 8, 2)},
+    ("_dkdv_kernel", 80, 128, True): {
+        (32, 32, 4, 3),
+        (32, 64, 4, 4),
+        (32, 64, 8, 3),
+        (64, 64, 8, 2),
+    },
+    ("_dkdv_kernel", 90, 32, True): {(32, 32, 4, 3)},
+    ("_dkdv_kernel", 90, 64, True): {(32, 64, 4, 4), (64, 64, 4, 3), (64, 128, 8, 3)},
+    ("_dkdv_kernel", 90, 128, False): {
+        (32, 64, 4, 4),
+        (32, 128, 8, 3),
+        (64, 64, 4, 3),
+        (64, 64, 8, 2),
+    },
+    ("_dkdv_kernel", 90, 128, True): {
+        (32, 64, 4, 4),
+        (32, 64, 8, 3),
+        (32, 128, 8, 3),
+        (64, 64, 4, 3),
+        (64, 64, 8, 2),
+    },
+    ("_fwd_kernel", 80, 32, False): {(64, 64, 8, 3)},
+    ("_fwd_kernel", 80, 32, True): {(64, 64, 8, 3)},
+    ("_fwd_kernel", 80, 64, False): {(128, 64, 4, 3), (128, 128, 8, 3)},
+    ("_fwd_kernel", 80, 64, True): {(128, 64, 4, 3), (128, 128, 8, 3)},
+    ("_fwd_kernel", 80, 128, False): {
+        (64, 32, 4, 4),
+        (64, 64, 4, 3),
+        (128, 64, 4, 3),
+        (128, 64, 8, 3),
+    },
+    ("_fwd_kernel", 80, 128, True): {
+        (64, 32, 4, 3),
+        (64, 32, 4, 4),
+        (64, 64, 4, 3),
+        (128, 64, 4, 3),
+        (128, 64, 8, 3),
+    },
+    ("_fwd_kernel", 90, 64, False): {(128, 64, 4, 3)},
+    ("_fwd_kernel", 90, 64, True): {(128, 64, 4, 3)},
+    ("_fwd_kernel", 90, 128, False): {(128, 64, 4, 3), (128, 128, 8, 3)},
+    ("_fwd_kernel", 90, 128, True): {(128, 64, 4, 3), (128, 128, 8, 3)},
 }
 
 
@@ -844,15 +890,18 @@ def prune_configs(
     head_dim: int,
     shared_memory: int,
     arch: int | None = None,
+    grouped: bool = False,
 ) -> list[triton.Config]:
     """The configs whose shared memory fits `shared_memory` bytes and, with 16-bit inputs on
-    sm_`arch`, that do not spill (SPILLING_16BIT), largest tiles first; the smallest one
-    when none is left (the compile gate then says why)."""
+    sm_`arch`, that do not spill (SPILLING_16BIT; `grouped`: several query heads per
+    key/value head), largest tiles first; the smallest one when none is left (the compile
+    gate then says why)."""
 
     def need(c: triton.Config) -> int:
         return shared_memory_estimate(c, kernel=kernel, dtype=dtype, head_dim=head_dim)
 
-    spilling = SPILLING_16BIT.get((kernel, arch, head_dim), set()) if dtype != "fp32" else set()
+    key = (kernel, arch, head_dim, grouped)
+    spilling = SPILLING_16BIT.get(key, set()) if dtype != "fp32" else set()
     ordered = sorted(configs, key=need, reverse=True)
     kept = [c for c in ordered if need(c) <= shared_memory and _tiles(c) not in spilling]
     return kept or ordered[-1:]
@@ -869,6 +918,7 @@ def _prune_for_device(kernel: str):
         return prune_configs(
             configs, kernel=kernel, dtype=dtype, head_dim=kwargs["D"],
             shared_memory=properties["max_shared_mem"], arch=active.get_current_target().arch,
+            grouped=named_args["G"] > 1,
         )  # fmt: skip
 
     return {"early_config_prune": prune}
@@ -945,8 +995,11 @@ DETERMINISTIC_TILES = {
 
 
 @functools.cache
-def _pinned(kernel: str, dtype: torch.dtype, head_dim: int, device: torch.device) -> dict:
-    """Launch keywords (tiles, warps, stages) of `kernel` in the deterministic mode."""
+def _pinned(
+    kernel: str, dtype: torch.dtype, head_dim: int, grouped: bool, device: torch.device
+) -> dict:
+    """Launch keywords (tiles, warps, stages) of `kernel` in the deterministic mode (`grouped`:
+    several query heads per key/value head)."""
     configs = _configs(DETERMINISTIC_TILES[kernel])
     if not INTERPRETING:
         properties = triton.runtime.driver.active.utils.get_device_properties(device.index)
@@ -960,6 +1013,7 @@ def _pinned(kernel: str, dtype: torch.dtype, head_dim: int, device: torch.device
         fits = prune_configs(
             estimated, kernel="_dkdv_kernel" if swap else kernel, dtype=name,
             head_dim=head_dim, shared_memory=properties["max_shared_mem"], arch=arch,
+            grouped=grouped,
         )  # fmt: skip
         configs = [_swapped(c) for c in fits] if swap else fits
     return configs[0].all_kwargs()
@@ -998,7 +1052,7 @@ class _FusedAttention(torch.autograd.Function):
         vr = _rotate(v, phi) if rotate_v else v
         o = torch.empty_like(q)
         lse = torch.empty((B, HQ, T), dtype=torch.float32, device=q.device)
-        tiles = _pinned("_fwd_kernel", q.dtype, D, q.device) if pinned else {}
+        tiles = _pinned("_fwd_kernel", q.dtype, D, HQ > H, q.device) if pinned else {}
         kernel = _fwd_kernel if pinned else _fwd
 
         def grid(meta: dict) -> tuple[int, int]:
@@ -1047,7 +1101,7 @@ class _FusedAttention(torch.autograd.Function):
         dphi = None if phi is None else torch.empty(phi.shape, dtype=torch.float32, device=q.device)
         slopes_arg = q if slopes is None else slopes
         starts_arg = q if starts is None else starts
-        tiles = _pinned("_dkdv_kernel", q.dtype, D, q.device) if ctx.pinned else {}
+        tiles = _pinned("_dkdv_kernel", q.dtype, D, G > 1, q.device) if ctx.pinned else {}
         kernel = _dkdv_kernel if ctx.pinned else _dkdv
         kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)](
             qr, k, v, dor, lse, delta, slopes_arg, starts_arg, q if ends is None else ends,
@@ -1061,7 +1115,7 @@ class _FusedAttention(torch.autograd.Function):
             # Its key blocks are read by every query block: rotated once, in their own passes.
             kr = k if phi is None else _rotate(k, phi)
             vr = _rotate(v, phi) if ctx.rotate_v else v
-            tiles = _pinned("_dq_kernel", q.dtype, D, q.device)
+            tiles = _pinned("_dq_kernel", q.dtype, D, G > 1, q.device)
             _dq_kernel[(triton.cdiv(T, tiles["BLOCK_M"]), B * HQ)](
                 qr, kr, vr, dor, lse, delta, slopes_arg, starts_arg, dqr,
                 *_strides(qr), *_strides(kr), *_strides(vr), *_strides(dqr),

@@ -151,9 +151,11 @@ def test_an_anchor_raising_assertion_error_becomes_a_row_with_its_error(tmp_path
     assert json.loads(out.read_text())["results"] == rows
 
 
-def _gate_row(arch, kernel, tiles, *, problem=None, spilled=0, dtype="bf16", head_dim=128):
+def _gate_row(
+    arch, kernel, tiles, *, problem=None, spilled=0, dtype="bf16", head_dim=128, heads="mha"
+):
     m, n, w, s = tiles
-    context = {"scheme": "hybrid", "dtype": dtype, "head_dim": head_dim}
+    context = {"scheme": "hybrid", "dtype": dtype, "head_dim": head_dim, "heads": heads}
     variant = {"kernel": kernel, "tuned": True, "constexprs": {"BLOCK_M": m, "BLOCK_N": n},
                "options": {"num_warps": w, "num_stages": s}, "contexts": [context]}  # fmt: skip
     return {"arch": arch, "variant": variant, "problem": problem, "spilled": spilled}
@@ -169,6 +171,7 @@ def test_pinned_tiles_are_the_largest_that_pass_the_gate_without_spilling():
         _gate_row(80, "_fwd_kernel", (128, 128, 8, 3)),
         _gate_row(90, "_dkdv_kernel", (32, 128, 8, 3)),
         _gate_row(90, "_dkdv_kernel", (64, 128, 8, 3), head_dim=64),
+        _gate_row(90, "_dkdv_kernel", (64, 128, 8, 3), heads="gqa"),
     ]
     assert pinned_tiles(gate, 90) == {
         "_dkdv_kernel": [32, 128, 8, 3],

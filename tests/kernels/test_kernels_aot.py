@@ -58,14 +58,14 @@ def test_configs_that_do_not_fit_are_pruned(kernel, limit):
 def test_spilling_16bit_configs_are_pruned_on_their_architecture_only():
     """A config listed as spilling for (kernel, sm, d) is dropped there with 16-bit inputs, and
     kept with float32 inputs and on the other architecture."""
-    (kernel, arch, d), spilling = next(iter(SPILLING_16BIT.items()))
+    (kernel, arch, d, grouped), spilling = next(iter(SPILLING_16BIT.items()))
     tiles = sorted(spilling)[0]
     configs = [_config(*tiles), _config(16, 16, 4, 1)]
-    common = dict(kernel=kernel, head_dim=d, shared_memory=10**9)
+    common = dict(kernel=kernel, head_dim=d, shared_memory=10**9, grouped=grouped)
     assert tiles not in _tiles(prune_configs(configs, dtype="bf16", arch=arch, **common))
     assert tiles in _tiles(prune_configs(configs, dtype="fp32", arch=arch, **common))
     other = next(a for a in LIMIT if a != arch)
-    if tiles not in SPILLING_16BIT.get((kernel, other, d), set()):
+    if tiles not in SPILLING_16BIT.get((kernel, other, d, grouped), set()):
         assert tiles in _tiles(prune_configs(configs, dtype="bf16", arch=other, **common))
 
 
@@ -90,7 +90,7 @@ def test_estimate_bounds_every_config_the_full_gate_measured():
 
 def test_no_kept_16bit_config_spills_in_the_full_gate():
     """Of the 16-bit variants the full gate compiled, those whose config the pruning keeps on
-    their architecture spill nothing, and every (kernel, sm, head dim) keeps at least one."""
+    their architecture and head layout spill nothing, and both layouts keep some."""
     candidates = {"_fwd_kernel": FWD_CONFIGS, "_dkdv_kernel": DKDV_CONFIGS}
     seen = set()
     for r in _gate_results():
@@ -100,14 +100,15 @@ def test_no_kept_16bit_config_spills_in_the_full_gate():
         kept = prune_configs(
             [_config(*t) for t in candidates[v["kernel"]]], kernel=v["kernel"],
             dtype=context["dtype"], head_dim=context["head_dim"], shared_memory=LIMIT[r["arch"]],
-            arch=r["arch"],
+            arch=r["arch"], grouped=context["heads"] != "mha",
         )  # fmt: skip
         tiles = (v["constexprs"]["BLOCK_M"], v["constexprs"]["BLOCK_N"],
                  v["options"]["num_warps"], v["options"]["num_stages"])  # fmt: skip
         if tiles in _tiles(kept):
             assert r["spilled"] == 0, (v["kernel"], r["arch"], context, tiles, r["spilled"])
-            seen.add((v["kernel"], r["arch"], context["head_dim"]))
-    assert {k for k, _, _ in seen} == set(TUNED)
+            seen.add((v["kernel"], r["arch"], context["head_dim"], context["heads"]))
+    assert {k for k, *_ in seen} == set(TUNED)
+    assert {heads for *_, heads in seen} == {"mha", "gqa"}
 
 
 # The child: for every launch of the main context (grouped-query, so G is not the constant 1)
