@@ -17,18 +17,16 @@ key/value head hq // G. Skipping (skip_eps with ALiBi) is a per-token bound on t
 visible key of each query and head (`kernels.alibi_reach.alibi_bounds`), fixed before any
 kernel runs and read like the document starts, so every kernel sums over the same pairs.
 
-Backward, flash-attention 2 style with recomputation from the saved log-sum-exp: q and dO are
-rotated (elementwise passes: every key block reads them), then one kernel per key block
-rotates its k and v block in its prologue (the forward saves k and v unrotated, at no extra
-memory), accumulates dk~, dv~ over the G query heads of its key/value head, and adds each
-query block's share of dq~ atomically (five matmuls per pair of blocks, as FlashAttention-2;
-float32 atomics make dq's last bits depend on the order the GPU adds them in); its epilogue
-rotates dk, dv back (dx = R(-phi) dx~) and stores their terms of dL/dphi. Deterministic mode:
-pinned tiles, and dq~ from its own kernel, one program per query block summing its key
-blocks in order (seven matmuls per pair of blocks, no atomics). A last elementwise pass
-rotates dq back and completes dL/dphi_t = sum over x in (q, k, v) of x_1 dx_2 - x_2 dx_1,
-minus o_1 dO_2 - o_2 dO_1 for the output's back-rotation (pairs (x_1, x_2) = (x[p], x[p + d/2]);
-v and o only when rotated).
+Backward, flash-attention 2 style with recomputation from the saved log-sum-exp: q, k, v and
+dO are rotated (elementwise passes; the forward saves k and v unrotated, at no extra memory),
+then one kernel per key block accumulates dk~, dv~ over the G query heads of its key/value
+head and adds each query block's share of dq~ atomically (five matmuls per pair of blocks,
+as FlashAttention-2; float32 atomics make dq's last bits depend on the order the GPU adds
+them in). Deterministic mode: pinned tiles, and dq~ from its own kernel, one program per query
+block summing its key blocks in order (seven matmuls per pair of blocks, no atomics). A last
+elementwise pass rotates the gradients back (dx = R(-phi) dx~) and collects
+dL/dphi_t = sum over x in (q, k, v) of x_1 dx_2 - x_2 dx_1, minus o_1 dO_2 - o_2 dO_1 for the
+output's back-rotation (pairs (x_1, x_2) = (x[p], x[p + d/2]); v and o only when rotated).
 
 Precision: angles are reduced mod 2*pi before cos/sin and rotations run in float32; scores,
 softmax statistics and gradient accumulators are float32; float32 inputs use IEEE float32 dot
@@ -88,34 +86,6 @@ def _cos_sin(base, t, t_ok, stride_t, P: tl.constexpr):
     phi = tl.load(base + offs, mask=t_ok[:, None], other=0.0)
     phi = (phi - _TWO_PI * tl.floor(phi / _TWO_PI)).to(tl.float32)
     return tl.cos(phi), tl.sin(phi)
-
-
-@triton.jit
-def _load_rotated(base, phi_base, t, t_ok, stride_t, sp_t, D: tl.constexpr, ROTATE: tl.constexpr):
-    """x[t] as a [len(t), D] tile in x's dtype, rotated by phi[t] (R(phi) x) with ROTATE. Each
-    column c reads its pair partner (c + D/2) mod D and angle c mod D/2 from memory, so the
-    tile keeps the layout of a plain load."""
-    d = tl.arange(0, D)[None, :]
-    x = tl.load(base + t[:, None].to(tl.int64) * stride_t + d, mask=t_ok[:, None], other=0.0)
-    if ROTATE:
-        P: tl.constexpr = D // 2
-        partner = (d + P) % D
-        x_partner = tl.load(
-            base + t[:, None].to(tl.int64) * stride_t + partner, mask=t_ok[:, None], other=0.0
-        )
-        phi = tl.load(phi_base + t[:, None].to(tl.int64) * sp_t + d % P, mask=t_ok[:, None],
-                      other=0.0)  # fmt: skip
-        phi = (phi - _TWO_PI * tl.floor(phi / _TWO_PI)).to(tl.float32)
-        s = tl.sin(phi)
-        x = x.to(tl.float32) * tl.cos(phi) + tl.where(d < P, -s, s) * x_partner.to(tl.float32)
-        x = x.to(base.dtype.element_ty)
-    return x
-
-
-@triton.jit
-def _halves(x, ROWS: tl.constexpr, D: tl.constexpr):
-    """(x[:, :D/2], x[:, D/2:]) of a [ROWS, D] tile: `_joined` undone."""
-    return tl.split(tl.permute(tl.reshape(x, (ROWS, 2, D // 2)), (0, 2, 1)))
 
 
 @triton.jit
@@ -464,11 +434,9 @@ def _dkdv_kernel(
     SLOPES,
     STARTS,
     ENDS,
-    PHI,
     DQ,
     DK,
     DV,
-    DPHI,
     sq_b,
     sq_t,
     sq_h,
@@ -481,9 +449,9 @@ def _dkdv_kernel(
     sdq_b,
     sdq_t,
     sdq_h,
-    sp_b,
-    sp_t,
-    sp_h,
+    sg_b,
+    sg_t,
+    sg_h,
     sd_b,
     sd_h,
     T,
@@ -494,8 +462,6 @@ def _dkdv_kernel(
     window,
     T_BUCKET,  # the autotuner's key: T rounded up to a power of two (unused in the kernel)
     D: tl.constexpr,
-    ROTATE: tl.constexpr,
-    ROTATE_V: tl.constexpr,
     ALIBI: tl.constexpr,
     DOCS: tl.constexpr,
     WINDOW: tl.constexpr,
@@ -505,24 +471,19 @@ def _dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """dk, dv of one key block, summed over the G query heads that read it, and with ROTATE
-    their terms of dL/dphi (k cross dk, plus v cross dv with ROTATE_V; float32 into DPHI,
-    [B, T, H, D/2]); with DQ_ATOMIC the block's contributions to those heads' dq~ too (float32,
-    added atomically into DQ). The program rotates its own k and v in the prologue and its
-    gradients back in the epilogue: the block is read once, so no pass over k and v is needed.
+    """dk~, dv~ (float32) of one key block, summed over the G query heads that read it; with
+    DQ_ATOMIC its contributions to those heads' dq~ too (float32, added atomically into DQ).
     STARTS and ENDS (with DOCS or SKIP) bound the queries that see each key: j <= i < ends_j."""
-    P: tl.constexpr = D // 2
     b = (tl.program_id(1) // H).to(tl.int64)
     h = tl.program_id(1) % H
     j0 = tl.program_id(0) * BLOCK_N
     j = j0 + tl.arange(0, BLOCK_N)
     j_ok = j < T
     j_last = tl.minimum(j0 + BLOCK_N, T) - 1
-    k_base = K + b * sk_b + h * sk_h
-    v_base = V + b * sv_b + h * sv_h
-    phi_base = PHI + b * sp_b + h * sp_h
-    k = _load_rotated(k_base, phi_base, j, j_ok, sk_t, sp_t, D, ROTATE)
-    v = _load_rotated(v_base, phi_base, j, j_ok, sv_t, sp_t, D, ROTATE_V)
+    offs_k = j[:, None].to(tl.int64) * sk_t + tl.arange(0, D)[None, :]
+    offs_v = j[:, None].to(tl.int64) * sv_t + tl.arange(0, D)[None, :]
+    k = tl.load(K + b * sk_b + h * sk_h + offs_k, mask=j_ok[:, None], other=0.0)
+    v = tl.load(V + b * sv_b + h * sv_h + offs_v, mask=j_ok[:, None], other=0.0)
     lo = (j0 // BLOCK_M) * BLOCK_M
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
@@ -563,24 +524,10 @@ def _dkdv_kernel(
                 dq_base, sq_t, sdq_t, i0, j, slope2, qk_scale2, scale, T, window, D, BLOCK_M,
                 True, ALIBI, DOCS or SKIP, WINDOW, PRECISION, DQ_ATOMIC,
             )  # fmt: skip
-    dk = dk * scale
-    dk_base = DK + b * sk_b + h * sk_h  # DK, DV are contiguous like K, V
-    dv_base = DV + b * sv_b + h * sv_h
-    if ROTATE:  # epilogue: dk = R(-phi_j) dk~, and the inputs' terms of dL/dphi
-        c, s = _cos_sin(phi_base, j, j_ok, sp_t, P)
-        g1, g2 = _halves(dk, BLOCK_N, D)
-        dphi = _unrotated(k_base, dk_base, j, j_ok, sk_t, g1, g2, c, s, P)
-        if ROTATE_V:
-            g1, g2 = _halves(dv, BLOCK_N, D)
-            dphi += _unrotated(v_base, dv_base, j, j_ok, sv_t, g1, g2, c, s, P)
-        dphi_offs = j[:, None].to(tl.int64) * (H * P) + tl.arange(0, P)[None, :]
-        tl.store(DPHI + b * T * H * P + h * P + dphi_offs, dphi, mask=j_ok[:, None])
-    else:
-        k_offs = j[:, None].to(tl.int64) * sk_t + tl.arange(0, D)[None, :]
-        tl.store(dk_base + k_offs, dk.to(DK.dtype.element_ty), mask=j_ok[:, None])
-    if not ROTATE_V:
-        v_offs = j[:, None].to(tl.int64) * sv_t + tl.arange(0, D)[None, :]
-        tl.store(dv_base + v_offs, dv.to(DV.dtype.element_ty), mask=j_ok[:, None])
+    offs_g = j[:, None].to(tl.int64) * sg_t + tl.arange(0, D)[None, :]
+    dk = (dk * scale).to(DK.dtype.element_ty)
+    tl.store(DK + b * sg_b + h * sg_h + offs_g, dk, mask=j_ok[:, None])
+    tl.store(DV + b * sg_b + h * sg_h + offs_g, dv.to(DV.dtype.element_ty), mask=j_ok[:, None])
 
 
 @triton.jit
@@ -708,12 +655,11 @@ def _dq_kernel(
 
 
 @triton.jit
-def _unrotated(x_base, dx_base, t, t_ok, stride_t, g1, g2, c, s, P: tl.constexpr):
-    """Store dx = R(-phi) dx~ for dx~ = (g1, g2) and return x cross dx = x_1 dx_2 - x_2 dx_1
-    (float32), the tensor's term of dL/dphi: rotations keep this cross product, so it equals
-    x~ cross dx~. x is read exact, not as its rotation rounded to bfloat16, which keeps
-    dL/dphi accurate in low precision."""
+def _unrotate_one(x_base, dxr_base, dx_base, t, t_ok, stride_t, c, s, P: tl.constexpr):
+    """Store dx = R(-phi) dx~ and return x cross dx = x_1 dx_2 - x_2 dx_1 (float32), the
+    tensor's term of dL/dphi: rotations keep this cross product, so it equals x~ cross dx~."""
     x1, x2 = _load_halves(x_base, t, t_ok, stride_t, P)
+    g1, g2 = _load_halves(dxr_base, t, t_ok, stride_t, P)
     dx1 = g1 * c + g2 * s
     dx2 = g2 * c - g1 * s
     _store_halves(dx_base, t, t_ok, stride_t, dx1, dx2, P)
@@ -728,6 +674,12 @@ def _unrotate_kernel(
     DQ,
     O,
     DO,
+    K,
+    DKR,
+    DK,
+    V,
+    DVR,
+    DV,
     DPHI,
     sp_b,
     sp_t,
@@ -735,6 +687,9 @@ def _unrotate_kernel(
     sq_b,
     sq_t,
     sq_h,
+    sk_b,
+    sk_t,
+    sk_h,
     T,
     H,
     G,
@@ -742,9 +697,12 @@ def _unrotate_kernel(
     ROTATE_V: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    """dq = R(-phi) dq~ (DQR float32) for the G query heads of key/value head h, and dL/dphi:
-    DPHI holds the keys' and values' terms (from `_dkdv_kernel`); add q cross dq and, for the
-    output's back-rotation, subtract o cross dO. Q, DQR, DQ, O, DO are contiguous [B, T, HQ, D].
+    """dq, dk (and dv when rotated) = R(-phi) of the rotated-space gradients, and
+    dL/dphi = sum over the inputs x of x cross dx - sum over the outputs o of o cross dO.
+
+    Q, DQR, DQ, O, DO are query-shaped with strides sq; K, DKR, DK, V, DVR, DV key-shaped
+    with strides sk (all contiguous; DQR, DKR, DVR float32). The inputs x are the exact ones,
+    not their rotations rounded to bfloat16, which keeps dL/dphi accurate in low precision.
     """
     P: tl.constexpr = D // 2
     b = (tl.program_id(1) // H).to(tl.int64)
@@ -755,16 +713,17 @@ def _unrotate_kernel(
     dphi = tl.zeros([BLOCK_T, P], tl.float32)
     for g in range(G):
         q_off = b * sq_b + (h * G + g) * sq_h
-        g1, g2 = _load_halves(DQR + q_off, t, t_ok, sq_t, P)
-        dphi += _unrotated(Q + q_off, DQ + q_off, t, t_ok, sq_t, g1, g2, c, s, P)
+        dphi += _unrotate_one(Q + q_off, DQR + q_off, DQ + q_off, t, t_ok, sq_t, c, s, P)
         if ROTATE_V:
             o1, o2 = _load_halves(O + q_off, t, t_ok, sq_t, P)
             do1, do2 = _load_halves(DO + q_off, t, t_ok, sq_t, P)
             dphi -= o1 * do2 - o2 * do1
+    k_off = b * sk_b + h * sk_h
+    dphi += _unrotate_one(K + k_off, DKR + k_off, DK + k_off, t, t_ok, sk_t, c, s, P)
+    if ROTATE_V:
+        dphi += _unrotate_one(V + k_off, DVR + k_off, DV + k_off, t, t_ok, sk_t, c, s, P)
     offs = t[:, None].to(tl.int64) * (H * P) + tl.arange(0, P)[None, :]
-    dphi_base = DPHI + b * T * H * P + h * P
-    dphi += tl.load(dphi_base + offs, mask=t_ok[:, None], other=0.0)
-    tl.store(dphi_base + offs, dphi, mask=t_ok[:, None])
+    tl.store(DPHI + b * T * H * P + h * P + offs, dphi, mask=t_ok[:, None])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -801,28 +760,24 @@ def shared_memory_estimate(config: triton.Config, *, kernel: str, dtype: str, he
     inputs, in [rows, d] operand tiles: the forward holds its q tile and, per pipeline stage,
     a k and a v tile (sm_90 buffers every stage, sm_80 one fewer); dk/dv holds, per stage, a
     q and a dO tile with their log-sum-exp and delta rows, and its k and v tiles twice over
-    (the second pair: layout conversions, measured at up to 0.6 of it), with 16-bit inputs a
-    fifth such tile (sm_90's wgmma reads the k and v it rotated from shared memory: up to
-    0.94 of a tile measured at 64-row query tiles). Float32 forwards also stage their q tile
-    twice and the [BLOCK_M, BLOCK_N] probabilities."""
+    (the second pair: layout conversions, measured at up to 0.6 of it). Float32 forwards also
+    stage their q tile twice and the [BLOCK_M, BLOCK_N] probabilities."""
     m, n, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
     d, e = head_dim, 4 if dtype == "fp32" else 2
     if kernel == "_fwd_kernel":
         need = e * d * (m + 2 * n * stages) + 1024
         return need + (e * d * m + 4 * m * n if dtype == "fp32" else 0)
-    return stages * m * (2 * e * d + 16) + (4 if dtype == "fp32" else 5) * e * n * d
+    return stages * m * (2 * e * d + 16) + 4 * e * n * d
 
 
-# Configs the gate measured spilling registers with 16-bit inputs (bfloat16 and float16 runs;
-# `python -m bench.compile_gate --spills FILE` prints this table from a gate JSON), per
-# (kernel, sm, head dim, grouped: several query heads per key/value head) ->
+# Configs the gate measured spilling registers with 16-bit inputs (bfloat16 and float16 runs of
+# bench/results/check_gpu_compile_vm.json; `python -m bench.compile_gate --spills FILE` prints
+# this table), per (kernel, sm, head dim, grouped: several query heads per key/value head) ->
 # {(BLOCK_M, BLOCK_N, warps, stages)}; prune_configs drops them. The gate compiles only the
-# configs pruning keeps, so an entry is measured once, with its table entry removed: dk/dv's
-# in the run of bench/results/check_gpu_compile_vm.json, the forward's (its kernel unchanged
-# since) in the run before. A config that spills without grouping is listed with it too.
+# configs pruning keeps, so grouped heads were measured where the ungrouped ones keep a config,
+# and a config that spills without grouping is listed with it too.
 SPILLING_16BIT: dict[tuple[str, int, int, bool], set[tuple[int, int, int, int]]] = {
-    ("_dkdv_kernel", 80, 32, True): {(64, 64, 4, 3), (64, 128, 8, 3)},
-    ("_dkdv_kernel", 80, 64, False): {(64, 64, 4, 3), (64, 64, 8, 2)},
+    ("_dkdv_kernel", 80, 32, True): {(64, 64, 4, 3)},
     ("_dkdv_kernel", 80, 64, True): {
         (32, 64, 4, 4),
         (32, 64, 8, 3),
@@ -831,27 +786,33 @@ SPILLING_16BIT: dict[tuple[str, int, int, bool], set[tuple[int, int, int, int]]]
         (64, 64, 8, 2),
         (64, 128, 8, 3),
     },
-    ("_dkdv_kernel", 80, 128, False): {(32, 32, 4, 3), (32, 64, 4, 4), (64, 64, 8, 2)},
+    ("_dkdv_kernel", 80, 128, False): {
+        (32, 64, 4, 4),
+        (32, 128, 8, 3),
+        (64, 64, 4, 3),
+        (64, 64, 8, 2),
+    },
     ("_dkdv_kernel", 80, 128, True): {
         (32, 32, 4, 3),
         (32, 64, 4, 4),
         (32, 64, 8, 3),
-        (64, 64, 8, 2),
-    },
-    ("_dkdv_kernel", 90, 32, True): {(32, 32, 4, 3)},
-    ("_dkdv_kernel", 90, 64, True): {(32, 64, 4, 4), (64, 64, 4, 3), (64, 128, 8, 3)},
-    ("_dkdv_kernel", 90, 128, False): {
-        (32, 64, 4, 4),
         (32, 128, 8, 3),
         (64, 64, 4, 3),
         (64, 64, 8, 2),
+    },
+    ("_dkdv_kernel", 90, 64, True): {(64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 3)},
+    ("_dkdv_kernel", 90, 128, False): {
+        (32, 64, 4, 4),
+        (64, 64, 4, 3),
+        (64, 64, 8, 2),
+        (64, 128, 8, 3),
     },
     ("_dkdv_kernel", 90, 128, True): {
         (32, 64, 4, 4),
-        (32, 64, 8, 3),
         (32, 128, 8, 3),
         (64, 64, 4, 3),
         (64, 64, 8, 2),
+        (64, 128, 8, 3),
     },
     ("_fwd_kernel", 80, 32, False): {(64, 64, 8, 3)},
     ("_fwd_kernel", 80, 32, True): {(64, 64, 8, 3)},
@@ -931,7 +892,7 @@ FWD_CONFIGS = [
 ]  # fmt: skip
 DKDV_CONFIGS = [
     (32, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 8, 2),
-    (32, 64, 8, 3), (32, 32, 4, 3),
+    (32, 64, 8, 3), (32, 32, 4, 3), (32, 32, 8, 3),
 ]  # fmt: skip
 # T in power-of-two buckets: evaluating at many lengths does not retune at each one.
 _TUNING_KEY = ["T_BUCKET", "D", "ALIBI", "DOCS", "WINDOW", "SKIP", "PRECISION"]
@@ -942,7 +903,7 @@ _fwd = triton.autotune(
 )(_fwd_kernel)
 _dkdv = triton.autotune(
     _configs(_candidates("_dkdv_kernel", DKDV_CONFIGS)),
-    key=[*_TUNING_KEY, "ROTATE", "ROTATE_V"],
+    key=_TUNING_KEY,
     prune_configs_by=None if INTERPRETING else _prune_for_device("_dkdv_kernel"),
     reset_to_zero=["DQ"],  # each tuning run adds into it (DQ_ATOMIC: the autotuned path)
 )(_dkdv_kernel)
@@ -985,8 +946,8 @@ def _flags(q: Tensor, slopes: Tensor | None, docs: bool, window: int | None, ski
 # The deterministic mode's tiles (train.deterministic): pinned, so every process sums in the
 # same order. Per kernel, the first of these the device's shared memory fits (`prune_configs`;
 # _dq_kernel holds q and dO as dk/dv holds k and v, so it is estimated with its tiles swapped).
-# 64 x 64 with 8 warps: at d = 128, 16-bit, no spills on sm_80 or sm_90
-# (bench/results/check_gpu_compile_vm.json).
+# 64 x 64 with 8 warps: at d = 128, bfloat16, compiled for sm_90 without the JIT's alignment
+# specialization, the fewest spills found (forward 0 B, dk/dv 12 B, dq 0 B a thread).
 DETERMINISTIC_TILES = {
     "_fwd_kernel": [(64, 64, 8, 3), (64, 32, 4, 2), (32, 32, 4, 1)],
     "_dkdv_kernel": [(64, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)],
@@ -1030,6 +991,12 @@ def query_heads_per_program(block_m: int, group: int) -> int:
     power of two dividing the key/value group) when each head keeps at least 16 of the
     block_m rows, else 1."""
     return group if block_m // group >= 16 else 1
+
+
+def _gradient_buffer(x: Tensor, *, final: bool) -> Tensor:
+    """An empty gradient like x. The kernels accumulate in float32 registers and store in the
+    buffer's dtype: x's for a final gradient, float32 when the unrotate pass still reads it."""
+    return torch.empty(x.shape, dtype=x.dtype if final else torch.float32, device=x.device)
 
 
 def _bound_strides(starts: Tensor | None) -> tuple[int, int]:
@@ -1085,36 +1052,28 @@ class _FusedAttention(torch.autograd.Function):
         _row_dot_kernel[(triton.cdiv(T, block), B * HQ)](
             o, do, delta, *_strides(o), *_strides(do), T, HQ, D=D, BLOCK_T=block
         )
-        # q and dO are rotated once here: every key block reads them. Each dk/dv program
-        # rotates its own k and v block, and its gradients back.
-        qr = q if phi is None else _rotate(q, phi)
-        dor = _rotate(do, phi) if ctx.rotate_v else do
+        qr, kr = (q, k) if phi is None else (_rotate(q, phi), _rotate(k, phi))
+        vr, dor = (_rotate(v, phi), _rotate(do, phi)) if ctx.rotate_v else (v, do)
         # Without pinning dk/dv add dq atomically (float32, into zeros); pinned, _dq_kernel
         # writes it.
         if ctx.pinned:
-            # float32 when the unrotate pass still reads it (the kernel accumulates in float32)
-            dqr = torch.empty(q.shape, dtype=q.dtype if phi is None else torch.float32,
-                              device=q.device)  # fmt: skip
+            dqr = _gradient_buffer(q, final=phi is None)
         else:
             dqr = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
-        dphi = None if phi is None else torch.empty(phi.shape, dtype=torch.float32, device=q.device)
+        dkr = _gradient_buffer(k, final=phi is None)
+        dvr = _gradient_buffer(v, final=not ctx.rotate_v)
         slopes_arg = q if slopes is None else slopes
         starts_arg = q if starts is None else starts
         tiles = _pinned("_dkdv_kernel", q.dtype, D, G > 1, q.device) if ctx.pinned else {}
         kernel = _dkdv_kernel if ctx.pinned else _dkdv
         kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)](
-            qr, k, v, dor, lse, delta, slopes_arg, starts_arg, q if ends is None else ends,
-            q if phi is None else phi, dqr, dk, dv, dqr if dphi is None else dphi,
-            *_strides(qr), *_strides(k), *_strides(v), *_strides(dqr), *_strides(phi),
-            *_bound_strides(starts), T, H, G, ctx.scale * LOG2E, ctx.scale, ctx.window or 0,
-            triton.next_power_of_2(T), D=D, ROTATE=phi is not None, ROTATE_V=ctx.rotate_v,
-            DQ_ATOMIC=not ctx.pinned, **ctx.flags, **tiles,
+            qr, kr, vr, dor, lse, delta, slopes_arg, starts_arg, q if ends is None else ends,
+            dqr, dkr, dvr, *_strides(qr), *_strides(kr), *_strides(vr), *_strides(dqr),
+            *_strides(dkr), *_bound_strides(starts), T, H, G, ctx.scale * LOG2E, ctx.scale,
+            ctx.window or 0, triton.next_power_of_2(T), D=D, DQ_ATOMIC=not ctx.pinned,
+            **ctx.flags, **tiles,
         )  # fmt: skip
         if ctx.pinned:
-            # Its key blocks are read by every query block: rotated once, in their own passes.
-            kr = k if phi is None else _rotate(k, phi)
-            vr = _rotate(v, phi) if ctx.rotate_v else v
             tiles = _pinned("_dq_kernel", q.dtype, D, G > 1, q.device)
             _dq_kernel[(triton.cdiv(T, tiles["BLOCK_M"]), B * HQ)](
                 qr, kr, vr, dor, lse, delta, slopes_arg, starts_arg, dqr,
@@ -1123,10 +1082,13 @@ class _FusedAttention(torch.autograd.Function):
                 ctx.window or 0, D=D, **ctx.flags, **tiles,
             )  # fmt: skip
         if phi is None:
-            return dqr.to(q.dtype), dk, dv, *(None,) * 9
-        dq = torch.empty_like(q)
+            return dqr.to(q.dtype), dkr.to(k.dtype), dvr.to(v.dtype), *(None,) * 9
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        dv = torch.empty_like(v) if ctx.rotate_v else dvr.to(v.dtype)
+        dphi = torch.empty(phi.shape, dtype=torch.float32, device=q.device)
         _unrotate_kernel[(triton.cdiv(T, block), B * H)](
-            phi, q, dqr, dq, o, do, dphi, *_strides(phi), *_strides(q), T, H, G,
+            phi, q, dqr, dq, o, do, k, dkr, dk, v, dvr, dv, dphi,
+            *_strides(phi), *_strides(q), *_strides(k), T, H, G,
             D=D, ROTATE_V=ctx.rotate_v, BLOCK_T=block,
         )  # fmt: skip
         return dq, dk, dv, dphi.to(phi.dtype), *(None,) * 8
