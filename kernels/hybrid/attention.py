@@ -946,8 +946,8 @@ def _flags(q: Tensor, slopes: Tensor | None, docs: bool, window: int | None, ski
 # The deterministic mode's tiles (train.deterministic): pinned, so every process sums in the
 # same order. Per kernel, the first of these the device's shared memory fits (`prune_configs`;
 # _dq_kernel holds q and dO as dk/dv holds k and v, so it is estimated with its tiles swapped).
-# 64 x 64 with 8 warps: at d = 128, bfloat16, compiled for sm_90 without the JIT's alignment
-# specialization, the fewest spills found (forward 0 B, dk/dv 12 B, dq 0 B a thread).
+# 64 x 64 with 8 warps: at d = 128, 16-bit, no spills on sm_80 or sm_90 without grouped heads
+# (bench/results/check_gpu_compile_vm.json); with GQA dk/dv spills there (sm_90: 116 B a thread).
 DETERMINISTIC_TILES = {
     "_fwd_kernel": [(64, 64, 8, 3), (64, 32, 4, 2), (32, 32, 4, 1)],
     "_dkdv_kernel": [(64, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)],
