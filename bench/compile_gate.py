@@ -485,7 +485,7 @@ def run(items: list[tuple[Variant, int]], *, workers: int, out: Path | None) -> 
     return results
 
 
-def spilling_16bit(results: list[dict]) -> dict[tuple[str, int, int], set[tuple]]:
+def spilling_16bit(results: list[dict]) -> dict[tuple[str, int, int, bool], set[tuple]]:
     """From a gate JSON: the autotuned configs that spilled with 16-bit inputs, as
     `attention.SPILLING_16BIT` holds them."""
     table: dict[tuple[str, int, int], set[tuple]] = {}
