@@ -772,69 +772,41 @@ def shared_memory_estimate(config: triton.Config, *, kernel: str, dtype: str, he
 
 # Configs the gate measured spilling registers with 16-bit inputs (bfloat16 and float16 runs of
 # bench/results/check_gpu_compile_vm.json; `python -m bench.compile_gate --spills FILE` prints
-# this table), per (kernel, sm, head dim, grouped: several query heads per key/value head) ->
-# {(BLOCK_M, BLOCK_N, warps, stages)}; prune_configs drops them. The gate compiles only the
-# configs pruning keeps, so grouped heads were measured where the ungrouped ones keep a config,
-# and a config that spills without grouping is listed with it too.
+# this table's grouped rows), keyed (kernel, sm, head dim, grouped); prune_configs drops them.
+# The gate compiles only the configs pruning keeps, so grouped heads were measured where the
+# ungrouped ones keep a config, and a config that spills without grouping counts with it too.
+# (kernel, sm, head dim) -> {(BLOCK_M, BLOCK_N, warps, stages)}: without grouped heads, and
+# what spills only with them (several query heads per key/value head).
+_SPILLING = {
+    ("_dkdv_kernel", 80, 128): {(32, 64, 4, 4), (32, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2)},
+    ("_dkdv_kernel", 90, 128): {(32, 64, 4, 4), (64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 3)},
+    ("_fwd_kernel", 80, 32): {(64, 64, 8, 3)},
+    ("_fwd_kernel", 80, 64): {(128, 64, 4, 3), (128, 128, 8, 3)},
+    ("_fwd_kernel", 80, 128): {(64, 32, 4, 4), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3)},
+    ("_fwd_kernel", 90, 64): {(128, 64, 4, 3)},
+    ("_fwd_kernel", 90, 128): {(128, 64, 4, 3), (128, 128, 8, 3)},
+}
+_SPILLING_GROUPED_ONLY = {
+    ("_dkdv_kernel", 80, 32): {(64, 64, 4, 3)},
+    ("_dkdv_kernel", 80, 64): {
+        (32, 64, 4, 4),
+        (32, 64, 8, 3),
+        (32, 128, 8, 3),
+        (64, 64, 4, 3),
+        (64, 64, 8, 2),
+        (64, 128, 8, 3),
+    },
+    ("_dkdv_kernel", 80, 128): {(32, 32, 4, 3), (32, 64, 8, 3)},
+    ("_dkdv_kernel", 90, 64): {(64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 3)},
+    ("_dkdv_kernel", 90, 128): {(32, 128, 8, 3)},
+    ("_fwd_kernel", 80, 128): {(64, 32, 4, 3)},
+}
 SPILLING_16BIT: dict[tuple[str, int, int, bool], set[tuple[int, int, int, int]]] = {
-    ("_dkdv_kernel", 80, 32, True): {(64, 64, 4, 3)},
-    ("_dkdv_kernel", 80, 64, True): {
-        (32, 64, 4, 4),
-        (32, 64, 8, 3),
-        (32, 128, 8, 3),
-        (64, 64, 4, 3),
-        (64, 64, 8, 2),
-        (64, 128, 8, 3),
+    **{(*key, False): tiles for key, tiles in _SPILLING.items()},
+    **{
+        (*key, True): _SPILLING.get(key, set()) | _SPILLING_GROUPED_ONLY.get(key, set())
+        for key in _SPILLING.keys() | _SPILLING_GROUPED_ONLY.keys()
     },
-    ("_dkdv_kernel", 80, 128, False): {
-        (32, 64, 4, 4),
-        (32, 128, 8, 3),
-        (64, 64, 4, 3),
-        (64, 64, 8, 2),
-    },
-    ("_dkdv_kernel", 80, 128, True): {
-        (32, 32, 4, 3),
-        (32, 64, 4, 4),
-        (32, 64, 8, 3),
-        (32, 128, 8, 3),
-        (64, 64, 4, 3),
-        (64, 64, 8, 2),
-    },
-    ("_dkdv_kernel", 90, 64, True): {(64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 3)},
-    ("_dkdv_kernel", 90, 128, False): {
-        (32, 64, 4, 4),
-        (64, 64, 4, 3),
-        (64, 64, 8, 2),
-        (64, 128, 8, 3),
-    },
-    ("_dkdv_kernel", 90, 128, True): {
-        (32, 64, 4, 4),
-        (32, 128, 8, 3),
-        (64, 64, 4, 3),
-        (64, 64, 8, 2),
-        (64, 128, 8, 3),
-    },
-    ("_fwd_kernel", 80, 32, False): {(64, 64, 8, 3)},
-    ("_fwd_kernel", 80, 32, True): {(64, 64, 8, 3)},
-    ("_fwd_kernel", 80, 64, False): {(128, 64, 4, 3), (128, 128, 8, 3)},
-    ("_fwd_kernel", 80, 64, True): {(128, 64, 4, 3), (128, 128, 8, 3)},
-    ("_fwd_kernel", 80, 128, False): {
-        (64, 32, 4, 4),
-        (64, 64, 4, 3),
-        (128, 64, 4, 3),
-        (128, 64, 8, 3),
-    },
-    ("_fwd_kernel", 80, 128, True): {
-        (64, 32, 4, 3),
-        (64, 32, 4, 4),
-        (64, 64, 4, 3),
-        (128, 64, 4, 3),
-        (128, 64, 8, 3),
-    },
-    ("_fwd_kernel", 90, 64, False): {(128, 64, 4, 3)},
-    ("_fwd_kernel", 90, 64, True): {(128, 64, 4, 3)},
-    ("_fwd_kernel", 90, 128, False): {(128, 64, 4, 3), (128, 128, 8, 3)},
-    ("_fwd_kernel", 90, 128, True): {(128, 64, 4, 3), (128, 128, 8, 3)},
 }
 
 
