@@ -89,6 +89,12 @@ def noise(schemes: dict, n: str) -> float:
     return max(spread(schemes, s, n) for s in NOISE_SCHEMES)
 
 
+def seed_spread(schemes: dict, scheme: str, n: str) -> float:
+    """A scheme's spread over its seeds at length n; for a scheme trained with one seed, which
+    has no spread of its own, the noise."""
+    return spread(schemes, scheme, n) if PLAN.get(scheme, 1) > 1 else noise(schemes, n)
+
+
 def _listing(items: list[str]) -> str:
     if len(items) <= 1:
         return "".join(items)
@@ -210,8 +216,10 @@ def scaled_gap(schemes: dict) -> dict:
 
 def gate_comparison(schemes: dict, challenger: str, reference: str) -> dict:
     """Q3, one pair: the challenger beats the reference if it is better by more than the two
-    spreads together at every length, loses if worse by more at every length."""
-    gaps = missing(schemes, [challenger, reference])
+    seed spreads together at every length (the noise for a one-seed scheme), loses if worse by
+    more at every length."""
+    single = [s for s in (challenger, reference) if PLAN.get(s, 1) == 1]
+    gaps = missing(schemes, [challenger, reference, *(NOISE_SCHEMES if single else ())])
     label = f"{challenger} vs {reference}"
     if gaps:
         return {
@@ -221,7 +229,10 @@ def gate_comparison(schemes: dict, challenger: str, reference: str) -> dict:
         }
     lengths = lengths_of(schemes)
     diff = {n: mean(schemes, challenger, n) - mean(schemes, reference, n) for n in lengths}
-    margin = {n: spread(schemes, challenger, n) + spread(schemes, reference, n) for n in lengths}
+    margin = {
+        n: seed_spread(schemes, challenger, n) + seed_spread(schemes, reference, n)
+        for n in lengths
+    }
     better = [n for n in lengths if diff[n] < -margin[n]]
     worse = [n for n in lengths if diff[n] > margin[n]]
     span = _span("differences", diff)
@@ -404,8 +415,8 @@ def render(summary: dict, plot: str, results: str) -> str:
     )
     if q3_table:
         q3_table = [
-            "Each gate minus the bias it replaces (mean perplexity, ± the two schemes' spreads "
-            "together; negative: the gate is better):",
+            "Each gate minus the bias it replaces (mean perplexity, ± the two schemes' seed "
+            "spreads together; negative: the gate is better):",
             "",
             *q3_table,
         ]
@@ -486,7 +497,9 @@ def render(summary: dict, plot: str, results: str) -> str:
             "### Q3. Does a data-dependent forget gate beat ALiBi?",
             "",
             "A gate beats the bias it replaces if it is better by more than the two schemes' "
-            "spreads together at every length, and loses if it is worse by more at every length.",
+            "seed spreads together at every length, and loses if it is worse by more at every "
+            "length. A scheme trained with one seed has no spread of its own and counts the "
+            "noise instead.",
             "",
             *q3_table,
             *_verdicts(q3_head, q3),
