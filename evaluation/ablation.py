@@ -218,8 +218,8 @@ def gate_comparison(schemes: dict, challenger: str, reference: str) -> dict:
     """Q3, one pair: the challenger beats the reference if it is better by more than the two
     seed spreads together at every length (the noise for a one-seed scheme), loses if worse by
     more at every length."""
-    single = [s for s in (challenger, reference) if PLAN.get(s, 1) == 1]
-    gaps = missing(schemes, [challenger, reference, *(NOISE_SCHEMES if single else ())])
+    needs_noise = any(PLAN.get(s, 1) == 1 for s in (challenger, reference))
+    gaps = missing(schemes, [challenger, reference, *(NOISE_SCHEMES if needs_noise else ())])
     label = f"{challenger} vs {reference}"
     if gaps:
         return {
@@ -230,8 +230,7 @@ def gate_comparison(schemes: dict, challenger: str, reference: str) -> dict:
     lengths = lengths_of(schemes)
     diff = {n: mean(schemes, challenger, n) - mean(schemes, reference, n) for n in lengths}
     margin = {
-        n: seed_spread(schemes, challenger, n) + seed_spread(schemes, reference, n)
-        for n in lengths
+        n: seed_spread(schemes, challenger, n) + seed_spread(schemes, reference, n) for n in lengths
     }
     better = [n for n in lengths if diff[n] < -margin[n]]
     worse = [n for n in lengths if diff[n] > margin[n]]
