@@ -488,7 +488,7 @@ def run(items: list[tuple[Variant, int]], *, workers: int, out: Path | None) -> 
 def spilling_16bit(results: list[dict]) -> dict[tuple[str, int, int, bool], set[tuple]]:
     """From a gate JSON: the autotuned configs that spilled with 16-bit inputs, as
     `attention.SPILLING_16BIT` holds them."""
-    table: dict[tuple[str, int, int], set[tuple]] = {}
+    table: dict[tuple[str, int, int, bool], set[tuple]] = {}
     for r in results:
         v = r["variant"]
         if not v["tuned"] or r["error"] is not None or r["spilled"] == 0:

@@ -39,6 +39,13 @@ def _tiles(configs: list[triton.Config]) -> set[tuple[int, int, int, int]]:
     return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs}
 
 
+def _variant_tiles(variant: dict) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps, stages) of an autotuned variant in a gate JSON."""
+    constexprs, options = variant["constexprs"], variant["options"]
+    return (constexprs["BLOCK_M"], constexprs["BLOCK_N"], options["num_warps"],
+            options["num_stages"])  # fmt: skip
+
+
 @pytest.mark.parametrize("limit", [A100, H100])
 @pytest.mark.parametrize("kernel", TUNED)
 def test_configs_that_do_not_fit_are_pruned(kernel, limit):
@@ -80,8 +87,7 @@ def test_estimate_bounds_every_config_the_full_gate_measured():
     assert {r["arch"] for r in results} == {80, 90}
     for r in results:
         v, context = r["variant"], r["variant"]["contexts"][0]
-        config = _config(v["constexprs"]["BLOCK_M"], v["constexprs"]["BLOCK_N"],
-                         v["options"]["num_warps"], v["options"]["num_stages"])  # fmt: skip
+        config = _config(*_variant_tiles(v))
         estimate = shared_memory_estimate(
             config, kernel=v["kernel"], dtype=context["dtype"], head_dim=context["head_dim"]
         )
@@ -102,8 +108,7 @@ def test_no_kept_16bit_config_spills_in_the_full_gate():
             dtype=context["dtype"], head_dim=context["head_dim"], shared_memory=LIMIT[r["arch"]],
             arch=r["arch"], grouped=context["heads"] != "mha",
         )  # fmt: skip
-        tiles = (v["constexprs"]["BLOCK_M"], v["constexprs"]["BLOCK_N"],
-                 v["options"]["num_warps"], v["options"]["num_stages"])  # fmt: skip
+        tiles = _variant_tiles(v)
         if tiles in _tiles(kept):
             assert r["spilled"] == 0, (v["kernel"], r["arch"], context, tiles, r["spilled"])
             seen.add((v["kernel"], r["arch"], context["head_dim"], context["heads"]))
@@ -206,8 +211,7 @@ def test_subset_covers_every_flag_combination_the_schemes_reach(subset_results):
     main = {"scheme": "hybrid", "dtype": "bf16", "head_dim": 128, "docs": True, "skip": True}
     for arch, kernel in product(LIMIT, TUNED):
         tiles = {
-            (r["variant"]["constexprs"]["BLOCK_M"], r["variant"]["constexprs"]["BLOCK_N"],
-             r["variant"]["options"]["num_warps"], r["variant"]["options"]["num_stages"])
+            _variant_tiles(r["variant"])
             for r in subset_results
             if r["arch"] == arch and r["variant"]["kernel"] == kernel and r["variant"]["tuned"]
             and any(c.items() >= main.items() for c in r["variant"]["contexts"])
